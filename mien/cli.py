@@ -1,0 +1,138 @@
+"""The ``mien`` command: ``train``, ``export``, ``eval`` and ``serve``.
+
+Heavy imports (torch, onnx, uvicorn) happen inside each subcommand so that ``mien serve`` works in
+an environment without the ``train`` extra and ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on FER2013 (resumes from <out>/last.pt)",
+                       description="Train a registered model on the train split, keep the best checkpoint by "
+                       "validation (PublicTest) accuracy. Rerun the same command to resume.")  # fmt: skip
+    p.add_argument("--data", default="../shared/data/fer2013.npz", help="fer2013.csv, fer2013.npz or image-folder root")
+    p.add_argument("--model", default="mini_xception", help="model id (see `mien train --list-models`)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<model>)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam peak learning rate (cosine schedule)")
+    p.add_argument("--warmup-epochs", type=int, default=2)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.05)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="public_test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--no-channels-last", action="store_true", help="train in NCHW instead of channels-last")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training images (smoke tests)")
+    p.add_argument("--list-models", action="store_true", help="print the registered model ids and exit")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from training.models import list_models
+    from training.train import TrainConfig, train
+
+    if args.list_models:
+        print("\n".join(list_models()))
+        return 0
+    cfg = TrainConfig(
+        data=args.data, model=args.model, out=args.out or f"runs/{args.model}", epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, train_split=args.train_split, val_split=args.val_split,
+        seed=args.seed, threads=args.threads, channels_last=not args.no_channels_last, limit=args.limit,
+    )  # fmt: skip
+    best = train(cfg)
+    print(f"best {cfg.val_split} accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; checkpoint {cfg.out}/best.pt")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check and a model card",
+                       description="Checkpoint -> ONNX (dynamic batch) -> onnx.checker -> parity against PyTorch "
+                       "on real faces and random input -> model card. Exits non-zero when parity fails.")  # fmt: skip
+    p.add_argument("checkpoint", help="a best.pt written by `mien train`")
+    p.add_argument("--out", default=None, help="ONNX path (default models/<model id>.onnx)")
+    p.add_argument("--data", default="../shared/data/fer2013.npz", help="FER2013 for parity faces and accuracy")
+    p.add_argument("--split", default="public_test", help="split whose faces drive parity and the card's accuracy")
+    p.add_argument("--parity-faces", type=int, default=512, help="real faces in the parity check (>= 256)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed between PyTorch and ONNX")
+    p.add_argument("--opset", type=int, default=20)
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportConfig, export_checkpoint
+
+    cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,
+                       parity_faces=args.parity_faces, atol=args.atol, opset=args.opset)  # fmt: skip
+    return 0 if export_checkpoint(cfg).passed else 1
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy, per-class P/R/F1 and a confusion matrix on a split",
+                       description="Evaluate a checkpoint (.pt) or an ONNX file on a split of FER2013; "
+                       "writes <out>/report.json and <out>/confusion.png.")  # fmt: skip
+    p.add_argument("model", help="a .pt checkpoint from `mien train` or an .onnx file from `mien export`")
+    p.add_argument("--data", default="../shared/data/fer2013.npz")
+    p.add_argument("--split", default="public_test")
+    p.add_argument("--out", default=None, help="report folder (default reports/<model file stem>-<split>)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_path
+
+    report = evaluate_path(args.model, args.data, args.split, args.out, args.batch_size)
+    print(f"{args.split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+          f"({report['num_images']} images) -> {report['report_path']}")  # fmt: skip
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the ONNX models over HTTP (settings from MIEN_* variables)",
+                       description="Start the FastAPI service. Every option can also be set by an environment "
+                       "variable MIEN_<NAME> (e.g. MIEN_MODEL_DIR); flags win over the environment.")  # fmt: skip
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--default-model", default=None)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.config import Settings
+    from service.main import create_app
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_dir": args.model_dir,
+                                   "default_model": args.default_model}.items() if v is not None}  # fmt: skip
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mien", description="Facial expression recognition: train, export, eval, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_export, _add_eval, _add_serve):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

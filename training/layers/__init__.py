@@ -1,0 +1,5 @@
+"""Blocks shared by several architectures, written once."""
+
+from training.layers.separable import SeparableConv2d
+
+__all__ = ["SeparableConv2d"]
