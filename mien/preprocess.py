@@ -16,14 +16,12 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """Return ``image`` (H×W gray or H×W×3 BGR, uint8) with 1 or 3 channels as H×W×C."""
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.shape[2] == channels:
-        return image
+    if image.shape[2] == 1:
+        # A grayscale crop is repeated on all three channels for a colour model.
+        return image if channels == 1 else np.repeat(image, 3, axis=2)
     if channels == 1:
         return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, None]
-    # Models that take colour get RGB; a grayscale crop is repeated on all three channels.
-    if image.shape[2] == 1:
-        return np.repeat(image, 3, axis=2)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # models that take colour are trained on RGB
 
 
 def to_model_input(crops: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:

@@ -74,7 +74,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, transform, batch_size
     return torch.cat([model(transform(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
 
 
-def train_one_epoch(model, optimizer, images, labels, transform, cfg, generator, step, desc) -> tuple[float, float, int]:
+def train_one_epoch(
+    model, optimizer, images, labels, transform, cfg, generator, step, desc
+) -> tuple[float, float, int]:
     model.train()
     order = torch.randperm(len(images), generator=generator)
     steps_per_epoch = len(images) // cfg.batch_size  # drop the ragged last batch (BN on tiny batches)
@@ -96,7 +98,7 @@ def train_one_epoch(model, optimizer, images, labels, transform, cfg, generator,
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
     return total_loss / seen, correct / seen, step
 
 
@@ -150,6 +152,7 @@ def train(cfg: TrainConfig) -> dict:
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
+    log.setLevel(logging.INFO)  # the run's own log file gets progress even when the caller set no logging
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     generator = seed_everything(cfg.seed)
@@ -161,7 +164,9 @@ def train(cfg: TrainConfig) -> dict:
         train_x, train_y = train_x[: cfg.limit], train_y[: cfg.limit]
     train_x, train_y = torch.from_numpy(train_x), torch.from_numpy(train_y)
     val_x, val_y = torch.from_numpy(val_x), torch.from_numpy(val_y)
-    log.info("data %s: %d train (%s), %d validation (%s)", cfg.data, len(train_y), cfg.train_split, len(val_y), cfg.val_split)
+    log.info(
+        "data %s: %d train (%s), %d validation (%s)", cfg.data, len(train_y), cfg.train_split, len(val_y), cfg.val_split
+    )
 
     spec = default_spec(cfg.model, labels=data.label_names)
     model = create_model(cfg.model, num_classes=spec.num_classes)

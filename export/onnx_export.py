@@ -1,0 +1,199 @@
+"""`mien export`: checkpoint → model → ONNX (dynamic batch) → onnx.checker → parity → model card.
+
+The verdict is the exit code: when PyTorch and onnxruntime disagree by more than ``atol`` or on any
+argmax, on real faces or on random input, the export fails and says by how much.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from mien.preprocess import to_model_input
+from mien.runtime import MODEL_ID_KEY, MODEL_VERSION_KEY, OnnxClassifier, make_session
+from training.checkpoint import load_model
+from training.data import load_fer2013
+from training.evaluate import classification_report
+
+log = logging.getLogger("mien.export")
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str
+    out: str | None = None  # default models/<model id>.onnx
+    data: str = "../shared/data/fer2013.npz"
+    split: str = "public_test"
+    parity_faces: int = 512
+    atol: float = 1e-4
+    opset: int = 20  # the legacy exporter supports affine_grid (STN models) from opset 20
+    flip_tta: bool = False  # average the logits of each face and its mirror image inside the graph
+
+
+@dataclass
+class ParityResult:
+    real_faces: int
+    random_inputs: int
+    max_abs_diff: float
+    argmax_agreement: float
+    atol: float
+    passed: bool
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class FlipAverage(torch.nn.Module):
+    """Test-time augmentation in the graph: the mean of the logits for x and its horizontal mirror."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=[3])))
+
+
+def count_macs(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch's FLOP counter counts 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example[:1])
+    return counter.get_total_flops() // 2
+
+
+def weights_version(model: torch.nn.Module) -> str:
+    """A short, stable fingerprint of the weights: the model's version string."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, metadata: dict[str, str]) -> None:
+    """Write ``model`` to ``path`` with a dynamic batch axis and ``metadata`` in metadata_props; check it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, (example,), str(path), dynamo=False, opset_version=opset,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )  # fmt: skip
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def check_parity(
+    model: torch.nn.Module, session: ort.InferenceSession, real: np.ndarray, atol: float, seed: int = 0
+) -> ParityResult:
+    """Compare PyTorch and onnxruntime on preprocessed real faces and on random input, at several batch sizes."""
+    rng = np.random.default_rng(seed)
+    random_inputs = rng.normal(0.0, 1.5, size=(32, *real.shape[1:])).astype(np.float32)
+    batches = [real[:1], real[1:6], real, random_inputs[:1], random_inputs]
+    worst, agree, total = 0.0, 0, 0
+    for batch in batches:
+        with torch.no_grad():
+            expected = model(torch.from_numpy(batch)).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        worst = max(worst, float(np.abs(expected - got).max()))
+        agree += int((expected.argmax(1) == got.argmax(1)).sum())
+        total += len(batch)
+    agreement = agree / total
+    return ParityResult(
+        real_faces=len(real), random_inputs=len(random_inputs), max_abs_diff=worst, argmax_agreement=agreement,
+        atol=atol, passed=worst <= atol and agreement == 1.0, batch_sizes=[len(b) for b in batches],
+    )  # fmt: skip
+
+
+def export_checkpoint(cfg: ExportConfig) -> ParityResult:
+    """Run the whole export; write the ONNX file and its card; return the parity verdict."""
+    if cfg.parity_faces < 256:
+        raise ValueError(f"--parity-faces must be at least 256 real faces, got {cfg.parity_faces}")
+    model, spec, ckpt = load_model(cfg.checkpoint)
+    model_id = ckpt["model_id"]
+    if cfg.flip_tta:
+        model = FlipAverage(model).eval()
+    out = Path(cfg.out or f"models/{model_id}.onnx")
+
+    dataset = load_fer2013(cfg.data)
+    images, labels = dataset.subset(cfg.split)
+    pick = np.random.default_rng(0).permutation(len(images))[: cfg.parity_faces]
+    if len(pick) < 256:
+        raise ValueError(f"split {cfg.split!r} has only {len(pick)} faces; parity needs at least 256")
+    real = to_model_input(list(images[pick]), spec)
+
+    version = weights_version(model)
+    metadata = {**spec.to_metadata(), MODEL_ID_KEY: model_id, MODEL_VERSION_KEY: version,
+                "mien.test_time_augmentation": "flip" if cfg.flip_tta else "none"}  # fmt: skip
+    started = time.perf_counter()
+    to_onnx(model, torch.from_numpy(real[:2]), out, cfg.opset, metadata)
+    log.info("wrote %s (%.1f kB) in %.1f s", out, out.stat().st_size / 1024, time.perf_counter() - started)
+
+    parity = check_parity(model, make_session(out, ("CPUExecutionProvider",)), real, cfg.atol)
+    level = logging.INFO if parity.passed else logging.ERROR
+    log.log(level, "parity %s: max |torch - onnx| = %.2e (atol %.0e), argmax agreement %.4f over %d real + %d random",
+            "passed" if parity.passed else "FAILED", parity.max_abs_diff, parity.atol, parity.argmax_agreement,
+            parity.real_faces, parity.random_inputs)  # fmt: skip
+
+    classifier = OnnxClassifier.from_path(out, providers=("CPUExecutionProvider",))
+    report = classification_report(labels, classifier.predict_crops(list(images)).argmax(1), spec.labels)
+    card = {
+        "model_id": model_id,
+        "version": version,
+        "file": out.name,
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "labels": list(spec.labels),
+        "spec": spec.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "macs": count_macs(model, torch.from_numpy(real[:1])),
+        "metrics": {
+            "split": cfg.split,
+            "accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"],
+            "num_images": report["num_images"],
+            "per_class": report["per_class"],
+            "measured_by": f"mien eval {out} --data {cfg.data} --split {cfg.split}",
+        },  # fmt: skip
+        "training": {
+            "command": ckpt.get("command", ""),
+            "config": ckpt.get("train_config", {}),
+            "best": ckpt.get("metrics", {}),
+            "epochs_run": len(ckpt.get("history", [])),
+            "seconds_per_epoch": _mean([h["seconds"] for h in ckpt.get("history", [])]),
+        },
+        "parity": asdict(parity),
+        "export": {
+            "command": f"mien export {cfg.checkpoint} --out {out} --data {cfg.data} --split {cfg.split}"
+            + (" --flip-tta" if cfg.flip_tta else ""),
+            "opset": cfg.opset,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+        },  # fmt: skip
+    }
+    card_path = out.with_name(f"{out.stem}.card.json")
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    log.info("%s accuracy of the ONNX file: %.4f; card %s", cfg.split, report["accuracy"], card_path)
+    return parity
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 1) if values else None

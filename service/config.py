@@ -1,0 +1,70 @@
+"""Service settings, read from ``MIEN_*`` environment variables and refused at start-up when unsafe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import onnxruntime as ort
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mien.runtime import DEFAULT_PROVIDERS
+
+MEGABYTE = 1024 * 1024
+# OpenCV refuses to decode more than 2**30 pixels (OPENCV_IO_MAX_IMAGE_PIXELS); a higher limit would lie.
+OPENCV_MAX_PIXELS = 1 << 30
+
+
+def _canonical_providers() -> dict[str, str]:
+    """Map 'cuda', 'CUDA' and 'CUDAExecutionProvider' alike to onnxruntime's own spelling."""
+    names: dict[str, str] = {}
+    for name in ort.get_all_providers():
+        names[name.lower()] = name
+        names[name.lower().removesuffix("executionprovider")] = name
+    return names
+
+
+class Settings(BaseSettings):
+    """Every field can be set by ``MIEN_<FIELD>`` (e.g. ``MIEN_MAX_UPLOAD_BYTES=5000000``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MIEN_", protected_namespaces=())
+
+    model_dir: Path = Field(Path("models"), description="folder whose *.onnx files are served")
+    default_model: str = Field("mini_xception", min_length=1, description="model id used when a request names none")
+    host: str = Field("127.0.0.1", min_length=1, description="interface to bind; 0.0.0.0 exposes the service")
+    port: int = Field(8000, ge=1, le=65535)
+    max_upload_bytes: int = Field(10 * MEGABYTE, gt=0, le=1024 * MEGABYTE, description="largest accepted image file")
+    max_pixels: int = Field(40_000_000, gt=0, le=OPENCV_MAX_PIXELS, description="largest accepted width × height")
+    max_faces: int = Field(50, gt=0, le=1000, description="faces classified per image, largest first")
+    # Comma-separated in the environment: MIEN_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider (or cuda,cpu).
+    providers: Annotated[tuple[str, ...], NoDecode] = Field(DEFAULT_PROVIDERS, min_length=1)
+    threads: int = Field(
+        0, ge=0, le=256, description="onnxruntime intra-op threads per model; 0 = onnxruntime's choice"
+    )
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = _canonical_providers()
+        unknown = [name for name in value if name.lower() not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown onnxruntime provider(s) {unknown}; known providers: {', '.join(ort.get_all_providers())}"
+            )
+        canonical = tuple(dict.fromkeys(known[name.lower()] for name in value))  # de-duplicated, order kept
+        return canonical
+
+    @field_validator("default_model", "host")
+    @classmethod
+    def _no_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()

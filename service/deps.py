@@ -1,0 +1,45 @@
+"""Dependencies as ``Annotated`` aliases: routes get settings, models, detector and metrics from the app.
+
+Everything lives on ``app.state`` (set by ``create_app`` and its lifespan), so tests can build as
+many apps as they like, or replace any of these with ``app.dependency_overrides``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.detect import FaceDetector
+from service.errors import NotReady
+from service.metrics import ServiceMetrics
+from service.registry import ModelRegistry
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_models(request: Request) -> ModelRegistry:
+    models = getattr(request.app.state, "models", None)
+    if models is None:  # the lifespan has not run (or failed): nothing is loaded
+        raise NotReady("models are not loaded yet; retry in a moment")
+    return models
+
+
+def get_detector(request: Request) -> FaceDetector:
+    detector = getattr(request.app.state, "detector", None)
+    if detector is None:
+        raise NotReady("the face detector is not loaded yet; retry in a moment")
+    return detector
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
+DetectorDep = Annotated[FaceDetector, Depends(get_detector)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]

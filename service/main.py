@@ -1,0 +1,64 @@
+"""Wiring only: settings, error handlers, middleware, routers, and a lifespan that loads models once.
+
+``mien serve`` calls ``create_app(Settings(...))`` and hands the app to uvicorn; for uvicorn directly:
+``uvicorn service.main:create_app --factory``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from mien import __version__
+from service.config import Settings
+from service.detect import HaarFaceDetector
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimitMiddleware
+from service.metrics import PredictMetricsMiddleware, ServiceMetrics
+from service.registry import ModelRegistry
+from service.routes import health, metrics, models, predict
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart envelope (boundaries, part headers, other small fields) around the file itself.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    app.state.detector = HaarFaceDetector()
+    app.state.models = ModelRegistry.load(
+        settings.model_dir, settings.default_model, settings.providers, settings.threads
+    )
+    app.state.metrics.observe_models(app.state.models)
+    log.info("serving models %s (default %s)", app.state.models.ids, settings.default_model)
+    yield
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app; ``settings`` default to the ``MIEN_*`` environment."""
+    settings = settings if settings is not None else Settings()
+    app = FastAPI(
+        title="mien",
+        summary="Facial expression recognition: every face in a photo, a probability per expression",
+        version=__version__,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    install_error_handlers(app)
+    # Added last = runs first: metrics see every /predict answer, including the body-limit 413.
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        hint=f" (MIEN_MAX_UPLOAD_BYTES={settings.max_upload_bytes} plus room for the multipart envelope); "
+        "send a smaller image",
+    )
+    app.add_middleware(PredictMetricsMiddleware)
+    for module in (predict, models, health, metrics):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,157 @@
+"""Load every ``*.onnx`` in the model folder once, refusing (and logging) each that cannot be served.
+
+A model is served only when its metadata carries a valid preprocessing spec; its model card
+(``<stem>.card.json`` beside it) is optional and only adds the reported accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier
+from service.errors import ModelNotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A classifier ready to serve, with what /models reports about it."""
+
+    classifier: OnnxClassifier
+    path: Path
+    card: dict[str, Any] | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.classifier.model_id
+
+    @property
+    def version(self) -> str:
+        card_version = (self.card or {}).get("version")
+        return str(card_version) if self.classifier.version == "unknown" and card_version else self.classifier.version
+
+    @property
+    def provider(self) -> str:
+        return self.classifier.provider
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        metrics = (self.card or {}).get("metrics")
+        return metrics if isinstance(metrics, dict) else {}
+
+    @property
+    def accuracy(self) -> float | None:
+        value = self.metrics.get("accuracy")
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    @property
+    def accuracy_split(self) -> str | None:
+        split = self.metrics.get("split")
+        return str(split) if split is not None else None
+
+
+def card_path(model_path: Path) -> Path:
+    """``models/<id>.onnx`` -> ``models/<id>.card.json``."""
+    return model_path.with_name(model_path.stem + ".card.json")
+
+
+def read_card(model_path: Path) -> dict[str, Any] | None:
+    """The model card as a dict, or None (logged) when it is absent or unreadable."""
+    path = card_path(model_path)
+    if not path.is_file():
+        log.info("no model card %s; accuracy will be reported as null", path)
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable model card %s: %s", path, exc)
+        return None
+    if not isinstance(card, dict):
+        log.warning("ignoring model card %s: expected a JSON object, got %s", path, type(card).__name__)
+        return None
+    return card
+
+
+@dataclass
+class ModelRegistry:
+    """The models loaded at start-up, by id, plus the files that were refused and why."""
+
+    models: dict[str, LoadedModel]
+    default_id: str
+    model_dir: Path
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        default_id: str,
+        providers: tuple[str, ...] = DEFAULT_PROVIDERS,
+        threads: int = 0,
+    ) -> ModelRegistry:
+        models: dict[str, LoadedModel] = {}
+        refused: dict[str, str] = {}
+        if not model_dir.is_dir():
+            log.error("model directory %s does not exist; no model will be served (set MIEN_MODEL_DIR)", model_dir)
+            return cls(models, default_id, model_dir, refused)
+        loaded: list[tuple[Path, OnnxClassifier]] = []
+        for path in sorted(model_dir.glob("*.onnx")):
+            try:
+                loaded.append((path, OnnxClassifier.from_path(path, providers=providers, threads=threads)))
+            except Exception as exc:  # a bad file must not stop the others from being served
+                refused[path.name] = f"{type(exc).__name__}: {exc}"
+                log.error("refusing model %s: %s", path, exc)
+        # When two files carry the same model id, the one named <id>.onnx wins, then the first by name.
+        loaded.sort(key=lambda item: (item[0].stem != item[1].model_id, item[0].name))
+        for path, classifier in loaded:
+            if classifier.model_id in models:
+                other = models[classifier.model_id].path.name
+                refused[path.name] = f"duplicate model id {classifier.model_id!r}, already served from {other}"
+                log.error("refusing model %s: %s", path, refused[path.name])
+                continue
+            models[classifier.model_id] = LoadedModel(classifier, path, read_card(path))
+            log.info(
+                "loaded model %s version %s from %s on %s",
+                classifier.model_id,
+                models[classifier.model_id].version,
+                path,
+                classifier.provider,
+            )
+        if not models:
+            log.error("no servable model in %s; /ready will answer 503", model_dir)
+        elif default_id not in models:
+            log.error(
+                "default model %r is not among the loaded models (%s); set MIEN_DEFAULT_MODEL",
+                default_id,
+                ", ".join(models),
+            )
+        return cls(models, default_id, model_dir, refused)
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self.models)
+
+    @property
+    def ready(self) -> bool:
+        """Ready when the default model is loaded: requests that name no model must work."""
+        return self.default_id in self.models
+
+    def not_ready_reason(self) -> str:
+        if not self.models:
+            refused = "; ".join(f"{name}: {why}" for name, why in self.refused.items())
+            return f"no model loaded from {self.model_dir}" + (f" (refused: {refused})" if refused else "")
+        return (
+            f"the default model {self.default_id!r} is not loaded; loaded models: {', '.join(self.ids)} "
+            "(set MIEN_DEFAULT_MODEL)"
+        )
+
+    def get(self, model_id: str) -> LoadedModel:
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise ModelNotFound(model_id, self.ids) from None

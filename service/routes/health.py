@@ -1,0 +1,23 @@
+"""GET /health (the process answers) and GET /ready (it can serve requests that name no model)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import ModelsDep
+from service.errors import NotReady
+from service.schemas import HealthResponse, ReadyResponse, error_responses
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthResponse)
+def health() -> HealthResponse:
+    return HealthResponse()
+
+
+@router.get("/ready", response_model=ReadyResponse, responses=error_responses(503))
+def ready(models: ModelsDep) -> ReadyResponse:
+    if not models.ready:
+        raise NotReady(models.not_ready_reason())
+    return ReadyResponse(models=models.ids, default=models.default_id, refused=models.refused)

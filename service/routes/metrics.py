@@ -1,0 +1,15 @@
+"""GET /metrics: Prometheus text exposition of this app's own registry."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.deps import MetricsDep
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+def metrics(metrics: MetricsDep) -> Response:
+    return Response(content=metrics.render(), media_type=CONTENT_TYPE_LATEST)

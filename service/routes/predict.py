@@ -1,0 +1,98 @@
+"""POST /predict: every face in an uploaded photo with a probability per expression."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Query, UploadFile
+
+from service.deps import DetectorDep, MetricsDep, ModelsDep, SettingsDep
+from service.errors import NotReady, TooLarge
+from service.imaging import SUPPORTED, check_media_type, decode_image
+from service.pipeline import Prediction, StageTimer, predict_faces
+from service.schemas import Box, Face, ImageSize, PredictResponse, Timings, error_responses
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["predict"])
+
+
+def _faces(prediction: Prediction) -> list[Face]:
+    faces = []
+    for box, probs in zip(prediction.boxes, prediction.probabilities, strict=True):
+        best = int(np.argmax(probs))
+        faces.append(
+            Face(
+                box=Box(x=int(box[0]), y=int(box[1]), width=int(box[2]), height=int(box[3])),
+                label=prediction.labels[best],
+                score=float(probs[best]),
+                probabilities={label: float(p) for label, p in zip(prediction.labels, probs, strict=True)},
+            )
+        )
+    return faces
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=error_responses(400, 404, 413, 415, 503),
+    summary="Find every face in a photo and classify its expression",
+)
+def predict(
+    file: Annotated[UploadFile, File(description=f"the photo: a {SUPPORTED} image")],
+    settings: SettingsDep,
+    models: ModelsDep,
+    detector: DetectorDep,
+    metrics: MetricsDep,
+    model: Annotated[
+        str | None, Query(max_length=200, description="model id (GET /models); default: the service's")
+    ] = None,
+    detect: Annotated[bool, Query(description="find faces; false: the whole image is one face crop")] = True,
+) -> PredictResponse:
+    # A plain `def`: FastAPI runs it in a worker thread, so decoding and inference never block the event loop.
+    start = time.perf_counter()
+    if not models.models:
+        raise NotReady(models.not_ready_reason())
+    loaded = models.get(model or settings.default_model)
+    check_media_type(file.content_type)
+    data = file.file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise TooLarge(
+            f"the uploaded file is larger than the limit of {settings.max_upload_bytes} bytes "
+            "(MIEN_MAX_UPLOAD_BYTES); send a smaller or more compressed image"
+        )
+
+    timer = StageTimer()
+    with timer.stage("decode"):
+        image = decode_image(data, settings.max_pixels)
+    prediction = predict_faces(image, loaded.classifier, detector, timer, detect=detect, max_faces=settings.max_faces)
+    total_ms = (time.perf_counter() - start) * 1000.0
+
+    for stage, ms in timer.ms.items():
+        metrics.stage_duration.labels(stage=stage).observe(ms / 1000.0)
+    metrics.faces.labels(model=loaded.model_id).observe(len(prediction.boxes))
+    for size in prediction.batch_sizes:
+        metrics.batch_size.labels(model=loaded.model_id).observe(size)
+    if prediction.truncated:
+        log.warning("image had %d more faces than MIEN_MAX_FACES=%d; they were not classified",
+                    prediction.truncated, settings.max_faces)  # fmt: skip
+    height, width = image.shape[:2]
+    log.info("predict model=%s image=%dx%d faces=%d total=%.1fms", loaded.model_id, width, height,
+             len(prediction.boxes), total_ms)  # fmt: skip
+    return PredictResponse(
+        model=loaded.model_id,
+        model_version=loaded.version,
+        provider=loaded.provider,
+        image=ImageSize(width=width, height=height),
+        faces=_faces(prediction),
+        faces_omitted=prediction.truncated,
+        timings_ms=Timings(
+            decode=timer.ms.get("decode", 0.0),
+            detect=timer.ms.get("detect", 0.0),
+            preprocess=timer.ms.get("preprocess", 0.0),
+            classify=timer.ms.get("classify", 0.0),
+            total=total_ms,
+        ),
+    )

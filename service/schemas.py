@@ -1,0 +1,93 @@
+"""Request and response shapes of the HTTP API (what OpenAPI documents and clients rely on).
+
+Every error, whatever its status, has the body :class:`ErrorResponse`:
+``{"error": {"code": "<stable snake_case code>", "message": "<what to do about it>"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Box(BaseModel):
+    """A face box in image pixels (after EXIF orientation); x, y is the top-left corner."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class Face(BaseModel):
+    box: Box
+    label: str = Field(description="the most probable expression")
+    score: float = Field(description="probability of `label`")
+    probabilities: dict[str, float] = Field(description="probability of every label the model knows; sums to 1")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage of this request."""
+
+    decode: float
+    detect: float
+    preprocess: float
+    classify: float
+    total: float
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="id of the model that classified the faces")
+    model_version: str
+    provider: str = Field(description="onnxruntime execution provider that really ran")
+    image: ImageSize
+    faces: list[Face] = Field(description="largest face first; empty when no face was found")
+    faces_omitted: int = Field(0, description="faces found beyond MIEN_MAX_FACES and not classified")
+    timings_ms: Timings
+
+
+class ModelInfo(BaseModel):
+    id: str
+    version: str
+    labels: list[str]
+    input: dict[str, Any] = Field(description="the preprocessing spec the model was trained with")
+    accuracy: float | None = Field(description="accuracy from the model card; null without a card")
+    accuracy_split: str | None = Field(description="the data split `accuracy` was measured on")
+    provider: str
+    default: bool = Field(description="used when a request names no model")
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: str = "ready"
+    models: list[str]
+    default: str
+    refused: dict[str, str] = Field(default_factory=dict, description="model files not served, with the reason")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. bad_image, too_large, unknown_model")
+    message: str = Field(description="what went wrong and what to do about it")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting the error body for each status."""
+    return {status: {"model": ErrorResponse} for status in statuses}

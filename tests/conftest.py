@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny generated FER-like data set, a model trained on it by the project's own
+training loop, and that model exported by the project's own export into a model folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mien.spec import FER2013_LABELS
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013.npz"
+
+
+def make_faces(per_class: int, rng: np.random.Generator, side: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy 48×48 images whose class sets their brightness: learnable in a few epochs by a
+    global-average-pooling network whatever the flips, shifts and rotations of augmentation."""
+    labels = np.repeat(np.arange(len(FER2013_LABELS)), per_class)
+    noise = rng.integers(0, 60, size=(len(labels), side, side))
+    return (noise + 28 * labels[:, None, None]).astype(np.uint8), labels
+
+
+def write_npz(path: Path, train_per_class: int = 150, test_per_class: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    train_x, train_y = make_faces(train_per_class, rng)
+    test_x, test_y = make_faces(test_per_class, rng)
+    np.savez(
+        path,
+        images=np.concatenate([train_x, test_x]),
+        labels=np.concatenate([train_y, test_y]).astype(np.int64),
+        split=np.concatenate([np.zeros(len(train_y)), np.ones(len(test_y))]).astype(np.int8),
+        split_names=np.array(["train", "public_test"]),
+        label_names=np.array(FER2013_LABELS),
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory) -> Path:
+    return write_npz(tmp_path_factory.mktemp("data") / "tiny.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_npz) -> Path:
+    """A run folder from `train()` on the tiny data: best.pt, last.pt, history, curves."""
+    from training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(data=str(tiny_npz), out=str(out), epochs=3, batch_size=32, lr=2e-3, warmup_epochs=1, threads=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_run, tiny_npz) -> Path:
+    """A model folder holding mini_xception.onnx + card, made by the project's export."""
+    from export.onnx_export import ExportConfig, export_checkpoint
+
+    folder = tmp_path_factory.mktemp("models")
+    result = export_checkpoint(
+        ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(folder / "mini_xception.onnx"),
+                     data=str(tiny_npz), parity_faces=256)  # fmt: skip
+    )
+    assert result.passed, result
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _quiet_matplotlib():
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)

@@ -1,0 +1,33 @@
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("command", ["train", "export", "eval", "serve"])
+def test_every_subcommand_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "mien.cli", command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: mien {command}" in result.stdout
+
+
+def test_list_models():
+    result = subprocess.run([sys.executable, "-m", "mien.cli", "train", "--list-models"], capture_output=True, text=True)
+    assert result.returncode == 0 and "mini_xception" in result.stdout.split()
+
+
+def test_eval_command_prints_accuracy(model_dir, tiny_npz, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mien.cli", "eval", str(model_dir / "mini_xception.onnx"),
+                             "--data", str(tiny_npz), "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "public_test: accuracy" in result.stdout and (tmp_path / "report.json").exists()
+
+
+def test_service_never_imports_torch_or_training():
+    code = (
+        "import sys, service.main\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'training', 'export'))]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.onnx_export import ExportConfig, export_checkpoint
+from mien.runtime import OnnxClassifier
+from mien.spec import PreprocessSpec
+from training.evaluate import classification_report, evaluate_path
+
+
+def test_onnx_carries_spec_identity_and_a_dynamic_batch(model_dir):
+    path = model_dir / "mini_xception.onnx"
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert PreprocessSpec.from_metadata(meta).input_size == (48, 48)
+    assert meta["mien.model_id"] == "mini_xception"
+    classifier = OnnxClassifier.from_path(path, providers=("CPUExecutionProvider",))
+    for n in (1, 7):
+        probs = classifier(np.zeros((n, 1, 48, 48), np.float32))
+        assert probs.shape == (n, 7)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert classifier.provider == "CPUExecutionProvider"
+
+
+def test_card_records_what_a_user_needs(model_dir, tiny_run):
+    card = json.loads((model_dir / "mini_xception.card.json").read_text())
+    assert card["model_id"] == "mini_xception"
+    assert 50_000 < card["parameters"] < 65_000 and card["macs"] > 1_000_000
+    assert card["parity"]["passed"] and card["parity"]["real_faces"] >= 256
+    assert card["parity"]["max_abs_diff"] <= 1e-4 and card["parity"]["argmax_agreement"] == 1.0
+    assert card["metrics"]["split"] == "public_test" and 0 <= card["metrics"]["accuracy"] <= 1
+    assert card["training"]["epochs_run"] == 3 and "seconds_per_epoch" in card["training"]
+    assert card["labels"] == list(PreprocessSpec().labels)
+
+
+def test_eval_of_checkpoint_and_of_its_onnx_agree(model_dir, tiny_run, tiny_npz, tmp_path):
+    from_pt = evaluate_path(str(tiny_run / "best.pt"), str(tiny_npz), "public_test", str(tmp_path / "pt"))
+    from_onnx = evaluate_path(str(model_dir / "mini_xception.onnx"), str(tiny_npz), "public_test", str(tmp_path / "x"))
+    assert from_pt["accuracy"] == pytest.approx(from_onnx["accuracy"])
+    card = json.loads((model_dir / "mini_xception.card.json").read_text())
+    assert card["metrics"]["accuracy"] == pytest.approx(from_onnx["accuracy"])
+    for folder in ("pt", "x"):
+        assert (tmp_path / folder / "confusion.png").stat().st_size > 0
+        report = json.loads((tmp_path / folder / "report.json").read_text())
+        assert np.asarray(report["confusion_matrix"]).sum() == report["num_images"] == 7 * 40
+
+
+def test_classification_report_by_hand():
+    labels = np.array([0, 0, 1, 1, 2])
+    predicted = np.array([0, 1, 1, 1, 0])
+    report = classification_report(labels, predicted, ("a", "b", "c"))
+    assert report["accuracy"] == pytest.approx(3 / 5)
+    assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert report["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8),
+                                        "support": 2}  # fmt: skip
+    assert report["per_class"]["c"]["f1"] == 0.0
+    assert report["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_export_fails_loudly_when_onnx_disagrees(tiny_run, tiny_npz, tmp_path, monkeypatch):
+    import export.onnx_export as ex
+
+    real_to_onnx = ex.to_onnx
+
+    def skewed(model, example, path, opset, metadata):
+        with torch.no_grad():  # export a model whose head is off by a little: parity must catch it
+            broken = type(model)(num_classes=7)
+            broken.load_state_dict(model.state_dict())
+            broken.head.bias.add_(1e-2 * torch.arange(7))
+        real_to_onnx(broken.eval(), example, path, opset, metadata)
+
+    monkeypatch.setattr(ex, "to_onnx", skewed)
+    result = export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "m.onnx"),
+                                            data=str(tiny_npz), parity_faces=256))  # fmt: skip
+    assert not result.passed and result.max_abs_diff > 1e-4
+    card = json.loads((tmp_path / "m.card.json").read_text())
+    assert card["parity"]["passed"] is False
+
+
+def test_export_command_exit_code(tiny_run, tiny_npz, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "mien.cli", "export", str(tiny_run / "best.pt"), "--out",
+                         str(tmp_path / "ok.onnx"), "--data", str(tiny_npz), "--parity-faces", "256"],
+                        capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    # A negative tolerance can never be met: the command must say so through its exit code.
+    bad = subprocess.run([sys.executable, "-m", "mien.cli", "export", str(tiny_run / "best.pt"), "--out",
+                          str(tmp_path / "bad.onnx"), "--data", str(tiny_npz), "--parity-faces", "256",
+                          "--atol", "-1"], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and "parity FAILED" in bad.stderr
+
+
+def test_export_refuses_too_few_parity_faces(tiny_run, tiny_npz, tmp_path):
+    with pytest.raises(ValueError, match="at least 256"):
+        export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "m.onnx"),
+                                       data=str(tiny_npz), parity_faces=100))  # fmt: skip

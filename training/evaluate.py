@@ -1,0 +1,122 @@
+"""`mien eval`: accuracy, per-class precision/recall/F1 and a confusion matrix on one split.
+
+Works on a training checkpoint (.pt, run with torch) or an exported ONNX file (run with
+onnxruntime, preprocessed by the spec stored in the file), so the figure in a model card is the
+figure of the file that is served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from mien.spec import PreprocessSpec
+from training.data import DataError, load_fer2013
+
+log = logging.getLogger("mien.eval")
+
+
+def classification_report(labels: np.ndarray, predictions: np.ndarray, names: tuple[str, ...]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows = truth)."""
+    k = len(names)
+    confusion = np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k)
+    true_pos = np.diag(confusion).astype(float)
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    precision = np.divide(true_pos, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(true_pos, actual, out=np.zeros(k), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(actual[i]),
+        }
+        for i, name in enumerate(names)
+    }
+    return {
+        "accuracy": float(true_pos.sum() / max(1, len(labels))),
+        "macro_f1": float(f1[actual > 0].mean()) if (actual > 0).any() else 0.0,
+        "num_images": int(len(labels)),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "labels": list(names),
+    }
+
+
+def plot_confusion(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(report["confusion_matrix"], dtype=float)
+    rates = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
+    names = report["labels"]
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
+           xlabel="predicted", ylabel="true", title=title)  # fmt: skip
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{rates[i, j]:.2f}\n{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def onnx_probabilities(
+    path: str | Path, images: np.ndarray, batch_size: int = 256
+) -> tuple[np.ndarray, PreprocessSpec]:
+    """Class probabilities of an exported model for uint8 faces, preprocessed by its own spec."""
+    from mien.runtime import OnnxClassifier
+
+    classifier = OnnxClassifier.from_path(path, providers=("CPUExecutionProvider",))
+    return classifier.predict_crops(list(images), batch_size), classifier.spec
+
+
+def checkpoint_probabilities(
+    path: str | Path, images: np.ndarray, batch_size: int = 256
+) -> tuple[np.ndarray, PreprocessSpec]:
+    import torch
+
+    from training.checkpoint import load_model
+    from training.train import predict_logits
+    from training.transforms import build_transforms
+
+    model, spec, _ = load_model(path)
+    logits = predict_logits(model, torch.from_numpy(images), build_transforms(spec, train=False), batch_size)
+    return torch.softmax(logits, 1).numpy(), spec
+
+
+def evaluate_path(model_path: str, data: str, split: str, out: str | None = None, batch_size: int = 256) -> dict:
+    """Evaluate a .pt or .onnx on ``split`` of ``data``; write report.json and confusion.png to ``out``."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: no such model file (expected a .pt checkpoint or an .onnx file)")
+    dataset = load_fer2013(data)
+    images, labels = dataset.subset(split)
+    if model_path.suffix == ".onnx":
+        probs, spec = onnx_probabilities(model_path, images, batch_size)
+    else:
+        probs, spec = checkpoint_probabilities(model_path, images, batch_size)
+    if tuple(spec.labels) != tuple(dataset.label_names):
+        raise DataError(f"the model's labels {spec.labels} differ from the data set's {dataset.label_names}")
+    report = classification_report(labels, probs.argmax(1), spec.labels)
+    report.update({"model": str(model_path), "data": str(data), "split": split})
+    out_dir = Path(out) if out else Path("reports") / f"{model_path.stem}-{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["report_path"] = str(out_dir / "report.json")
+    plot_confusion(
+        report, out_dir / "confusion.png", f"{model_path.name} on {split}: accuracy {report['accuracy']:.3f}"
+    )
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    log.info("%s on %s: accuracy %.4f, macro-F1 %.4f", model_path, split, report["accuracy"], report["macro_f1"])
+    return report
