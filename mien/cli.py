@@ -63,6 +63,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parity-faces", type=int, default=512, help="real faces in the parity check (>= 256)")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed between PyTorch and ONNX")
     p.add_argument("--opset", type=int, default=20)
+    p.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="average each face's logits with its mirror image's, inside the ONNX graph (2x compute)",
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -70,7 +75,8 @@ def _run_export(args: argparse.Namespace) -> int:
     from export.onnx_export import ExportConfig, export_checkpoint
 
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,
-                       parity_faces=args.parity_faces, atol=args.atol, opset=args.opset)  # fmt: skip
+                       parity_faces=args.parity_faces, atol=args.atol, opset=args.opset,
+                       flip_tta=args.flip_tta)  # fmt: skip
     return 0 if export_checkpoint(cfg).passed else 1
 
 
@@ -109,19 +115,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from service.config import Settings
     from service.main import create_app
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_dir": args.model_dir,
                                    "default_model": args.default_model}.items() if v is not None}  # fmt: skip
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"MIEN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"mien serve: invalid settings: {problems}", file=sys.stderr)
+        return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mien", description="Facial expression recognition: train, export, eval, serve.")
+    parser = argparse.ArgumentParser(
+        prog="mien", description="Facial expression recognition: train, export, eval, serve."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_export, _add_eval, _add_serve):
         add(sub)

@@ -60,8 +60,7 @@ class PreprocessSpec:
             raise SpecError(f"scale must be positive, got {self.scale!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise SpecError(
-                f"mean and std need one value per channel ({self.channels}), "
-                f"got mean={self.mean!r} std={self.std!r}"
+                f"mean and std need one value per channel ({self.channels}), got mean={self.mean!r} std={self.std!r}"
             )
         if any(not s > 0 for s in self.std):
             raise SpecError(f"std values must be positive, got {self.std!r}")

@@ -59,8 +59,12 @@ def model_dir(tmp_path_factory, tiny_run, tiny_npz) -> Path:
 
     folder = tmp_path_factory.mktemp("models")
     result = export_checkpoint(
-        ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(folder / "mini_xception.onnx"),
-                     data=str(tiny_npz), parity_faces=256)  # fmt: skip
+        ExportConfig(
+            checkpoint=str(tiny_run / "best.pt"),
+            out=str(folder / "mini_xception.onnx"),
+            data=str(tiny_npz),
+            parity_faces=256,
+        )  # fmt: skip
     )
     assert result.passed, result
     return folder

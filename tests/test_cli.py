@@ -12,13 +12,15 @@ def test_every_subcommand_has_help(command):
 
 
 def test_list_models():
-    result = subprocess.run([sys.executable, "-m", "mien.cli", "train", "--list-models"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mien.cli", "train", "--list-models"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "mini_xception" in result.stdout.split()
 
 
 def test_eval_command_prints_accuracy(model_dir, tiny_npz, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mien.cli", "eval", str(model_dir / "mini_xception.onnx"),
-                             "--data", str(tiny_npz), "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    command = ["eval", str(model_dir / "mini_xception.onnx"), "--data", str(tiny_npz), "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, "-m", "mien.cli", *command], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "public_test: accuracy" in result.stdout and (tmp_path / "report.json").exists()
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from mien.spec import FER2013_LABELS
-from training.data import DataError, load_fer2013
 from tests.conftest import SHARED_DATA
+from training.data import DataError, load_fer2013
 
 
 def _csv(path, rows, header="emotion,pixels,Usage"):
@@ -54,9 +54,12 @@ def test_reads_image_folders(tmp_path):
         folder.mkdir(parents=True)
         cv2.imwrite(str(folder / "a.png"), np.full((48, 48), value, np.uint8))
     data = load_fer2013(tmp_path)
-    assert sorted(zip(data.split.tolist(), data.labels.tolist())) == [("test", 6), ("train", 0), ("train", 3)]
+    pairs = sorted(zip(data.split.tolist(), data.labels.tolist(), strict=True))
+    assert pairs == [("test", 6), ("train", 0), ("train", 3)]
     assert data.splits == ["test", "train"]
-    with pytest.raises(DataError, match=r"no images in split 'public_test'; this data set has splits \['test', 'train'\]"):
+    with pytest.raises(
+        DataError, match=r"no images in split 'public_test'; this data set has splits \['test', 'train'\]"
+    ):
         data.subset("public_test")
 
 

@@ -98,3 +98,21 @@ def test_export_refuses_too_few_parity_faces(tiny_run, tiny_npz, tmp_path):
     with pytest.raises(ValueError, match="at least 256"):
         export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "m.onnx"),
                                        data=str(tiny_npz), parity_faces=100))  # fmt: skip
+
+
+def test_flip_tta_export_averages_a_face_and_its_mirror(tiny_run, tiny_npz, tmp_path):
+    from training.checkpoint import load_model
+
+    result = export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "t.onnx"),
+                                            data=str(tiny_npz), parity_faces=256, flip_tta=True))  # fmt: skip
+    assert result.passed
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "t.onnx")).metadata_props}
+    assert meta["mien.test_time_augmentation"] == "flip"
+    model, _, _ = load_model(tiny_run / "best.pt")
+    x = np.random.default_rng(1).normal(size=(3, 1, 48, 48)).astype(np.float32)
+    with torch.no_grad():
+        expected = 0.5 * (model(torch.from_numpy(x)) + model(torch.from_numpy(x[..., ::-1].copy())))
+    got = OnnxClassifier.from_path(tmp_path / "t.onnx").session.run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    card = json.loads((tmp_path / "t.card.json").read_text())
+    assert card["export"]["flip_tta"] is True and "--flip-tta" in card["export"]["command"]
