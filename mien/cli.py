@@ -109,7 +109,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--default-model", default=None)
-    p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_run_serve)
 
 
@@ -128,7 +127,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         problems = "; ".join(f"MIEN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         print(f"mien serve: invalid settings: {problems}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
     return 0
 
 

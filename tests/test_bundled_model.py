@@ -1,0 +1,87 @@
+"""The bundled model in models/: its card tells the truth, and it recognises a smile in a real photo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+from fastapi.testclient import TestClient
+from skimage import data
+
+from mien.runtime import OnnxClassifier
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import SHARED_DATA
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+BUNDLED = MODELS / "mini_xception.onnx"
+CARD = MODELS / "mini_xception.card.json"
+
+
+def _jpeg(rgb) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app(Settings(model_dir=MODELS, providers=("CPUExecutionProvider",)))) as c:
+        yield c
+
+
+def test_card_matches_the_file_and_records_how_it_was_made():
+    card = json.loads(CARD.read_text())
+    assert card["sha256"] == hashlib.sha256(BUNDLED.read_bytes()).hexdigest()
+    assert card["training"]["command"].startswith("mien train ")
+    assert card["training"]["config"]["train_split"] == "train"
+    assert card["training"]["best"]["split"] == card["metrics"]["split"] == "public_test"
+    assert card["parity"]["passed"] and card["parity"]["real_faces"] >= 256
+    assert card["parity"]["max_abs_diff"] <= 1e-4
+    assert 50_000 < card["parameters"] < 65_000
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="FER2013 (../shared/data) is not beside this checkout")
+def test_card_accuracy_is_what_eval_measures_on_publictest(tmp_path):
+    from training.evaluate import evaluate_path
+
+    report = evaluate_path(str(BUNDLED), str(SHARED_DATA), "public_test", str(tmp_path))
+    card = json.loads(CARD.read_text())
+    assert report["num_images"] == 3589
+    assert report["accuracy"] == pytest.approx(card["metrics"]["accuracy"], abs=1e-9)
+
+
+def test_astronaut_is_one_happy_face(client):
+    response = client.post("/predict", files={"file": ("astronaut.jpg", _jpeg(data.astronaut()), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "mini_xception" and body["provider"] == "CPUExecutionProvider"
+    assert len(body["faces"]) == 1
+    face = body["faces"][0]
+    assert face["label"] == "happy"
+    assert face["label"] == max(face["probabilities"], key=face["probabilities"].get)
+
+
+def test_coffee_has_no_face(client):
+    response = client.post("/predict", files={"file": ("coffee.png", _jpeg(data.coffee()), "image/jpeg")})
+    assert response.status_code == 200 and response.json()["faces"] == []
+
+
+def test_models_endpoint_reports_the_card_accuracy(client):
+    card = json.loads(CARD.read_text())
+    models = client.get("/models").json()["models"]
+    entry = next(m for m in models if m["id"] == "mini_xception")
+    assert entry["accuracy"] == pytest.approx(card["metrics"]["accuracy"])
+    assert entry["version"] == card["version"]
+
+
+def test_bundled_onnx_reads_back_its_spec():
+    classifier = OnnxClassifier.from_path(BUNDLED, providers=("CPUExecutionProvider",))
+    assert classifier.spec.labels == tuple(card_labels()) and classifier.model_id == "mini_xception"
+
+
+def card_labels() -> list[str]:
+    return json.loads(CARD.read_text())["labels"]
