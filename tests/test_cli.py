@@ -23,4 +23,3 @@ def test_eval_command_prints_accuracy(model_dir, tiny_npz, tmp_path):
     result = subprocess.run([sys.executable, "-m", "mien.cli", *command], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "public_test: accuracy" in result.stdout and (tmp_path / "report.json").exists()
-

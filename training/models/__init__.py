@@ -54,4 +54,12 @@ def create_model(model_id: str, num_classes: int = 7, **kwargs) -> nn.Module:
 
 
 # Importing the architecture modules registers them.
-from training.models import mini_xception  # noqa: E402,F401
+from training.models import (  # noqa: E402,F401
+    base_cnn,
+    dcnn,
+    mini_xception,
+    row_lstm,
+    se_sepconv,
+    sgan,
+    stn_resnet10_triplet,
+)
