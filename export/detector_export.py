@@ -159,8 +159,9 @@ def _parity(net: nn.Module, name: str, path: Path, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     side = NETS[name][1]
-    shapes = [(1, 3, 12, 12), (2, 3, 37, 53), (1, 3, 240, 320)] if side is None else [(1, 3, side, side),
-                                                                                       (9, 3, side, side)]
+    shapes = (
+        [(1, 3, 12, 12), (2, 3, 37, 53), (1, 3, 240, 320)] if side is None else [(1, 3, side, side), (9, 3, side, side)]
+    )
     worst = 0.0
     for shape in shapes:
         x = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
@@ -179,7 +180,7 @@ class DetectorExportResult:
     passed: bool
 
 
-def export_detector(out: str | Path = DEFAULT_OUT, opset: int = 17, atol: float = 1e-4) -> DetectorExportResult:
+def export_detector(out: str | Path = DEFAULT_OUT, opset: int = 20, atol: float = 1e-4) -> DetectorExportResult:
     """Write ``<out>/mtcnn_{pnet,rnet,onet}.onnx`` and ``<out>/mtcnn.card.json``; check parity with PyTorch."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -56,8 +56,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check and a model card",
                        description="Checkpoint -> ONNX (dynamic batch) -> onnx.checker -> parity against PyTorch "
                        "on real faces and random input -> model card. Exits non-zero when parity fails.")  # fmt: skip
-    p.add_argument("checkpoint", help="a best.pt written by `mien train`")
-    p.add_argument("--out", default=None, help="ONNX path (default models/<model id>.onnx)")
+    p.add_argument("checkpoint", help="a best.pt written by `mien train`, or the word `detector` to export the "
+                   "MTCNN face detector from the installed facenet-pytorch wheel")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default=None,
+        help="ONNX path (default models/<model id>.onnx); for `detector` a folder (default models/detector)",
+    )
     p.add_argument("--data", default="../shared/data/fer2013.npz", help="FER2013 for parity faces and accuracy")
     p.add_argument("--split", default="public_test", help="split whose faces drive parity and the card's accuracy")
     p.add_argument("--parity-faces", type=int, default=512, help="real faces in the parity check (>= 256)")
@@ -72,6 +77,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.checkpoint == "detector":
+        from export.detector_export import DEFAULT_OUT, export_detector
+
+        return 0 if export_detector(args.out or DEFAULT_OUT, opset=args.opset, atol=args.atol).passed else 1
     from export.onnx_export import ExportConfig, export_checkpoint
 
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,

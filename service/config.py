@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import onnxruntime as ort
 from pydantic import Field, field_validator
@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     providers: Annotated[tuple[str, ...], NoDecode] = Field(DEFAULT_PROVIDERS, min_length=1)
     threads: int = Field(
         0, ge=0, le=256, description="onnxruntime intra-op threads per model; 0 = onnxruntime's choice"
+    )
+    detector: Literal["onnx", "haar"] = Field(
+        "onnx", description="face detector: onnx (MTCNN with landmarks, the default) or haar (OpenCV's cascade)"
+    )
+    detector_dir: Path | None = Field(
+        None, description="folder with mtcnn_{pnet,rnet,onet}.onnx; default <model_dir>/detector, else the bundled one"
+    )
+    min_face: int = Field(20, ge=12, le=4096, description="smallest face searched, pixels (the min_face default)")
+    face_threshold: float = Field(
+        0.9, gt=0.0, lt=1.0, description="detector score a face needs (onnx only; the threshold default)"
     )
 
     @field_validator("providers", mode="before")

@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 
 from service.config import Settings
 from service.detect import FaceDetector
-from service.errors import NotReady
+from service.errors import NotReady, ServiceError
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 
@@ -35,6 +35,21 @@ def get_detector(request: Request) -> FaceDetector:
     return detector
 
 
+def get_detectors(request: Request) -> dict[str, FaceDetector]:
+    detectors = getattr(request.app.state, "detectors", None)
+    if detectors is None:
+        raise NotReady("the face detectors are not loaded yet; retry in a moment")
+    return detectors
+
+
+def pick_detector(detectors: dict[str, FaceDetector], name: str) -> FaceDetector:
+    """The detector a request names; a 400 naming the loaded ones when it is not loaded."""
+    if name not in detectors:
+        raise ServiceError(400, "unavailable_detector", f"detector {name!r} is not loaded here; loaded: "
+                           f"{', '.join(sorted(detectors))} (the onnx one needs `mien export detector`)")  # fmt: skip
+    return detectors[name]
+
+
 def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
@@ -42,4 +57,5 @@ def get_metrics(request: Request) -> ServiceMetrics:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 DetectorDep = Annotated[FaceDetector, Depends(get_detector)]
+DetectorsDep = Annotated[dict[str, FaceDetector], Depends(get_detectors)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]

@@ -1,12 +1,15 @@
-"""Face detection behind a small interface, so a better (ONNX) detector can replace the Haar cascade.
+"""Face detection behind a small interface: the ONNX detector (``service.detectors``) or the Haar cascade.
 
 A detector is any callable ``detector(bgr_image) -> np.ndarray`` of shape N×4 (int32 x, y, width,
-height), largest face first; no face is an empty 0×4 array, never ``None``.
+height), largest face first; no face is an empty 0×4 array, never ``None``. Detectors that know more
+also have ``detect(image, min_face, threshold) -> Detections`` (scores, landmarks); :func:`detect_faces`
+asks any detector for :class:`Detections`.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -20,12 +23,59 @@ class FaceDetector(Protocol):
     def __call__(self, image: np.ndarray) -> np.ndarray: ...
 
 
+def area_order(boxes: np.ndarray) -> np.ndarray:
+    """Indices that put the largest box first; ties keep a stable left-to-right order."""
+    return np.lexsort((boxes[:, 0], -(boxes[:, 2].astype(np.int64) * boxes[:, 3])))
+
+
 def sort_by_area(boxes: np.ndarray) -> np.ndarray:
     """Largest box first; ties keep a stable left-to-right order."""
     if len(boxes) == 0:
         return boxes
-    order = np.lexsort((boxes[:, 0], -(boxes[:, 2] * boxes[:, 3])))
-    return boxes[order]
+    return boxes[area_order(boxes)]
+
+
+@dataclass
+class Detections:
+    """Faces found in one image: N×4 int32 boxes (x, y, w, h), N scores, N×5×2 landmarks (x, y) or ``None``.
+
+    Landmarks are the left eye, right eye, nose tip, left and right mouth corner as seen in the image.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray | None = None
+    landmarks: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def sorted_by_area(self) -> Detections:
+        order = area_order(self.boxes) if len(self.boxes) else np.zeros(0, np.int64)
+        return self[order]
+
+    def __getitem__(self, index: np.ndarray | slice) -> Detections:
+        return Detections(
+            self.boxes[index],
+            None if self.scores is None else self.scores[index],
+            None if self.landmarks is None else self.landmarks[index],
+        )
+
+
+def detect_faces(
+    detector: FaceDetector, image: np.ndarray, min_face: int | None = None, threshold: float | None = None
+) -> Detections:
+    """Any detector's faces as :class:`Detections`, largest first.
+
+    ``min_face`` (pixels) and ``threshold`` go to detectors with a ``detect`` method; a plain callable
+    gets neither, and its boxes whose longer side is below ``min_face`` are dropped here.
+    """
+    method = getattr(detector, "detect", None)
+    if callable(method):
+        return method(image, min_face=min_face, threshold=threshold)
+    boxes = np.asarray(detector(image), dtype=np.int32).reshape(-1, 4)
+    if min_face:
+        boxes = boxes[np.maximum(boxes[:, 2], boxes[:, 3]) >= min_face]
+    return Detections(boxes).sorted_by_area()
 
 
 class HaarFaceDetector:
@@ -65,7 +115,11 @@ class HaarFaceDetector:
             self._local.cascade = cascade
         return cascade
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def detect(self, image: np.ndarray, min_face: int | None = None, threshold: float | None = None) -> Detections:
+        """Boxes only (no scores or landmarks); ``threshold`` does not apply to the cascade and is ignored."""
+        return Detections(self(image, min_face=min_face))
+
+    def __call__(self, image: np.ndarray, min_face: int | None = None) -> np.ndarray:
         gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         scale = min(1.0, self.max_side / max(gray.shape[:2]))
         if scale < 1.0:
@@ -74,7 +128,8 @@ class HaarFaceDetector:
             gray,
             scaleFactor=self.scale_factor,
             minNeighbors=self.min_neighbors,
-            minSize=(self.min_size, self.min_size),
+            # min_face is in image pixels; the cascade searches the (possibly) downscaled image.
+            minSize=(max(self.min_size, int(round((min_face or 0) * scale))),) * 2,
         )
         boxes = np.asarray(found, dtype=np.float64).reshape(-1, 4)
         if scale < 1.0:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from mien import __version__
 from service.config import Settings
-from service.detect import HaarFaceDetector
+from service.detectors import detector_dir, load_detectors
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import PredictMetricsMiddleware, ServiceMetrics
@@ -30,7 +30,11 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    app.state.detector = HaarFaceDetector()
+    folder = detector_dir(settings.detector_dir, settings.model_dir)
+    app.state.detectors = load_detectors(settings.detector, folder, settings.providers, settings.threads,
+                                         settings.min_face, settings.face_threshold)  # fmt: skip
+    app.state.detector = app.state.detectors[settings.detector]
+    log.info("face detectors %s (default %s, from %s)", sorted(app.state.detectors), settings.detector, folder)
     app.state.models = ModelRegistry.load(
         settings.model_dir, settings.default_model, settings.providers, settings.threads
     )

@@ -34,6 +34,13 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.detect_duration = Histogram(
+            "mien_detect_duration_seconds",
+            "face detection time per image, by detector (onnx, haar)",
+            ["detector"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.faces = Histogram(
             "mien_faces_per_image",
             "faces returned per successful prediction",

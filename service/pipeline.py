@@ -1,4 +1,4 @@
-"""The prediction pipeline on a decoded image: detect → crop → preprocess → one batched call.
+"""The prediction pipeline on a decoded image: detect → align/crop → preprocess → one batched call.
 
 No HTTP here: routes decode the upload and turn the result into the response schema.
 """
@@ -14,7 +14,8 @@ import numpy as np
 
 from mien.preprocess import expand_box, to_model_input
 from mien.runtime import OnnxClassifier
-from service.detect import FaceDetector
+from service.align import align_face
+from service.detect import Detections, FaceDetector, detect_faces
 
 
 class StageTimer:
@@ -41,6 +42,9 @@ class Prediction:
     labels: tuple[str, ...]
     truncated: int = 0  # faces found beyond max_faces and not classified
     batch_sizes: list[int] = field(default_factory=list)
+    scores: np.ndarray | None = None  # detector confidence per face, when the detector gives one
+    landmarks: np.ndarray | None = None  # N×5×2 (eyes, nose, mouth corners), when the detector gives them
+    aligned: bool = False
 
 
 def crop_faces(image: np.ndarray, boxes: np.ndarray, margin: float) -> list[np.ndarray]:
@@ -59,22 +63,32 @@ def predict_faces(
     timer: StageTimer,
     detect: bool = True,
     max_faces: int = 50,
+    min_face: int | None = None,
+    threshold: float | None = None,
+    align: bool = True,
 ) -> Prediction:
     """Classify every face in ``image`` (BGR uint8) in one batched onnxruntime call.
 
-    With ``detect=False`` the whole image is taken to be one face crop.
+    With ``detect=False`` the whole image is taken to be one face crop. Faces with landmarks are aligned
+    (``service.align``) when ``align`` is true; the others are cropped with the spec's margin, as in training.
     """
     height, width = image.shape[:2]
     with timer.stage("detect"):
         if detect:
-            boxes = np.asarray(detector(image), dtype=np.int32).reshape(-1, 4)
+            found = detect_faces(detector, image, min_face=min_face, threshold=threshold)
         else:
-            boxes = np.array([[0, 0, width, height]], dtype=np.int32)
-    truncated = max(0, len(boxes) - max_faces)
-    boxes = boxes[:max_faces]
+            found = Detections(np.array([[0, 0, width, height]], dtype=np.int32))
+    truncated = max(0, len(found) - max_faces)
+    found = found[:max_faces]
+    boxes = found.boxes
+    aligned = align and found.landmarks is not None
     spec = classifier.spec
     with timer.stage("preprocess"):
-        batch = to_model_input(crop_faces(image, boxes, spec.crop_margin), spec) if len(boxes) else None
+        if aligned:
+            crops = [align_face(image, points) for points in found.landmarks]
+        else:
+            crops = crop_faces(image, boxes, spec.crop_margin)
+        batch = to_model_input(crops, spec) if len(boxes) else None
     with timer.stage("classify"):
         if batch is None:
             probabilities = np.zeros((0, spec.num_classes), dtype=np.float32)
@@ -86,4 +100,7 @@ def predict_faces(
         labels=spec.labels,
         truncated=truncated,
         batch_sizes=[len(boxes)] if len(boxes) else [],
+        scores=found.scores,
+        landmarks=found.landmarks,
+        aligned=aligned,
     )

@@ -25,6 +25,12 @@ class Face(BaseModel):
     label: str = Field(description="the most probable expression")
     score: float = Field(description="probability of `label`")
     probabilities: dict[str, float] = Field(description="probability of every label the model knows; sums to 1")
+    landmarks: list[tuple[float, float]] | None = Field(
+        None,
+        description="five [x, y] points in image pixels: left eye, right eye, nose, left and right mouth corner "
+        "(as seen in the image); null when the detector gives none (haar, detect=false)",
+    )
+    detection_score: float | None = Field(None, description="the detector's confidence; null for haar")
 
 
 class ImageSize(BaseModel):
@@ -48,7 +54,9 @@ class PredictResponse(BaseModel):
     provider: str = Field(description="onnxruntime execution provider that really ran")
     image: ImageSize
     faces: list[Face] = Field(description="largest face first; empty when no face was found")
-    faces_omitted: int = Field(0, description="faces found beyond MIEN_MAX_FACES and not classified")
+    faces_omitted: int = Field(0, description="faces found beyond max_faces and not classified")
+    detector: str | None = Field(description="the face detector that ran (onnx, haar); null with detect=false")
+    aligned: bool = Field(description="faces were rotated and framed from their landmarks before classification")
     timings_ms: Timings
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, File, Query, UploadFile
 
-from service.deps import DetectorDep, MetricsDep, ModelsDep, SettingsDep
+from service.deps import DetectorsDep, MetricsDep, ModelsDep, SettingsDep, pick_detector
 from service.errors import NotReady, TooLarge
 from service.imaging import SUPPORTED, check_media_type, decode_image
 from service.pipeline import Prediction, StageTimer, predict_faces
@@ -21,7 +21,8 @@ router = APIRouter(tags=["predict"])
 
 def _faces(prediction: Prediction) -> list[Face]:
     faces = []
-    for box, probs in zip(prediction.boxes, prediction.probabilities, strict=True):
+    points = prediction.landmarks
+    for i, (box, probs) in enumerate(zip(prediction.boxes, prediction.probabilities, strict=True)):
         best = int(np.argmax(probs))
         faces.append(
             Face(
@@ -29,6 +30,8 @@ def _faces(prediction: Prediction) -> list[Face]:
                 label=prediction.labels[best],
                 score=float(probs[best]),
                 probabilities={label: float(p) for label, p in zip(prediction.labels, probs, strict=True)},
+                landmarks=None if points is None else [(float(x), float(y)) for x, y in points[i]],
+                detection_score=None if prediction.scores is None else float(prediction.scores[i]),
             )
         )
     return faces
@@ -44,18 +47,36 @@ def predict(
     file: Annotated[UploadFile, File(description=f"the photo: a {SUPPORTED} image")],
     settings: SettingsDep,
     models: ModelsDep,
-    detector: DetectorDep,
+    detectors: DetectorsDep,
     metrics: MetricsDep,
     model: Annotated[
         str | None, Query(max_length=200, description="model id (GET /models); default: the service's")
     ] = None,
     detect: Annotated[bool, Query(description="find faces; false: the whole image is one face crop")] = True,
+    detector_name: Annotated[
+        Literal["onnx", "haar"] | None,
+        Query(alias="detector", description="onnx (landmarks, aligned faces) or haar; default MIEN_DETECTOR"),
+    ] = None,
+    min_face: Annotated[
+        int | None, Query(ge=12, le=4096, description="smallest face searched, pixels; default MIEN_MIN_FACE")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        Query(gt=0.0, lt=1.0, description="detector score a face needs (onnx only); default MIEN_FACE_THRESHOLD"),
+    ] = None,
+    max_faces: Annotated[
+        int | None, Query(ge=1, le=1000, description="faces classified, largest first; at most MIEN_MAX_FACES")
+    ] = None,
+    align: Annotated[bool, Query(description="rotate and frame faces from their landmarks (onnx detector)")] = True,
 ) -> PredictResponse:
     # A plain `def`: FastAPI runs it in a worker thread, so decoding and inference never block the event loop.
     start = time.perf_counter()
     if not models.models:
         raise NotReady(models.not_ready_reason())
     loaded = models.get(model or settings.default_model)
+    name = detector_name or settings.detector
+    detector = pick_detector(detectors, name)
+    limit = min(max_faces or settings.max_faces, settings.max_faces)
     check_media_type(file.content_type)
     data = file.file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
@@ -67,20 +88,24 @@ def predict(
     timer = StageTimer()
     with timer.stage("decode"):
         image = decode_image(data, settings.max_pixels)
-    prediction = predict_faces(image, loaded.classifier, detector, timer, detect=detect, max_faces=settings.max_faces)
+    prediction = predict_faces(image, loaded.classifier, detector, timer, detect=detect, max_faces=limit,
+                               min_face=min_face or settings.min_face, threshold=threshold or settings.face_threshold,
+                               align=align)  # fmt: skip
     total_ms = (time.perf_counter() - start) * 1000.0
 
     for stage, ms in timer.ms.items():
         metrics.stage_duration.labels(stage=stage).observe(ms / 1000.0)
+    if detect:
+        metrics.detect_duration.labels(detector=name).observe(timer.ms["detect"] / 1000.0)
     metrics.faces.labels(model=loaded.model_id).observe(len(prediction.boxes))
     for size in prediction.batch_sizes:
         metrics.batch_size.labels(model=loaded.model_id).observe(size)
     if prediction.truncated:
-        log.warning("image had %d more faces than MIEN_MAX_FACES=%d; they were not classified",
-                    prediction.truncated, settings.max_faces)  # fmt: skip
+        log.warning("image had %d more faces than max_faces=%d; they were not classified",
+                    prediction.truncated, limit)  # fmt: skip
     height, width = image.shape[:2]
-    log.info("predict model=%s image=%dx%d faces=%d total=%.1fms", loaded.model_id, width, height,
-             len(prediction.boxes), total_ms)  # fmt: skip
+    log.info("predict model=%s detector=%s image=%dx%d faces=%d total=%.1fms", loaded.model_id,
+             name if detect else "none", width, height, len(prediction.boxes), total_ms)  # fmt: skip
     return PredictResponse(
         model=loaded.model_id,
         model_version=loaded.version,
@@ -88,6 +113,8 @@ def predict(
         image=ImageSize(width=width, height=height),
         faces=_faces(prediction),
         faces_omitted=prediction.truncated,
+        detector=name if detect else None,
+        aligned=prediction.aligned,
         timings_ms=Timings(
             decode=timer.ms.get("decode", 0.0),
             detect=timer.ms.get("detect", 0.0),
