@@ -28,13 +28,6 @@ def get_models(request: Request) -> ModelRegistry:
     return models
 
 
-def get_detector(request: Request) -> FaceDetector:
-    detector = getattr(request.app.state, "detector", None)
-    if detector is None:
-        raise NotReady("the face detector is not loaded yet; retry in a moment")
-    return detector
-
-
 def get_detectors(request: Request) -> dict[str, FaceDetector]:
     detectors = getattr(request.app.state, "detectors", None)
     if detectors is None:
@@ -56,6 +49,5 @@ def get_metrics(request: Request) -> ServiceMetrics:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
-DetectorDep = Annotated[FaceDetector, Depends(get_detector)]
 DetectorsDep = Annotated[dict[str, FaceDetector], Depends(get_detectors)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]

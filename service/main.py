@@ -33,7 +33,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     folder = detector_dir(settings.detector_dir, settings.model_dir)
     app.state.detectors = load_detectors(settings.detector, folder, settings.providers, settings.threads,
                                          settings.min_face, settings.face_threshold)  # fmt: skip
-    app.state.detector = app.state.detectors[settings.detector]
     log.info("face detectors %s (default %s, from %s)", sorted(app.state.detectors), settings.detector, folder)
     app.state.models = ModelRegistry.load(
         settings.model_dir, settings.default_model, settings.providers, settings.threads
