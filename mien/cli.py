@@ -1,4 +1,4 @@
-"""The ``mien`` command: ``train``, ``export``, ``eval`` and ``serve``.
+"""The ``mien`` command: ``train``, ``pretrain-sr``, ``export``, ``eval`` and ``serve``.
 
 Heavy imports (torch, onnx, uvicorn) happen inside each subcommand so that ``mien serve`` works in
 an environment without the ``train`` extra and ``--help`` is instant.
@@ -7,8 +7,35 @@ an environment without the ``train`` extra and ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+
+
+def _label_list(text: str) -> tuple[str, ...]:
+    """``angry,sad,happy`` → ('angry', 'sad', 'happy')."""
+    labels = tuple(name.strip() for name in text.split(",") if name.strip())
+    if len(labels) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least two comma-separated labels, got {text!r}")
+    return labels
+
+
+def _label_map(text: str) -> dict[str, str]:
+    """``surprise=happy,contempt=angry`` → {'surprise': 'happy', 'contempt': 'angry'}."""
+    pairs = [item.split("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected old=new[,old=new...], got {text!r}")
+    return {old.strip(): new.strip() for old, new in pairs}
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"sr_kwargs\": {{}}}}', got {text!r}")
+    return value
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -30,12 +57,40 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--no-channels-last", action="store_true", help="train in NCHW instead of channels-last")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images (smoke tests)")
+    p.add_argument(
+        "--labels",
+        type=_label_list,
+        default=None,
+        help="train on these classes only, in this output order, e.g. angry,sad,happy,fear,neutral",
+    )
+    p.add_argument(
+        "--label-map",
+        type=_label_map,
+        default={},
+        help="rename or merge classes before --labels picks, e.g. surprise=happy",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=_json_object,
+        default={},
+        help='builder options as JSON, e.g. \'{"sr_kwargs": {"num_blocks": 16, "features": 128}}\'',
+    )
+    p.add_argument("--sr-init", default="", help="SR front end weights from `mien pretrain-sr` (sr_cnn, stn_sr_cnn)")
+    p.add_argument("--freeze-sr", action="store_true", help="keep the --sr-init front end fixed (recommended)")
+    g = p.add_argument_group("objective options (see training/objectives.py)")
+    g.add_argument("--triplet-weight", type=float, default=1.0, help="λ of the triplet loss (stn_resnet10_triplet)")
+    g.add_argument("--triplet-margin", type=float, default=0.2)
+    g.add_argument("--triplet-per-class", type=int, default=8, help="K faces per class in a balanced batch")
+    g.add_argument("--occlusion-prob", type=float, default=0.5, help="share of training faces given a grey patch")
+    g.add_argument("--occlusion-area", type=float, default=0.25, help="the patch's share of the face area")
+    g.add_argument("--sgan-unsupervised-weight", type=float, default=1.0, help="real-vs-fake loss weight (sgan)")
     p.add_argument("--list-models", action="store_true", help="print the registered model ids and exit")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from training.models import list_models
+    from training.objectives import ObjectiveConfig
     from training.train import TrainConfig, train
 
     if args.list_models:
@@ -46,9 +101,43 @@ def _run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, train_split=args.train_split, val_split=args.val_split,
         seed=args.seed, threads=args.threads, channels_last=not args.no_channels_last, limit=args.limit,
+        labels=args.labels, label_map=args.label_map, model_kwargs=args.model_kwargs, sr_init=args.sr_init,
+        freeze_sr=args.freeze_sr,
+        objective=ObjectiveConfig(
+            triplet_weight=args.triplet_weight, triplet_margin=args.triplet_margin,
+            triplet_per_class=args.triplet_per_class, occlusion_prob=args.occlusion_prob,
+            occlusion_area=args.occlusion_area, sgan_unsupervised_weight=args.sgan_unsupervised_weight,
+        ),
     )  # fmt: skip
     best = train(cfg)
     print(f"best {cfg.val_split} accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; checkpoint {cfg.out}/best.pt")
+    return 0
+
+
+def _add_pretrain_sr(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain-sr", help="pre-train the SR front end (24->48 faces, L1) for --sr-init",
+                       description="Train the EDSR front end of sr_cnn/stn_sr_cnn to undo a x2 downscale of "
+                       "FER2013 Training faces; for `mien train --sr-init X --freeze-sr`.")  # fmt: skip
+    p.add_argument("--data", default="../shared/data/fer2013.npz")
+    p.add_argument("--out", default="runs/sr_pretrain/sr.pt")
+    p.add_argument("--sr-kwargs", type=_json_object, default={}, help="EDSR options, e.g. '{\"num_blocks\": 16}'")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0)
+    p.set_defaults(func=_run_pretrain_sr)
+
+
+def _run_pretrain_sr(args: argparse.Namespace) -> int:
+    from training.sr_pretrain import SRPretrainConfig, pretrain_sr
+
+    cfg = SRPretrainConfig(data=args.data, out=args.out, sr_kwargs=args.sr_kwargs, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                           limit=args.limit)  # fmt: skip
+    m = pretrain_sr(cfg)
+    print(f"SR {m['split']} L1 {m['val_l1']:.4f} (bicubic {m['bicubic_l1']:.4f}); checkpoint {cfg.out}")
     return 0
 
 
@@ -145,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mien", description="Facial expression recognition: train, export, eval, serve."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_export, _add_eval, _add_serve):
+    for add in (_add_train, _add_pretrain_sr, _add_export, _add_eval, _add_serve):
         add(sub)
     return parser
 

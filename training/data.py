@@ -2,14 +2,17 @@
 
 Supported: the Kaggle ``fer2013.csv`` (columns emotion, pixels, Usage), the image-folder layout
 (``<root>/<split>/<emotion>/*.png|jpg``, e.g. ``train/`` and ``test/``) and the ``.npz`` in
-``../shared/data`` (arrays images, labels, split, split_names). Every error names the file, row or
-folder that is wrong and what was expected.
+``../shared/data`` (arrays images, labels, split, split_names); and CK+ in the CK+48 layout
+(``<root>/<emotion>/*.png``, see :func:`load_ckplus`). :func:`load_dataset` tells the layouts apart;
+:func:`select_labels` trains on a subset or remapping of the labels. Every error names the file, row
+or folder that is wrong and what was expected.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,14 @@ FOLDER_ALIASES = {
     "surprise": "surprise", "surprised": "surprise",
     "neutral": "neutral",
 }  # fmt: skip
+
+
+#: CK+ label names: FER2013's names for the shared emotions (so subsets and ensembles line up across
+#: data sets), plus contempt; in the alphabetical order of the CK+48 folders.
+CKPLUS_LABELS: tuple[str, ...] = ("angry", "contempt", "disgust", "fear", "happy", "sad", "surprise")
+CKPLUS_FOLDERS = ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")
+_CKPLUS_ALIASES = {**{k: v for k, v in FOLDER_ALIASES.items() if v != "neutral"}, "contempt": "contempt"}
+_CKPLUS_SUBJECT = re.compile(r"^(S\d+)_")  # CK+ file names start with the subject id, e.g. S010_004_00000017.png
 
 
 class DataError(ValueError):
@@ -173,3 +184,107 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise DataError(f"{where}: label {labels[bad[0]]} at index {bad[0]} is outside 0..{num_classes - 1}")
+
+
+def load_dataset(path: str | Path, val_fraction: float = 0.2, split_seed: int = 0) -> FaceDataset:
+    """FER2013 (csv, npz, ``<split>/<emotion>/`` folders) or CK+48 (``<emotion>/`` folders), told apart by layout.
+
+    A folder whose sub-folders are emotion names holding images directly is CK+48; any other folder
+    is read as the FER2013 ``<split>/<emotion>/`` layout. ``val_fraction``/``split_seed`` only apply to CK+.
+    """
+    path = Path(path)
+    if path.is_dir():
+        subdirs = [p for p in path.iterdir() if p.is_dir()]
+        flat = not any(q.is_dir() for d in subdirs for q in d.iterdir())
+        if flat and any(d.name.lower() in _CKPLUS_ALIASES for d in subdirs):
+            return load_ckplus(path, val_fraction, split_seed)
+    return load_fer2013(path)
+
+
+def load_ckplus(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> FaceDataset:
+    """CK+ in the CK+48 layout: ``<root>/{anger,contempt,disgust,fear,happy,sadness,surprise}/*.png``.
+
+    Labels are :data:`CKPLUS_LABELS` (all seven, even when a folder is absent, so every CK+ model has
+    the same outputs). CK+48 has no split, so one is made: ``val_fraction`` of the faces go to split
+    ``val`` and the rest to ``train``, deterministically from ``seed``. CK+48 holds the last frames of
+    each subject's sequence, near-duplicates; when every file name starts with a subject id (``S010_``),
+    whole subjects go to one side so validation never sees a training subject's face. Otherwise the
+    split is stratified by class.
+    """
+    import cv2
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; CK+48 is a folder with {', '.join(CKPLUS_FOLDERS)} sub-folders")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    images, labels, names = [], [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = _CKPLUS_ALIASES.get(class_dir.name.lower())
+        if label is None:
+            raise DataError(
+                f"{class_dir}: unknown CK+ emotion folder {class_dir.name!r}; expected {list(CKPLUS_FOLDERS)}"
+            )
+        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{class_dir}: no .png/.jpg images in this emotion folder")
+        for file in files:
+            image = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
+            if image is None:
+                raise DataError(f"{file}: cannot be decoded as an image")
+            if images and image.shape != images[0].shape:
+                raise DataError(f"{file}: size {image.shape} differs from the first image's {images[0].shape}")
+            images.append(image)
+            labels.append(CKPLUS_LABELS.index(label))
+            names.append(file.name)
+    if not images:
+        raise DataError(f"{root}: no emotion folders; expected {', '.join(CKPLUS_FOLDERS)} holding *.png faces")
+    labels_arr = np.array(labels, dtype=np.int64)
+    is_val = _ckplus_val_mask(labels_arr, names, val_fraction, seed)
+    if is_val.all() or not is_val.any():
+        raise DataError(f"{root}: {len(images)} faces are too few to split {val_fraction:.0%} off for validation")
+    return FaceDataset(np.stack(images), labels_arr, np.where(is_val, "val", "train"), CKPLUS_LABELS)
+
+
+def _ckplus_val_mask(labels: np.ndarray, names: list[str], val_fraction: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    subjects = [_CKPLUS_SUBJECT.match(n) for n in names]
+    if all(subjects):
+        ids = np.array([m.group(1) for m in subjects])
+        unique = np.unique(ids)
+        held_out = rng.permutation(unique)[: max(1, round(val_fraction * len(unique)))]
+        return np.isin(ids, held_out)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        mask[members[: round(val_fraction * len(members))]] = True
+    return mask
+
+
+def select_labels(
+    data: FaceDataset, labels: list[str] | tuple[str, ...] | None = None, label_map: dict[str, str] | None = None
+) -> FaceDataset:
+    """Train on a subset or remapping of the labels: the DCNN paper's 5 classes, FER2013 without disgust…
+
+    ``label_map`` first renames labels (``{"surprise": "happy"}`` merges surprise into happy; a new
+    name makes a new class); then ``labels`` picks the classes, in its order, which becomes the
+    model's output order. Faces of other classes are dropped. Without ``labels`` every (renamed)
+    class is kept, in order of first appearance.
+    """
+    label_map = dict(label_map or {})
+    unknown = sorted(set(label_map) - set(data.label_names))
+    if unknown:
+        raise DataError(f"label map names {unknown}, not labels of this data set: {list(data.label_names)}")
+    renamed = [label_map.get(name, name) for name in data.label_names]
+    chosen = tuple(labels) if labels is not None else tuple(dict.fromkeys(renamed))
+    missing = [name for name in chosen if name not in renamed]
+    if missing:
+        after = f" after the label map {label_map}" if label_map else ""
+        known = list(dict.fromkeys(renamed))
+        raise DataError(f"label(s) {missing} not in this data set; its labels{after} are {known}")
+    if len(set(chosen)) != len(chosen) or len(chosen) < 2:
+        raise DataError(f"labels must be at least two distinct names, got {list(chosen)}")
+    lookup = np.array([chosen.index(name) if name in chosen else -1 for name in renamed])
+    new = lookup[data.labels]
+    keep = new >= 0
+    return FaceDataset(data.images[keep], new[keep], data.split[keep], chosen)

@@ -3,7 +3,9 @@
 Reads top to bottom: config → data → model → loop (train epoch, evaluate, checkpoint, plot). The run
 folder holds ``last.pt`` (resumable: weights, optimiser, scheduler, RNG, history), ``best.pt``
 (selected by validation accuracy), ``history.jsonl`` (one line per epoch), ``curves.png`` and
-``train.log``. Rerunning the same command on the same folder resumes where it stopped.
+``train.log``. Rerunning the same command on the same folder resumes where it stopped. What a step
+means for each model (loss, batch composition, extra augmentation, validation protocol) lives in
+``training/objectives.py``; this loop is the same for all of them.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.data import load_fer2013
+from training.data import load_dataset, select_labels
 from training.models import create_model, default_spec
-from training.transforms import AugmentConfig, build_transforms
+from training.objectives import CrossEntropy, ObjectiveConfig, build_objective, predict_logits
+from training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
+from training.transforms import AugmentConfig
+
+__all__ = ["TrainConfig", "predict_logits", "train", "train_one_epoch"]
 
 log = logging.getLogger("mien.train")
 
@@ -48,6 +53,12 @@ class TrainConfig:
     channels_last: bool = True  # ~1.5x faster on CPU for mini-Xception (see docs/training.md)
     limit: int = 0  # use only the first N training images (0 = all); for smoke tests
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # per-model loss knobs
+    labels: tuple[str, ...] | None = None  # train on these classes only, in this output order (None = all)
+    label_map: dict[str, str] = field(default_factory=dict)  # rename/merge classes before `labels` picks
+    model_kwargs: dict = field(default_factory=dict)  # builder options, e.g. {"sr_kwargs": {"num_blocks": 16}}
+    sr_init: str = ""  # SR front end weights from `mien pretrain-sr` (sr_cnn, stn_sr_cnn)
+    freeze_sr: bool = False  # keep that pre-trained SR front end fixed (recommended on CPU)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -68,34 +79,29 @@ def get_lr(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(transform(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
-
-
 def train_one_epoch(
-    model, optimizer, images, labels, transform, cfg, generator, step, desc
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objective: CrossEntropy,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    step: int,
+    desc: str,
 ) -> tuple[float, float, int]:
+    """One pass over the objective's batches; returns (mean loss, training accuracy, optimiser step)."""
     model.train()
-    order = torch.randperm(len(images), generator=generator)
-    steps_per_epoch = len(images) // cfg.batch_size  # drop the ragged last batch (BN on tiny batches)
+    batches = objective.batches(labels)
+    steps_per_epoch = len(images) // cfg.batch_size  # the lr schedule's unit, whatever the batch composition
     total_loss = correct = seen = 0
-    bar = tqdm(range(steps_per_epoch), desc=desc, leave=False, dynamic_ncols=True, mininterval=2)
-    for i in bar:
-        idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        x, y = transform(images[idx]), labels[idx]
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=2)
+    for idx in bar:
+        y = labels[idx]
         for group in optimizer.param_groups:
             group["lr"] = get_lr(cfg, step, steps_per_epoch)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, logits = objective.train_step(model, optimizer, images[idx], y)
         step += 1
-        total_loss += loss.item() * len(y)
+        total_loss += loss * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
@@ -115,6 +121,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     ax_acc.plot(epochs, [h["train_acc"] for h in history], label="train (augmented)")
     ax_acc.plot(epochs, [h["val_acc"] for h in history], label="validation")
+    for key in sorted(k for k in history[-1] if k.startswith("val_acc_")):  # e.g. the DCNN's ten-crop figure
+        ax_acc.plot(epochs, [h.get(key) for h in history], label=key.removeprefix("val_acc_"))
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -124,13 +132,15 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _checkpoint(model, cfg, spec, history, best, extra=None) -> dict:
+def _checkpoint(model, cfg, spec, model_kwargs, objective, history, best, extra=None) -> dict:
     ckpt = {
         "model_id": cfg.model,
-        "model_kwargs": {"num_classes": spec.num_classes},
+        "model_kwargs": model_kwargs,
         "spec": spec.to_dict(),
         "state_dict": model.state_dict(),
         "train_config": asdict(cfg),
+        "objective": objective.name,
+        "notes": objective.notes,
         "command": "mien train " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else "",
         "history": history,
         "metrics": best,
@@ -157,7 +167,9 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     generator = seed_everything(cfg.seed)
 
-    data = load_fer2013(cfg.data)
+    data = load_dataset(cfg.data)
+    if cfg.labels is not None or cfg.label_map:
+        data = select_labels(data, cfg.labels, cfg.label_map)
     train_x, train_y = data.subset(cfg.train_split)
     val_x, val_y = data.subset(cfg.val_split)
     if cfg.limit:
@@ -169,12 +181,16 @@ def train(cfg: TrainConfig) -> dict:
     )
 
     spec = default_spec(cfg.model, labels=data.label_names)
-    model = create_model(cfg.model, num_classes=spec.num_classes)
+    model_kwargs = {"num_classes": spec.num_classes, **resolve_sr_kwargs(cfg.model_kwargs, cfg.sr_init)}
+    model = create_model(cfg.model, **model_kwargs)
+    if getattr(model, "sr", None) is not None:  # record the SR net's full configuration, defaults included
+        model_kwargs["sr_kwargs"] = dict(model.sr.kwargs)
+    if cfg.sr_init or cfg.freeze_sr:
+        init_sr_front_end(model, cfg.sr_init, cfg.freeze_sr)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_tf = build_transforms(spec, train=True, augment=cfg.augment, generator=generator)
-    val_tf = build_transforms(spec, train=False)
+    objective = build_objective(cfg, spec, model, generator)
+    optimizer = objective.build_optimizer(model)
 
     history: list[dict] = []
     best: dict = {"val_acc": -1.0}
@@ -186,32 +202,35 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        objective.load_state_dict(state.get("objective_state", {}))
         history, best, step = state["history"], state["metrics"], state["step"]
         start_epoch = history[-1]["epoch"] + 1 if history else 1
         log.info("resuming from %s at epoch %d", last, start_epoch)
-    log.info("model %s: %d parameters; config %s", cfg.model, sum(p.numel() for p in model.parameters()), asdict(cfg))
+    log.info(
+        "model %s (%s objective): %d parameters; config %s",
+        cfg.model, objective.name, sum(p.numel() for p in model.parameters()), asdict(cfg),
+    )  # fmt: skip
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         train_loss, train_acc, step = train_one_epoch(
-            model, optimizer, train_x, train_y, train_tf, cfg, generator, step, f"epoch {epoch}/{cfg.epochs}"
+            model, optimizer, objective, train_x, train_y, cfg, step, f"epoch {epoch}/{cfg.epochs}"
         )
-        logits = predict_logits(model, val_x, val_tf)
-        val_loss = F.cross_entropy(logits, val_y).item()
-        val_acc = (logits.argmax(1) == val_y).float().mean().item()
+        metrics = objective.validate(model, val_x, val_y)
+        val_loss, val_acc = metrics["val_loss"], metrics["val_acc"]
         row = {
-            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-            "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **metrics,
+            "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
         }  # fmt: skip
         history.append(row)
         with (out / "history.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch, "split": cfg.val_split}
-            _save(_checkpoint(model, cfg, spec, history, best), out / "best.pt")
-        extra = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "step": step}  # fmt: skip
-        _save(_checkpoint(model, cfg, spec, history, best, extra), last)
+            best = {**metrics, "epoch": epoch, "split": cfg.val_split}
+            _save(_checkpoint(model, cfg, spec, model_kwargs, objective, history, best), out / "best.pt")
+        extra = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+                 "torch_rng": torch.get_rng_state(), "objective_state": objective.state_dict()}  # fmt: skip
+        _save(_checkpoint(model, cfg, spec, model_kwargs, objective, history, best, extra), last)
         plot_curves(history, out / "curves.png")
         log.info(
             "epoch %d/%d  train loss %.4f acc %.4f  %s loss %.4f acc %.4f  best %.4f (epoch %d)  %.0f s",

@@ -3,7 +3,8 @@ Image Super-Resolution", CVPR workshops 2017).
 
 Intended training: pre-train on FER2013 Training faces downscaled ×2 (input 24×24 → target 48×48)
 with an L1 loss, as EDSR does (L1 gives sharper results than L2), then freeze or fine-tune it in front
-of a classifier. Used untrained it is just a learned upsampler trained by the classification loss.
+of a classifier (``training/sr_pretrain.py``). Used untrained it is just a learned upsampler trained
+by the classification loss.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class EDSR(nn.Module):
     ) -> None:
         super().__init__()
         self.scale = scale
+        #: The exact configuration, so a checkpoint can rebuild this network (``sr_kwargs``).
+        self.kwargs = dict(num_blocks=num_blocks, features=features, res_scale=res_scale, scale=scale)
         self.head = nn.Conv2d(in_channels, features, 3, padding=1)
         self.body = nn.Sequential(
             *[ResBlock(features, res_scale) for _ in range(num_blocks)], nn.Conv2d(features, features, 3, padding=1)

@@ -1,0 +1,308 @@
+"""Per-model training objectives: what one training step and one validation pass mean for each pipeline.
+
+The loop in ``train.py`` is the same for every model; what differs between the papers lives here, one
+small class per objective, chosen by model id in :data:`OBJECTIVES` (a model id not listed trains with
+the default :class:`CrossEntropy`):
+
+* ``cross_entropy`` (default; mini_xception, base/stn/sr/stn_sr_cnn, se_sepconv, row_lstm): label-smoothed
+  cross-entropy. ``row_lstm`` runs in fp32 whatever the loop does: its forward disables autocast
+  because oneDNN has no bf16 LSTM on these CPUs, so it needs nothing of its own here.
+* ``triplet`` (stn_resnet10_triplet): cross-entropy on the logits + λ · batch-hard triplet loss on the
+  L2-normalised embedding, over class-balanced batches, with random-occlusion augmentation.
+* ``ten_crop`` (dcnn): trains on one random 42×42 ten-crop view of each augmented 48×48 face; validates
+  on the single resized view the exported model sees, and reports ten-crop averaging beside it.
+* ``sgan`` (sgan): semi-supervised GAN; the discriminator learns the classes, real-vs-fake, and the
+  generator learns by feature matching (Salimans et al., 2016), each with its own optimiser.
+
+Every random draw comes from the run's ``torch.Generator`` (or the seeded global RNG), whose states
+``last.pt`` saves, so resuming a run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mien.spec import PreprocessSpec
+from training.losses import batch_hard_triplet_loss
+from training.occlusion import random_occlusion
+from training.tencrop import random_ten_crop, ten_crop_logits
+from training.transforms import build_transforms
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    triplet_weight: float = 1.0  # λ: weight of the triplet loss next to cross-entropy
+    triplet_margin: float = 0.2  # in chord distance between unit embeddings (range 0..2)
+    triplet_per_class: int = 8  # K: at least K faces of each class in a balanced batch
+    occlusion_prob: float = 0.5  # fraction of training faces that get a grey patch (triplet model)
+    occlusion_area: float = 0.25  # the patch's share of the face area
+    sgan_unsupervised_weight: float = 1.0  # weight of the real-vs-fake loss in the discriminator's loss
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(transform(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random permutation cut into full batches (the ragged last batch is dropped: BN on tiny batches)."""
+    order = torch.randperm(n, generator=generator)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n // batch_size)]
+
+
+def balanced_batches(
+    labels: torch.Tensor, batch_size: int, per_class: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Class-balanced batches for triplet mining: P classes × K faces each.
+
+    P = min(classes present, batch_size // per_class) random classes per batch and K = batch_size // P
+    faces of each, so a batch holds ≥ ``per_class`` faces per class (every anchor has positives and
+    negatives) and about ``batch_size`` faces. Each class is drawn without replacement from its own
+    shuffled pool, reshuffled when used up, so rare classes (FER2013's disgust) repeat within an epoch
+    (but not within a batch, unless the class has fewer than K faces).
+    An epoch keeps the plain loop's number of steps, len(labels) // batch_size.
+    """
+    classes = labels.unique()
+    p = min(len(classes), batch_size // per_class)
+    if p < 2:
+        raise ValueError(
+            f"a balanced batch needs ≥ 2 classes of {per_class} faces: batch size {batch_size} holds "
+            f"{batch_size // per_class} class(es) and the data has {len(classes)}"
+        )
+    k = batch_size // p
+    pools = {int(c): (labels == c).nonzero().flatten() for c in classes}
+    queues = {c: pool[torch.randperm(len(pool), generator=generator)] for c, pool in pools.items()}
+    batches = []
+    for _ in range(len(labels) // batch_size):
+        chosen = classes[torch.randperm(len(classes), generator=generator)[:p]]
+        parts = []
+        for c in chosen.tolist():
+            while len(queues[c]) < k:  # top up with a fresh shuffle of the class
+                fresh = pools[c][torch.randperm(len(pools[c]), generator=generator)]
+                if len(pools[c]) >= k:  # leftovers go first; skipping them keeps every face once per batch
+                    fresh = fresh[~torch.isin(fresh, queues[c])]
+                queues[c] = torch.cat([queues[c], fresh])
+            parts.append(queues[c][:k])
+            queues[c] = queues[c][k:]
+        batches.append(torch.cat(parts))
+    return batches
+
+
+class CrossEntropy:
+    """Label-smoothed cross-entropy over shuffled batches: the default objective.
+
+    Subclasses change one step at a time: ``batches`` (which faces form a batch), ``inputs`` (the
+    augmented model input), ``loss``, ``train_step`` (for several optimisers) and ``validate``.
+    """
+
+    name = "cross_entropy"
+    notes = ""
+
+    def __init__(self, cfg, spec: PreprocessSpec, model: nn.Module, generator: torch.Generator) -> None:
+        self.cfg, self.spec, self.generator = cfg, spec, generator
+        self.train_tf = build_transforms(spec, train=True, augment=cfg.augment, generator=generator)
+        self.val_tf = build_transforms(spec, train=False)
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]  # frozen front ends stay out
+        return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
+        return shuffled_batches(len(labels), self.cfg.batch_size, self.generator)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.train_tf(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing), logits
+
+    def train_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, y: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
+        loss, logits = self.loss(model, self.inputs(images), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item(), logits.detach()
+
+    def validate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """``val_loss`` and ``val_acc`` (which selects best.pt), plus any objective-specific figures."""
+        logits = predict_logits(model, images, self.val_tf)
+        return {
+            "val_loss": F.cross_entropy(logits, labels).item(),
+            "val_acc": (logits.argmax(1) == labels).float().mean().item(),
+        }
+
+    def state_dict(self) -> dict:
+        """Trained state outside the served model and its optimiser (saved in last.pt for resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class TripletObjective(CrossEntropy):
+    """CE on the logits + λ · batch-hard triplet loss on the embedding, on balanced, partly occluded faces."""
+
+    name = "triplet"
+
+    def batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
+        return balanced_batches(labels, self.cfg.batch_size, self.cfg.objective.triplet_per_class, self.generator)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.train_tf(images)
+        ocfg = self.cfg.objective
+        if ocfg.occlusion_prob > 0:
+            grey = (128 * self.spec.scale - self.spec.mean[0]) / self.spec.std[0]  # mid-grey after normalising
+            occluded = random_occlusion(x, ocfg.occlusion_area, grey, self.generator)
+            pick = torch.rand(len(x), generator=self.generator) < ocfg.occlusion_prob
+            x = torch.where(pick[:, None, None, None], occluded, x)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, embedding = model.forward_both(x)
+        ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        triplet = batch_hard_triplet_loss(embedding, y, margin=self.cfg.objective.triplet_margin)
+        return ce + self.cfg.objective.triplet_weight * triplet, logits
+
+
+class TenCropObjective(CrossEntropy):
+    """Train on random ten-crop views; validate on what the exported model sees, report ten-crop beside it.
+
+    Training: the shared augmentation runs on the 48×48 face, then one of its ten 42×42 views (four
+    corners + centre, each mirrored) is the input. Validation: ``val_acc``/``val_loss`` come from the
+    whole face resized to 42×42 — the single view that ``mien eval`` and the exported ONNX score, so
+    best.pt is selected on the figure that is served; ``val_acc_tencrop`` averages the logits of the
+    ten views, the paper's test protocol, which a one-view ONNX graph does not run. A gap between the
+    two is the price of serving one view (the crops are at the face's native scale, the resize shrinks
+    it by 42/48); export may close it by putting ten-crop into the graph — the lead's call.
+    """
+
+    name = "ten_crop"
+    notes = (
+        "val_acc/val_loss: single view, the 48×48 face resized to 42×42 (what the exported model scores); "
+        "val_acc_tencrop: logits averaged over the ten 42×42 crops of the 48×48 face (paper protocol)"
+    )
+
+    def __init__(self, cfg, spec: PreprocessSpec, model: nn.Module, generator: torch.Generator) -> None:
+        super().__init__(cfg, spec, model, generator)
+        self.crop = spec.input_size[0]
+        full = replace(spec, input_size=(48, 48))  # the FER2013 face the crops are cut from
+        self.train_tf = build_transforms(full, train=True, augment=cfg.augment, generator=generator)
+        self.full_tf = build_transforms(full, train=False)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        x = random_ten_crop(self.train_tf(images), self.crop, self.generator)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def validate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        metrics = super().validate(model, images, labels)
+        model.eval()
+        logits = torch.cat(
+            [ten_crop_logits(model, self.full_tf(images[i : i + 256]), self.crop) for i in range(0, len(images), 256)]
+        )
+        metrics["val_acc_tencrop"] = (logits.argmax(1) == labels).float().mean().item()
+        return metrics
+
+
+def sgan_discriminator_loss(
+    real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor, label_smoothing: float, unsupervised_weight: float
+) -> torch.Tensor:
+    """Salimans et al. (2016): supervised CE on the K real classes + the real-vs-fake loss.
+
+    ``real``/``fake`` are the K+1 logits (last = fake). p(real | x) = Σ_k<K exp(l_k) / Σ_all exp(l), so
+    -log p(real) = lse(all) - lse(real classes) and -log p(fake) = lse(all) - l_fake, in log-sum-exp
+    form for stability. All training faces are labelled here, so the same batch serves as the
+    "unlabelled" real batch; with an unlabelled set it would take that one's place.
+    """
+    k = real.shape[1] - 1
+    supervised = F.cross_entropy(real[:, :k], y, label_smoothing=label_smoothing)
+    real_is_real = (torch.logsumexp(real, 1) - torch.logsumexp(real[:, :k], 1)).mean()
+    fake_is_fake = (torch.logsumexp(fake, 1) - fake[:, k]).mean()
+    return supervised + unsupervised_weight * (real_is_real + fake_is_fake)
+
+
+def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the batch means of the discriminator's features (Salimans et al., 2016)."""
+    return (real_features.detach().mean(0) - fake_features.mean(0)).pow(2).sum()
+
+
+class SGANObjective(CrossEntropy):
+    """Semi-supervised GAN: the served model is the discriminator; the generator only trains it.
+
+    Each step: one discriminator update on a real batch and as many generated faces, then one
+    generator update by feature matching. Both optimisers are Adam with β1 = 0.5 (DCGAN's choice for
+    stable adversarial training) and follow the run's learning-rate schedule. The generator and its
+    optimiser travel in last.pt (``state_dict``) so resume is exact; best.pt holds only the
+    discriminator, which is what ``load_model`` rebuilds.
+    """
+
+    name = "sgan"
+    notes = "served model = SGAN discriminator's K real-class logits; the generator is kept in last.pt only"
+
+    def __init__(self, cfg, spec: PreprocessSpec, model: nn.Module, generator: torch.Generator) -> None:
+        from training.models.sgan import sgan_generator
+
+        super().__init__(cfg, spec, model, generator)
+        self.gen = sgan_generator(out_channels=spec.channels)
+        self.gen_optimizer = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.5, 0.999), weight_decay=self.cfg.weight_decay)
+
+    def _fake(self, n: int) -> torch.Tensor:
+        fake = self.gen.sample(n, generator=self.generator)
+        return fake.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else fake
+
+    def train_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, y: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
+        x = self.inputs(images)
+        self.gen.train()
+        real = model.discriminate(x)
+        fake = model.discriminate(self._fake(len(x)).detach())
+        loss = sgan_discriminator_loss(
+            real, fake, y, self.cfg.label_smoothing, self.cfg.objective.sgan_unsupervised_weight
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        for group in self.gen_optimizer.param_groups:
+            group["lr"] = optimizer.param_groups[0]["lr"]
+        with torch.no_grad():
+            real_features = model.features(x)
+        g_loss = feature_matching_loss(real_features, model.features(self._fake(len(x))))
+        self.gen_optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+        g_loss.backward()  # also fills the discriminator's grads; its next step zeroes them first
+        self.gen_optimizer.step()
+        return loss.item(), real[:, :-1].detach()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.state_dict(), "generator_optimizer": self.gen_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.load_state_dict(state["generator"])
+        self.gen_optimizer.load_state_dict(state["generator_optimizer"])
+
+
+#: Model id → objective; ids not listed train with :class:`CrossEntropy`.
+OBJECTIVES: dict[str, type[CrossEntropy]] = {
+    "stn_resnet10_triplet": TripletObjective,
+    "dcnn": TenCropObjective,
+    "sgan": SGANObjective,
+}
+
+
+def build_objective(cfg, spec: PreprocessSpec, model: nn.Module, generator: torch.Generator) -> CrossEntropy:
+    """The objective the model id ``cfg.model`` trains with."""
+    return OBJECTIVES.get(cfg.model, CrossEntropy)(cfg, spec, model, generator)
