@@ -175,13 +175,15 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
             "config": ckpt.get("train_config", {}),
             "best": ckpt.get("metrics", {}),
             "epochs_run": len(ckpt.get("history", [])),
-            "seconds_per_epoch": _mean([h["seconds"] for h in ckpt.get("history", [])]),
+            "notes": ckpt.get("notes"),
+            "seconds_per_epoch_median": _median([h["seconds"] for h in ckpt.get("history", [])]),
         },
         "parity": asdict(parity),
         "export": {
             "command": f"mien export {cfg.checkpoint} --out {out} --data {cfg.data} --split {cfg.split}"
             + (" --flip-tta" if cfg.flip_tta else ""),
             "opset": cfg.opset,
+            "flip_tta": cfg.flip_tta,
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": ort.__version__,
@@ -195,5 +197,6 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
     return parity
 
 
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 1) if values else None
+def _median(values: list[float]) -> float | None:
+    """Median, not mean: a run paused or sharing the CPU for a while should not skew its epoch time."""
+    return round(float(np.median(values)), 1) if values else None
