@@ -34,7 +34,12 @@ def make_session(
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # CUDA load failures on CPU-only machines are expected, not errors
-    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    if chosen[0] != session.get_providers()[0]:
+        # onnxruntime-gpu offers CUDA wherever it is installed and falls back silently when it cannot load.
+        log.warning("%s: %s was requested but could not load (driver, CUDA or cuDNN libraries missing); "
+                    "running on %s", Path(path).name, chosen[0], session.get_providers()[0])  # fmt: skip
+    return session
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
