@@ -151,7 +151,6 @@ def _load_csv(path: Path) -> FaceDataset:
 
 
 def _load_folder(root: Path) -> FaceDataset:
-    import cv2
 
     split_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not split_dirs:
@@ -167,17 +166,24 @@ def _load_folder(root: Path) -> FaceDataset:
             for file in sorted(class_dir.iterdir()):
                 if file.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                image = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
-                if image is None:
-                    raise DataError(f"{file}: cannot be decoded as an image")
-                if images and image.shape != images[0].shape:
-                    raise DataError(f"{file}: size {image.shape} differs from the first image's {images[0].shape}")
-                images.append(image)
+                images.append(_read_face(file, images[0] if images else None))
                 labels.append(FER2013_LABELS.index(name))
                 split.append(split_dir.name)
     if not images:
         raise DataError(f"{root}: no .png/.jpg images found under {[d.name for d in split_dirs]}")
     return FaceDataset(np.stack(images), np.array(labels, dtype=np.int64), np.array(split))
+
+
+def _read_face(file: Path, first: np.ndarray | None) -> np.ndarray:
+    """A grayscale face from an image file; every face of a data set must have the first one's size."""
+    import cv2
+
+    image = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise DataError(f"{file}: cannot be decoded as an image")
+    if first is not None and image.shape != first.shape:
+        raise DataError(f"{file}: size {image.shape} differs from the first image's {first.shape}")
+    return image
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
@@ -211,7 +217,6 @@ def load_ckplus(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> F
     whole subjects go to one side so validation never sees a training subject's face. Otherwise the
     split is stratified by class.
     """
-    import cv2
 
     root = Path(root)
     if not root.is_dir():
@@ -229,12 +234,7 @@ def load_ckplus(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> F
         if not files:
             raise DataError(f"{class_dir}: no .png/.jpg images in this emotion folder")
         for file in files:
-            image = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE)
-            if image is None:
-                raise DataError(f"{file}: cannot be decoded as an image")
-            if images and image.shape != images[0].shape:
-                raise DataError(f"{file}: size {image.shape} differs from the first image's {images[0].shape}")
-            images.append(image)
+            images.append(_read_face(file, images[0] if images else None))
             labels.append(CKPLUS_LABELS.index(label))
             names.append(file.name)
     if not images:
