@@ -22,8 +22,7 @@ import torch
 from mien.preprocess import to_model_input
 from mien.runtime import MODEL_ID_KEY, MODEL_VERSION_KEY, OnnxClassifier, make_session
 from training.checkpoint import load_model
-from training.data import load_fer2013
-from training.evaluate import classification_report
+from training.evaluate import classification_report, split_for_labels
 
 log = logging.getLogger("mien.export")
 
@@ -131,8 +130,7 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
         model = FlipAverage(model).eval()
     out = Path(cfg.out or f"models/{model_id}.onnx")
 
-    dataset = load_fer2013(cfg.data)
-    images, labels = dataset.subset(cfg.split)
+    images, labels = split_for_labels(cfg.data, cfg.split, spec.labels)
     pick = np.random.default_rng(0).permutation(len(images))[: cfg.parity_faces]
     if len(pick) < 256:
         raise ValueError(f"split {cfg.split!r} has only {len(pick)} faces; parity needs at least 256")

@@ -69,6 +69,12 @@ def test_five_class_training_gives_a_five_label_spec_and_model(tmp_path, small_n
     assert spec.labels == FIVE and ckpt["model_kwargs"]["num_classes"] == 5
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 48, 48)).shape == (2, 5)
+    # Evaluation scores it on the faces of its five classes only, in its own label order.
+    from training.evaluate import evaluate_path
+
+    report = evaluate_path(str(tmp_path / "best.pt"), str(small_npz), "public_test", str(tmp_path / "eval"))
+    _, val_y = select_labels(load_dataset(small_npz), FIVE).subset("public_test")
+    assert report["labels"] == list(FIVE) and report["num_images"] == len(val_y)
 
 
 def test_ckplus_folders_are_read_with_a_stratified_seeded_split(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mien.spec import PreprocessSpec
-from training.data import DataError, load_fer2013
+from training.data import load_dataset, select_labels
 
 log = logging.getLogger("mien.eval")
 
@@ -96,19 +96,36 @@ def checkpoint_probabilities(
     return torch.softmax(logits, 1).numpy(), spec
 
 
+def split_for_labels(data: str | Path, split: str, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of ``split``, restricted and renumbered to a model's ``labels`` (a 5-class model
+    is scored on the faces of its 5 classes); a label the data set lacks is a DataError naming it."""
+    dataset = load_dataset(data)
+    if tuple(dataset.label_names) != tuple(labels):
+        dataset = select_labels(dataset, labels)
+    return dataset.subset(split)
+
+
+def model_spec(model_path: Path) -> PreprocessSpec:
+    """The preprocessing spec of a .pt checkpoint or an exported .onnx file."""
+    if model_path.suffix == ".onnx":
+        from mien.runtime import OnnxClassifier
+
+        return OnnxClassifier.from_path(model_path, providers=("CPUExecutionProvider",)).spec
+    from training.checkpoint import load_model
+
+    return load_model(model_path)[1]
+
+
 def evaluate_path(model_path: str, data: str, split: str, out: str | None = None, batch_size: int = 256) -> dict:
     """Evaluate a .pt or .onnx on ``split`` of ``data``; write report.json and confusion.png to ``out``."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: no such model file (expected a .pt checkpoint or an .onnx file)")
-    dataset = load_fer2013(data)
-    images, labels = dataset.subset(split)
+    images, labels = split_for_labels(data, split, model_spec(model_path).labels)
     if model_path.suffix == ".onnx":
         probs, spec = onnx_probabilities(model_path, images, batch_size)
     else:
         probs, spec = checkpoint_probabilities(model_path, images, batch_size)
-    if tuple(spec.labels) != tuple(dataset.label_names):
-        raise DataError(f"the model's labels {spec.labels} differ from the data set's {dataset.label_names}")
     report = classification_report(labels, probs.argmax(1), spec.labels)
     report.update({"model": str(model_path), "data": str(data), "split": split})
     out_dir = Path(out) if out else Path("reports") / f"{model_path.stem}-{split}"
