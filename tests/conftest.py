@@ -70,6 +70,34 @@ def model_dir(tmp_path_factory, tiny_run, tiny_npz) -> Path:
     return folder
 
 
+CPU = ("CPUExecutionProvider",)
+
+
+def make_client(model_dir: Path, **overrides):
+    """A TestClient of a fresh app serving ``model_dir`` on the CPU provider unless told otherwise."""
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    return TestClient(create_app(Settings(model_dir=model_dir, providers=overrides.pop("providers", CPU), **overrides)))
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: Path):
+    with make_client(model_dir) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def astronaut_jpeg() -> bytes:
+    """scikit-image's astronaut (one smiling face) as JPEG bytes."""
+    import cv2
+    from skimage import data
+
+    return cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_matplotlib():
     logging.getLogger("matplotlib").setLevel(logging.WARNING)

@@ -4,36 +4,17 @@ max_faces, alignment, and detector timings in the response and the metrics."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from benchmarks.detect_photos import group
 from service.align import align_face
 from service.config import Settings
 from service.detect import Detections
-from service.main import create_app
 from service.pipeline import StageTimer, crop_faces, predict_faces
+from tests.conftest import CPU, make_client
 from tests.test_service_api import assert_error, astronaut, encode, upload
-
-CPU = ("CPUExecutionProvider",)
-
-
-def make_client(model_dir: Path, **overrides) -> TestClient:
-    return TestClient(create_app(Settings(model_dir=model_dir, providers=CPU, **overrides)))
-
-
-@pytest.fixture(scope="module")
-def client(model_dir: Path):
-    with make_client(model_dir) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def astronaut_jpeg() -> bytes:
-    return encode(astronaut())
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from skimage import data
 
-from service.config import Settings
-from service.main import create_app
+from tests.conftest import make_client
 
-CPU = ("CPUExecutionProvider",)
 # Where the astronaut's face is in skimage's 512×512 photo (checked by eye on the image).
 FACE_X, FACE_Y = (170, 275), (55, 170)
 
@@ -31,21 +27,6 @@ def astronaut() -> np.ndarray:
 
 def upload(content: bytes, media_type: str = "image/jpeg", name: str = "photo.jpg") -> dict:
     return {"file": (name, content, media_type)}
-
-
-def make_client(model_dir: Path, **overrides) -> TestClient:
-    return TestClient(create_app(Settings(model_dir=model_dir, providers=CPU, **overrides)))
-
-
-@pytest.fixture(scope="module")
-def client(model_dir: Path):
-    with make_client(model_dir) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def astronaut_jpeg() -> bytes:
-    return encode(astronaut())
 
 
 def assert_error(response, status: int, code: str | None = None) -> str:

@@ -18,15 +18,10 @@ from skimage import data
 from mien.spec import METADATA_KEY, PreprocessSpec
 from service.config import Settings
 from service.main import create_app
-
-CPU = ("CPUExecutionProvider",)
-
-
-def make_client(model_dir: Path, **overrides) -> TestClient:
-    return TestClient(create_app(Settings(model_dir=model_dir, providers=overrides.pop("providers", CPU), **overrides)))
+from tests.conftest import make_client
 
 
-def astronaut_jpeg() -> bytes:
+def astronaut_bytes() -> bytes:
     return cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
@@ -54,12 +49,6 @@ def sample(metrics_text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
-
-
-@pytest.fixture(scope="module")
-def client(model_dir: Path):
-    with make_client(model_dir) as c:
-        yield c
 
 
 # --- /models, /health, /ready -------------------------------------------------------------------
@@ -95,7 +84,7 @@ def test_empty_model_dir_is_alive_but_not_ready(tmp_path):
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "not_ready"
         assert str(tmp_path) in response.json()["error"]["message"]
-        predict = c.post("/predict", files={"file": ("a.jpg", astronaut_jpeg(), "image/jpeg")})
+        predict = c.post("/predict", files={"file": ("a.jpg", astronaut_bytes(), "image/jpeg")})
         assert predict.status_code == 503
         assert c.get("/models").json()["models"] == []
 
@@ -113,9 +102,9 @@ def test_default_model_not_loaded_is_not_ready(model_dir):
         assert "stn_cnn" in response.json()["error"]["message"]
         assert "mini_xception" in response.json()["error"]["message"]
         # Models that did load still serve requests that name them.
-        named = c.post("/predict?model=mini_xception", files={"file": ("a.jpg", astronaut_jpeg(), "image/jpeg")})
+        named = c.post("/predict?model=mini_xception", files={"file": ("a.jpg", astronaut_bytes(), "image/jpeg")})
         assert named.status_code == 200
-        unnamed = c.post("/predict", files={"file": ("a.jpg", astronaut_jpeg(), "image/jpeg")})
+        unnamed = c.post("/predict", files={"file": ("a.jpg", astronaut_bytes(), "image/jpeg")})
         assert unnamed.status_code == 404
 
 
@@ -165,7 +154,7 @@ def test_every_model_in_the_folder_is_served_and_card_is_optional(model_dir, tmp
         assert set(models) == {"mini_xception", "plain"}
         assert models["plain"]["accuracy"] is None and models["plain"]["accuracy_split"] is None
         assert models["plain"]["default"] is False
-        response = c.post("/predict?model=plain", files={"file": ("a.jpg", astronaut_jpeg(), "image/jpeg")})
+        response = c.post("/predict?model=plain", files={"file": ("a.jpg", astronaut_bytes(), "image/jpeg")})
         assert response.status_code == 200 and response.json()["model"] == "plain"
 
 
@@ -195,7 +184,7 @@ def test_metrics_names_and_counts_increase(client):
 
     ok_before = sample(before.text, "mien_predict_requests_total", model="mini_xception", status="200")
     faces_before = sample(before.text, "mien_faces_per_image_sum", model="mini_xception")
-    assert client.post("/predict", files={"file": ("a.jpg", astronaut_jpeg(), "image/jpeg")}).status_code == 200
+    assert client.post("/predict", files={"file": ("a.jpg", astronaut_bytes(), "image/jpeg")}).status_code == 200
     assert client.post("/predict?model=nope", files={"file": ("a.jpg", b"x", "image/jpeg")}).status_code == 404
     after = client.get("/metrics").text
     assert sample(after, "mien_predict_requests_total", model="mini_xception", status="200") == ok_before + 1
@@ -206,7 +195,7 @@ def test_metrics_names_and_counts_increase(client):
 
 def test_apps_do_not_share_metrics(model_dir):
     with make_client(model_dir) as a, make_client(model_dir) as b:
-        a.post("/predict", files={"file": ("a.jpg", astronaut_jpeg(), "image/jpeg")})
+        a.post("/predict", files={"file": ("a.jpg", astronaut_bytes(), "image/jpeg")})
         assert sample(a.get("/metrics").text, "mien_predict_requests_total", model="mini_xception", status="200") == 1
         assert sample(b.get("/metrics").text, "mien_predict_requests_total", model="mini_xception", status="200") == 0
 
