@@ -1,4 +1,4 @@
-"""The ``mien`` command: ``train``, ``pretrain-sr``, ``export``, ``eval`` and ``serve``.
+"""The ``mien`` command: ``train``, ``pretrain-sr``, ``export``, ``ensemble``, ``eval`` and ``serve``.
 
 Heavy imports (torch, onnx, uvicorn) happen inside each subcommand so that ``mien serve`` works in
 an environment without the ``train`` extra and ``--help`` is instant.
@@ -77,6 +77,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sr-init", default="", help="SR front end weights from `mien pretrain-sr` (sr_cnn, stn_sr_cnn)")
     p.add_argument("--freeze-sr", action="store_true", help="keep the --sr-init front end fixed (recommended)")
+    p.add_argument("--init", default="", help="warm start from a best.pt: copy its layers that match by name and "
+                   "shape (e.g. base_cnn's classifier into sr_cnn)")  # fmt: skip
     g = p.add_argument_group("objective options (see training/objectives.py)")
     g.add_argument("--triplet-weight", type=float, default=1.0, help="λ of the triplet loss (stn_resnet10_triplet)")
     g.add_argument("--triplet-margin", type=float, default=0.2)
@@ -102,7 +104,7 @@ def _run_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing, train_split=args.train_split, val_split=args.val_split,
         seed=args.seed, threads=args.threads, channels_last=not args.no_channels_last, limit=args.limit,
         labels=args.labels, label_map=args.label_map, model_kwargs=args.model_kwargs, sr_init=args.sr_init,
-        freeze_sr=args.freeze_sr,
+        freeze_sr=args.freeze_sr, init=args.init,
         objective=ObjectiveConfig(
             triplet_weight=args.triplet_weight, triplet_margin=args.triplet_margin,
             triplet_per_class=args.triplet_per_class, occlusion_prob=args.occlusion_prob,
@@ -199,6 +201,28 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ensemble", help="define a served ensemble of bundled models and score it",
+                       description="Write <model-dir>/<id>.ensemble.json (served as model id <id>) and its card "
+                       "with the ensemble's accuracy on a split.")  # fmt: skip
+    p.add_argument("members", type=_label_list, help="comma-separated model ids of bundled .onnx files")
+    p.add_argument("--model-dir", default="models")
+    p.add_argument("--model-id", default="ensemble")
+    p.add_argument("--flip", action="store_true", help="also average over mirrored faces (test-time augmentation)")
+    p.add_argument("--data", default="../shared/data/fer2013.npz")
+    p.add_argument("--split", default="public_test")
+    p.set_defaults(func=_run_ensemble)
+
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    from export.ensemble import write_ensemble
+
+    card = write_ensemble(list(args.members), args.model_dir, args.model_id, args.flip, args.data, args.split)
+    print(f"{card['model_id']}: {args.split} accuracy {card['metrics']['accuracy']:.4f}  "
+          f"macro-F1 {card['metrics']['macro_f1']:.4f}")  # fmt: skip
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the ONNX models over HTTP (settings from MIEN_* variables)",
                        description="Start the FastAPI service. Every option can also be set by an environment "
@@ -234,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mien", description="Facial expression recognition: train, export, eval, serve."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_pretrain_sr, _add_export, _add_eval, _add_serve):
+    for add in (_add_train, _add_pretrain_sr, _add_export, _add_ensemble, _add_eval, _add_serve):
         add(sub)
     return parser
 

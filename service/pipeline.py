@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mien.preprocess import expand_box, to_model_input
+from mien.ensemble import EnsembleClassifier
+from mien.preprocess import expand_box
 from mien.runtime import OnnxClassifier
 from service.align import align_face
 from service.detect import Detections, FaceDetector, detect_faces
@@ -58,7 +59,7 @@ def crop_faces(image: np.ndarray, boxes: np.ndarray, margin: float) -> list[np.n
 
 def predict_faces(
     image: np.ndarray,
-    classifier: OnnxClassifier,
+    classifier: OnnxClassifier | EnsembleClassifier,
     detector: FaceDetector,
     timer: StageTimer,
     detect: bool = True,
@@ -88,12 +89,8 @@ def predict_faces(
             crops = [align_face(image, points) for points in found.landmarks]
         else:
             crops = crop_faces(image, boxes, spec.crop_margin)
-        batch = to_model_input(crops, spec) if len(boxes) else None
-    with timer.stage("classify"):
-        if batch is None:
-            probabilities = np.zeros((0, spec.num_classes), dtype=np.float32)
-        else:
-            probabilities = classifier(batch)
+    with timer.stage("classify"):  # each model (or ensemble member) resizes and normalises per its spec
+        probabilities = classifier.predict_crops(crops) if len(boxes) else np.zeros((0, spec.num_classes), np.float32)
     return Prediction(
         boxes=boxes,
         probabilities=probabilities,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
 from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier
 from service.errors import ModelNotFound
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     """A classifier ready to serve, with what /models reports about it."""
 
-    classifier: OnnxClassifier
+    classifier: OnnxClassifier | EnsembleClassifier
     path: Path
     card: dict[str, Any] | None = None
 
@@ -56,8 +57,8 @@ class LoadedModel:
 
 
 def card_path(model_path: Path) -> Path:
-    """``models/<id>.onnx`` -> ``models/<id>.card.json``."""
-    return model_path.with_name(model_path.stem + ".card.json")
+    """``models/<id>.onnx`` (or ``<id>.ensemble.json``) -> ``models/<id>.card.json``."""
+    return model_path.with_name(model_path.name.removesuffix(ENSEMBLE_SUFFIX).removesuffix(".onnx") + ".card.json")
 
 
 def read_card(model_path: Path) -> dict[str, Any] | None:
@@ -122,6 +123,19 @@ class ModelRegistry:
                 path,
                 classifier.provider,
             )
+        for path in sorted(model_dir.glob(f"*{ENSEMBLE_SUFFIX}")):  # after the ONNX files: built from them
+            try:
+                ensemble = EnsembleClassifier.from_config(path, {i: m.classifier for i, m in models.items()})
+            except Exception as exc:
+                refused[path.name] = f"{type(exc).__name__}: {exc}"
+                log.error("refusing ensemble %s: %s", path, exc)
+                continue
+            if ensemble.model_id in models:
+                refused[path.name] = f"duplicate model id {ensemble.model_id!r}"
+                log.error("refusing ensemble %s: %s", path, refused[path.name])
+                continue
+            models[ensemble.model_id] = LoadedModel(ensemble, path, read_card(path))
+            log.info("loaded ensemble %s of %s from %s", ensemble.model_id, ", ".join(ensemble.member_ids), path)
         if not models:
             log.error("no servable model in %s; /ready will answer 503", model_dir)
         elif default_id not in models:

@@ -85,3 +85,24 @@ def test_unknown_split_is_a_clear_error(tmp_path, tiny_npz):
 
     with pytest.raises(DataError, match="no images in split 'nope'"):
         train(TrainConfig(data=str(tiny_npz), out=str(tmp_path), epochs=1, val_split="nope"))
+
+
+def test_warm_start_copies_the_shared_classifier_and_keeps_new_front_ends(tmp_path):
+    from training.models import create_model
+    from training.train import warm_start
+
+    kwargs = {"widths": (8, 16, 32, 64), "hidden": 16}
+    base = create_model("base_cnn", **kwargs)
+    torch.save({"state_dict": base.state_dict()}, tmp_path / "base.pt")
+    target = create_model("stn_sr_cnn", **kwargs)
+    stn_before = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("stn.")}
+    copied = warm_start(target, str(tmp_path / "base.pt"))
+    assert copied and all(k.startswith("classifier.") for k in copied)
+    state = target.state_dict()
+    for key, value in base.state_dict().items():
+        assert torch.equal(state[key], value), key
+    for key, value in stn_before.items():  # the STN keeps its identity initialisation
+        assert torch.equal(state[key], value), key
+    torch.save({"state_dict": create_model("se_sepconv").state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no layer matches"):
+        warm_start(create_model("base_cnn", **kwargs), str(tmp_path / "other.pt"))

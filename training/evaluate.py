@@ -75,10 +75,10 @@ def plot_confusion(report: dict, path: Path, title: str) -> None:
 def onnx_probabilities(
     path: str | Path, images: np.ndarray, batch_size: int = 256
 ) -> tuple[np.ndarray, PreprocessSpec]:
-    """Class probabilities of an exported model for uint8 faces, preprocessed by its own spec."""
-    from mien.runtime import OnnxClassifier
+    """Class probabilities of an exported model (or ensemble file) for uint8 faces, preprocessed by its own spec."""
+    from mien.ensemble import load_classifier
 
-    classifier = OnnxClassifier.from_path(path, providers=("CPUExecutionProvider",))
+    classifier = load_classifier(path, providers=("CPUExecutionProvider",))
     return classifier.predict_crops(list(images), batch_size), classifier.spec
 
 
@@ -106,11 +106,11 @@ def split_for_labels(data: str | Path, split: str, labels: tuple[str, ...]) -> t
 
 
 def model_spec(model_path: Path) -> PreprocessSpec:
-    """The preprocessing spec of a .pt checkpoint or an exported .onnx file."""
-    if model_path.suffix == ".onnx":
-        from mien.runtime import OnnxClassifier
+    """The preprocessing spec of a .pt checkpoint, an exported .onnx file or a .ensemble.json file."""
+    if model_path.suffix in (".onnx", ".json"):
+        from mien.ensemble import load_classifier
 
-        return OnnxClassifier.from_path(model_path, providers=("CPUExecutionProvider",)).spec
+        return load_classifier(model_path, providers=("CPUExecutionProvider",)).spec
     from training.checkpoint import load_model
 
     return load_model(model_path)[1]
@@ -120,9 +120,11 @@ def evaluate_path(model_path: str, data: str, split: str, out: str | None = None
     """Evaluate a .pt or .onnx on ``split`` of ``data``; write report.json and confusion.png to ``out``."""
     model_path = Path(model_path)
     if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path}: no such model file (expected a .pt checkpoint or an .onnx file)")
+        raise FileNotFoundError(
+            f"{model_path}: no such model file (expected a .pt checkpoint, an .onnx file or an .ensemble.json file)"
+        )
     images, labels = split_for_labels(data, split, model_spec(model_path).labels)
-    if model_path.suffix == ".onnx":
+    if model_path.suffix in (".onnx", ".json"):
         probs, spec = onnx_probabilities(model_path, images, batch_size)
     else:
         probs, spec = checkpoint_probabilities(model_path, images, batch_size)

@@ -30,7 +30,7 @@ from training.objectives import CrossEntropy, ObjectiveConfig, build_objective, 
 from training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
 from training.transforms import AugmentConfig
 
-__all__ = ["TrainConfig", "predict_logits", "train", "train_one_epoch"]
+__all__ = ["TrainConfig", "predict_logits", "train", "train_one_epoch", "warm_start"]
 
 log = logging.getLogger("mien.train")
 
@@ -59,6 +59,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)  # builder options, e.g. {"sr_kwargs": {"num_blocks": 16}}
     sr_init: str = ""  # SR front end weights from `mien pretrain-sr` (sr_cnn, stn_sr_cnn)
     freeze_sr: bool = False  # keep that pre-trained SR front end fixed (recommended on CPU)
+    init: str = ""  # warm start: a best.pt whose layers of the same name and shape are copied in
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -77,6 +78,24 @@ def get_lr(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+
+
+def warm_start(model: nn.Module, path: str) -> list[str]:
+    """Copy the tensors of checkpoint ``path`` that match ``model``'s by name and shape; return their names.
+
+    How the STN/SR ablation adds a front end to a trained classifier: ``stn_cnn``, ``sr_cnn`` and
+    ``stn_sr_cnn`` share the ``classifier.*`` layout of ``base_cnn``. The new layers keep their own
+    initialisation (the STN starts at the identity warp).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    own = model.state_dict()
+    copied = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    if not copied:
+        raise ValueError(f"{path}: no layer matches model {type(model).__name__} by name and shape")
+    model.load_state_dict({k: state[k] for k in copied}, strict=False)
+    fresh = sorted({k.split(".")[0] for k in own if k not in copied})
+    log.info("warm start from %s: %d of %d tensors copied; new: %s", path, len(copied), len(own), fresh or "none")
+    return copied
 
 
 def train_one_epoch(
@@ -185,6 +204,8 @@ def train(cfg: TrainConfig) -> dict:
     model = create_model(cfg.model, **model_kwargs)
     if getattr(model, "sr", None) is not None:  # record the SR net's full configuration, defaults included
         model_kwargs["sr_kwargs"] = dict(model.sr.kwargs)
+    if cfg.init:
+        warm_start(model, cfg.init)
     if cfg.sr_init or cfg.freeze_sr:
         init_sr_front_end(model, cfg.sr_init, cfg.freeze_sr)
     if cfg.channels_last:

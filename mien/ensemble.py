@@ -1,0 +1,116 @@
+"""An ensemble: a served model id that averages the probabilities of several bundled ONNX models.
+
+Defined by a small JSON file beside the models, ``models/<id>.ensemble.json``::
+
+    {"model_id": "ensemble", "members": ["mini_xception", "dcnn"], "flip": true}
+
+Each member preprocesses the face crops by its own spec (sizes and normalisation may differ); the
+ensemble averages their class probabilities, and with ``"flip": true`` also those of the mirrored
+crops (horizontal-flip test-time augmentation). Members must share one label list. The ensemble
+quacks like :class:`mien.runtime.OnnxClassifier` where the service and ``mien eval`` use it
+(``spec``, ``model_id``, ``version``, ``provider``, ``predict_crops``), so it is served, listed and
+evaluated like any other model. ``mien ensemble`` writes the file and its card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier
+
+ENSEMBLE_SUFFIX = ".ensemble.json"
+
+
+class EnsembleError(ValueError):
+    """An ensemble file that cannot be served: unreadable, or members missing or disagreeing."""
+
+
+def read_ensemble_config(path: str | Path) -> dict:
+    """The validated contents of a ``*.ensemble.json`` file."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EnsembleError(f"{path}: unreadable ensemble file: {exc}") from None
+    members = config.get("members") if isinstance(config, dict) else None
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) and m for m in members):
+        raise EnsembleError(f"{path}: 'members' must list at least two model ids, got {members!r}")
+    if len(set(members)) != len(members):
+        raise EnsembleError(f"{path}: a member is listed twice: {members}")
+    flip = config.get("flip", False)
+    if not isinstance(flip, bool):
+        raise EnsembleError(f"{path}: 'flip' must be true or false, got {flip!r}")
+    model_id = config.get("model_id") or path.name.removesuffix(ENSEMBLE_SUFFIX)
+    return {"model_id": str(model_id), "members": members, "flip": flip}
+
+
+class EnsembleClassifier:
+    """Mean of the members' probabilities (and of their mirrored crops with ``flip``)."""
+
+    def __init__(self, model_id: str, members: list[OnnxClassifier], flip: bool = False) -> None:
+        if len(members) < 2:
+            raise EnsembleError(f"ensemble {model_id!r} needs at least two members, got {len(members)}")
+        labels = {m.spec.labels for m in members}
+        if len(labels) != 1:
+            names = ", ".join(f"{m.model_id}: {list(m.spec.labels)}" for m in members)
+            raise EnsembleError(f"ensemble {model_id!r}: members disagree on labels ({names})")
+        self.members, self.flip, self.model_id = members, flip, model_id
+        # The crop the service cuts for the ensemble: the first member's framing, probabilities as output.
+        self.spec = replace(members[0].spec, output="probabilities")
+        digest = hashlib.sha256(json.dumps([[m.model_id, m.version] for m in members] + [flip]).encode())
+        self.version = digest.hexdigest()[:12]
+        members_text = ",".join(m.model_id for m in members)
+        self.metadata = {"mien.ensemble.members": members_text, "mien.ensemble.flip": str(flip)}
+
+    @property
+    def provider(self) -> str:
+        return self.members[0].provider
+
+    @property
+    def member_ids(self) -> list[str]:
+        return [m.model_id for m in self.members]
+
+    def predict_crops(self, crops: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+        """Averaged probabilities (N × labels) for raw uint8 face crops (gray or BGR)."""
+        if not crops:
+            return np.zeros((0, self.spec.num_classes), dtype=np.float32)
+        views = [crops, [np.ascontiguousarray(c[:, ::-1]) for c in crops]] if self.flip else [crops]
+        total = sum(m.predict_crops(view, batch_size) for m in self.members for view in views)
+        return (total / (len(self.members) * len(views))).astype(np.float32)
+
+    @classmethod
+    def from_config(cls, path: str | Path, available: dict[str, OnnxClassifier]) -> EnsembleClassifier:
+        """Build from a ``*.ensemble.json`` file, taking the members from already loaded models."""
+        config = read_ensemble_config(path)
+        missing = [m for m in config["members"] if m not in available]
+        if missing:
+            raise EnsembleError(
+                f"{Path(path).name}: member(s) {', '.join(missing)} not among the loaded models "
+                f"({', '.join(sorted(available)) or 'none'})"
+            )
+        return cls(config["model_id"], [available[m] for m in config["members"]], config["flip"])
+
+    @classmethod
+    def from_path(cls, path: str | Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0):
+        """Build from a ``*.ensemble.json`` file, loading each member from ``<folder>/<member>.onnx``."""
+        path = Path(path)
+        config = read_ensemble_config(path)
+        available = {}
+        for member in config["members"]:
+            onnx_path = path.with_name(f"{member}.onnx")
+            if not onnx_path.is_file():
+                raise EnsembleError(f"{path.name}: member {member!r} has no file {onnx_path}")
+            available[member] = OnnxClassifier.from_path(onnx_path, providers=providers, threads=threads)
+        return cls.from_config(path, available)
+
+
+def load_classifier(path: str | Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0):
+    """An :class:`OnnxClassifier` for ``*.onnx``, an :class:`EnsembleClassifier` for ``*.ensemble.json``."""
+    if str(path).endswith(ENSEMBLE_SUFFIX):
+        return EnsembleClassifier.from_path(path, providers=providers, threads=threads)
+    return OnnxClassifier.from_path(path, providers=providers, threads=threads)

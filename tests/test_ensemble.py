@@ -1,0 +1,136 @@
+"""The ensemble model id: averaging, its file and card, serving it, and refusing broken definitions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export.ensemble import write_ensemble
+from mien.ensemble import EnsembleClassifier, EnsembleError, load_classifier, read_ensemble_config
+from mien.runtime import MODEL_ID_KEY, OnnxClassifier
+from tests.conftest import CPU, make_client
+from training.evaluate import evaluate_path
+
+
+def relabel(src: Path, dst: Path, model_id: str, **metadata: str) -> None:
+    """Copy an exported model under another model id (and optionally other metadata values)."""
+    proto = onnx.load(str(src))
+    values = {p.key: p.value for p in proto.metadata_props} | {MODEL_ID_KEY: model_id} | metadata
+    del proto.metadata_props[:]
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(dst))
+
+
+@pytest.fixture(scope="module")
+def two_models(model_dir, tmp_path_factory) -> Path:
+    """mini_xception (+ card) and a copy of it served as a second model id, `twin` (no card)."""
+    folder = tmp_path_factory.mktemp("ensemble_models")
+    for name in ("mini_xception.onnx", "mini_xception.card.json"):
+        shutil.copy(model_dir / name, folder / name)
+    relabel(model_dir / "mini_xception.onnx", folder / "twin.onnx", "twin")
+    return folder
+
+
+def faces(n: int = 6, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(60, 50), dtype=np.uint8) for _ in range(n)]
+
+
+def test_ensemble_is_the_mean_of_members_and_of_mirrors(two_models):
+    a = OnnxClassifier.from_path(two_models / "mini_xception.onnx", providers=CPU)
+    crops = faces()
+    mirrored = [c[:, ::-1] for c in crops]
+    plain = EnsembleClassifier("e", [a, a], flip=False).predict_crops(crops)
+    np.testing.assert_allclose(plain, a.predict_crops(crops), atol=1e-6)
+    flipped = EnsembleClassifier("e", [a, a], flip=True).predict_crops(crops)
+    np.testing.assert_allclose(flipped, 0.5 * (a.predict_crops(crops) + a.predict_crops(mirrored)), atol=1e-6)
+    np.testing.assert_allclose(flipped.sum(1), 1.0, atol=1e-5)
+    assert not np.allclose(flipped, plain, atol=1e-4)  # the mirror views did change something
+    assert EnsembleClassifier("e", [a, a]).predict_crops([]).shape == (0, 7)
+
+
+def test_write_ensemble_card_matches_mien_eval_and_is_served(two_models, tiny_npz, astronaut_jpeg, tmp_path):
+    card = write_ensemble(["mini_xception", "twin"], two_models, flip=True, data=str(tiny_npz))
+    assert read_ensemble_config(two_models / "ensemble.ensemble.json") == {
+        "model_id": "ensemble", "members": ["mini_xception", "twin"], "flip": True,
+    }  # fmt: skip
+    saved = json.loads((two_models / "ensemble.card.json").read_text())
+    assert saved == card
+    assert [m["model_id"] for m in card["members"]] == ["mini_xception", "twin"]
+    assert card["members"][0]["accuracy"] is not None and card["members"][1]["accuracy"] is None  # twin has no card
+    member_card = json.loads((two_models / "mini_xception.card.json").read_text())
+    assert card["macs"] == 2 * member_card["macs"]  # twin has no card: its MACs are unknown (0)
+    report = evaluate_path(str(two_models / "ensemble.ensemble.json"), str(tiny_npz), "public_test", str(tmp_path))
+    assert report["accuracy"] == pytest.approx(card["metrics"]["accuracy"])
+    assert 0.2 < report["accuracy"] <= 1.0
+
+    with make_client(two_models) as c:
+        models = {m["id"]: m for m in c.get("/models").json()["models"]}
+        assert set(models) == {"mini_xception", "twin", "ensemble"}
+        assert models["ensemble"]["accuracy"] == pytest.approx(card["metrics"]["accuracy"])
+        assert models["ensemble"]["labels"] == models["mini_xception"]["labels"]
+        response = c.post("/predict?model=ensemble", files={"file": ("a.jpg", astronaut_jpeg, "image/jpeg")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == "ensemble" and len(body["faces"]) == 1
+        assert sum(body["faces"][0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert c.get("/ready").json()["refused"] == {}
+
+
+def test_ensemble_with_a_missing_member_is_refused_not_written(two_models):
+    with pytest.raises(EnsembleError, match="ghost"):
+        write_ensemble(["mini_xception", "ghost"], two_models, model_id="broken", data="unused")
+    assert not (two_models / "broken.ensemble.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ('{"members": ["mini_xception"]}', "at least two"),
+        ('{"members": ["mini_xception", "mini_xception"]}', "listed twice"),
+        ('{"members": ["mini_xception", "nobody"]}', "nobody"),
+        ('{"members": ["mini_xception", "twin"], "flip": "yes"}', "flip"),
+        ("not json", "unreadable"),
+    ],
+)
+def test_broken_ensemble_files_are_refused_and_the_models_still_served(two_models, tmp_path, content, reason):
+    for path in two_models.glob("*.onnx"):
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "bad.ensemble.json").write_text(content)
+    with make_client(tmp_path) as c:
+        ready = c.get("/ready").json()
+        assert reason in ready["refused"]["bad.ensemble.json"]
+        assert {m["id"] for m in c.get("/models").json()["models"]} == {"mini_xception", "twin"}
+
+
+def test_members_must_share_labels(two_models, tmp_path):
+    a = OnnxClassifier.from_path(two_models / "mini_xception.onnx", providers=CPU)
+    spec = json.loads(a.metadata["mien.preprocess_spec"])
+    spec["labels"] = ["a", "b", "c", "d", "e", "f", "g"]
+    relabel(
+        two_models / "mini_xception.onnx",
+        tmp_path / "other.onnx",
+        "other",
+        **{"mien.preprocess_spec": json.dumps(spec)},
+    )
+    b = OnnxClassifier.from_path(tmp_path / "other.onnx", providers=CPU)
+    with pytest.raises(EnsembleError, match="disagree on labels"):
+        EnsembleClassifier("e", [a, b])
+
+
+def test_load_classifier_picks_by_suffix(two_models):
+    (two_models / "pair.ensemble.json").write_text('{"members": ["mini_xception", "twin"]}')
+    try:
+        ensemble = load_classifier(two_models / "pair.ensemble.json", providers=CPU)
+        assert isinstance(ensemble, EnsembleClassifier) and ensemble.model_id == "pair"
+        assert ensemble.member_ids == ["mini_xception", "twin"] and ensemble.flip is False
+        assert isinstance(load_classifier(two_models / "twin.onnx", providers=CPU), OnnxClassifier)
+    finally:
+        (two_models / "pair.ensemble.json").unlink()
