@@ -175,6 +175,9 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
             "epochs_run": len(ckpt.get("history", [])),
             "notes": ckpt.get("notes"),
             "seconds_per_epoch_median": _median([h["seconds"] for h in ckpt.get("history", [])]),
+            "history": [  # per-epoch figures, for the training curves in docs/results.md
+                {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in ckpt.get("history", [])
+            ],
         },
         "parity": asdict(parity),
         "export": {

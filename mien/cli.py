@@ -223,6 +223,34 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_results(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("results", help="measure every bundled model and write docs/results.md with figures",
+                       description="Accuracy, macro-F1, occluded accuracy, parameters, MACs and ms per face of "
+                       "every model in --model-dir, the STN/SR ablation, confusion matrices, training curves, "
+                       "STN warps and a t-SNE of the triplet embeddings.")  # fmt: skip
+    p.add_argument("--model-dir", default="models")
+    p.add_argument("--data", default="../shared/data/fer2013.npz")
+    p.add_argument("--split", default="public_test")
+    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--figures", default="docs/figures/results")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the timing")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per batch size (median reported)")
+    p.set_defaults(func=_run_results)
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    from training.results import ResultsConfig, write_results
+
+    cfg = ResultsConfig(model_dir=args.model_dir, data=args.data, split=args.split, out=args.out,
+                        figures=args.figures, threads=args.threads, repeats=args.repeats)  # fmt: skip
+    rows = write_results(cfg, "mien " + " ".join(sys.argv[2:] if len(sys.argv) > 1 else []))
+    for row in sorted(rows, key=lambda r: -r["accuracy"]):
+        print(f"{row['model_id']:24s} accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "
+              f"occluded {row['occluded_accuracy']:.4f}  {row['ms_per_face_b1']:.2f} ms/face")  # fmt: skip
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the ONNX models over HTTP (settings from MIEN_* variables)",
                        description="Start the FastAPI service. Every option can also be set by an environment "
@@ -258,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mien", description="Facial expression recognition: train, export, eval, serve."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_pretrain_sr, _add_export, _add_ensemble, _add_eval, _add_serve):
+    for add in (_add_train, _add_pretrain_sr, _add_export, _add_ensemble, _add_eval, _add_results, _add_serve):
         add(sub)
     return parser
 

@@ -35,6 +35,9 @@ def test_card_records_what_a_user_needs(model_dir, tiny_run):
     assert card["parity"]["max_abs_diff"] <= 1e-4 and card["parity"]["argmax_agreement"] == 1.0
     assert card["metrics"]["split"] == "public_test" and 0 <= card["metrics"]["accuracy"] <= 1
     assert card["training"]["epochs_run"] == 3 and "seconds_per_epoch_median" in card["training"]
+    history = [json.loads(line) for line in (tiny_run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in card["training"]["history"]] == [1, 2, 3]
+    assert card["training"]["history"][-1]["val_acc"] == pytest.approx(history[-1]["val_acc"], abs=1e-5)
     assert card["labels"] == list(PreprocessSpec().labels)
 
 

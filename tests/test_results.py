@@ -1,0 +1,106 @@
+"""`mien results`: the measured table, the figures, and the two looks inside ONNX graphs it relies on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.ensemble import write_ensemble
+from export.onnx_export import ExportConfig, export_checkpoint
+from mien.preprocess import to_model_input
+from mien.runtime import OnnxClassifier
+from tests.conftest import CPU
+from training.evaluate import evaluate_path
+from training.models import create_model, default_spec
+from training.results import ResultsConfig, intermediate, occlude, write_results
+
+TRIPLET_KWARGS = {"num_classes": 7, "widths": [8, 16, 16, 32]}
+
+
+@pytest.fixture(scope="module")
+def results(model_dir, tiny_npz, tmp_path_factory) -> tuple[Path, list[dict], str]:
+    """A model folder (trained mini_xception, a freshly initialised STN+ResNet-10, their ensemble) and
+    the results written from it."""
+    root = tmp_path_factory.mktemp("results")
+    folder = root / "models"
+    folder.mkdir()
+    for name in ("mini_xception.onnx", "mini_xception.card.json"):
+        shutil.copy(model_dir / name, folder / name)
+    torch.manual_seed(0)
+    model = create_model("stn_resnet10_triplet", **TRIPLET_KWARGS)
+    spec = default_spec("stn_resnet10_triplet")
+    torch.save({"model_id": "stn_resnet10_triplet", "model_kwargs": TRIPLET_KWARGS, "spec": spec.to_dict(),
+                "state_dict": model.state_dict()}, root / "triplet.pt")  # fmt: skip
+    export_checkpoint(ExportConfig(checkpoint=str(root / "triplet.pt"), out=str(folder / "stn_resnet10_triplet.onnx"),
+                                   data=str(tiny_npz), parity_faces=256))  # fmt: skip
+    write_ensemble(["mini_xception", "stn_resnet10_triplet"], folder, data=str(tiny_npz))
+    cfg = ResultsConfig(model_dir=str(folder), data=str(tiny_npz), out=str(root / "docs" / "results.md"),
+                        figures=str(root / "docs" / "figures" / "results"), repeats=3, tsne_faces=120)  # fmt: skip
+    rows = write_results(cfg)
+    return root, rows, (root / "docs" / "results.md").read_text()
+
+
+def test_a_row_per_servable_model_with_the_evaluated_accuracy(results, tiny_npz, tmp_path):
+    root, rows, _ = results
+    by_id = {r["model_id"]: r for r in rows}
+    assert set(by_id) == {"mini_xception", "stn_resnet10_triplet", "ensemble"}
+    for row in rows:
+        report = evaluate_path(str(root / "models" / row["file"]), str(tiny_npz), "public_test", str(tmp_path))
+        assert row["accuracy"] == pytest.approx(report["accuracy"]), row["model_id"]
+        assert row["macro_f1"] == pytest.approx(report["macro_f1"]), row["model_id"]
+        assert 0 <= row["occluded_accuracy"] <= 1 and row["ms_per_face_b1"] > 0 and row["ms_per_face_b32"] > 0
+    assert by_id["mini_xception"]["epochs"] == 3 and by_id["mini_xception"]["parameters"] > 50_000
+    assert by_id["ensemble"]["members"] == ["mini_xception", "stn_resnet10_triplet"]
+    saved = json.loads((root / "docs" / "figures" / "results" / "results.json").read_text())
+    assert [r["model_id"] for r in saved] == [r["model_id"] for r in rows]
+
+
+def test_the_markdown_has_the_table_targets_and_figure_links(results):
+    root, rows, text = results
+    for row in rows:
+        assert f"| `{row['model_id']}` | {100 * row['accuracy']:.2f} | {100 * row['macro_f1']:.2f} |" in text
+        for name in row["figures"].values():
+            assert (root / "docs" / "figures" / "results" / name).stat().st_size > 1000
+            assert f"(figures/results/{name})" in text
+    assert "| `mini_xception` | 66.0 |" in text and "| `ensemble` | 74.0 |" in text
+    assert "STN / SR ablation" not in text  # its four models are not all in this folder
+    assert "Machine: " in text
+
+
+def test_figures_per_model(results):
+    _, rows, _ = results
+    figures = {r["model_id"]: set(r["figures"]) for r in rows}
+    assert figures["mini_xception"] == {"confusion", "curves"}  # its card carries the training history
+    assert figures["stn_resnet10_triplet"] == {"confusion", "stn", "tsne"}  # no history: never trained
+    assert figures["ensemble"] == {"confusion"}
+
+
+def test_intermediate_reads_the_stn_warp_and_the_embedding(results, tiny_npz):
+    root, _, _ = results
+    path = root / "models" / "stn_resnet10_triplet.onnx"
+    classifier = OnnxClassifier.from_path(path, providers=CPU)
+    faces = np.load(tiny_npz)["images"][-5:]
+    x = to_model_input(list(faces), classifier.spec)
+    # A freshly initialised spatial transformer is the identity warp.
+    np.testing.assert_allclose(intermediate(path, "GridSample", 0, x), x, atol=1e-4)
+    model = create_model("stn_resnet10_triplet", **TRIPLET_KWARGS)
+    model.load_state_dict(torch.load(root / "triplet.pt", weights_only=False)["state_dict"])
+    with torch.no_grad():
+        expected = model.eval().features(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(intermediate(path, "Gemm", -1, x, take_input=True), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="no LSTM node"):
+        intermediate(path, "LSTM", 0, x)
+
+
+def test_occlusion_covers_a_quarter_of_each_face_with_grey():
+    faces = np.random.default_rng(0).integers(0, 120, (20, 48, 48), dtype=np.uint8)  # never 128 before
+    occluded = occlude(faces, 0.25, seed=0)
+    assert occluded.dtype == np.uint8 and occluded.shape == faces.shape
+    assert ((occluded == 128).sum(axis=(1, 2)) == 24 * 24).all()  # 25% of 48×48 is a 24×24 square
+    assert ((occluded != faces) == (occluded == 128)).all()  # nothing else changed
+    np.testing.assert_array_equal(occlude(faces, 0.25, seed=0), occluded)  # the same patches every time
