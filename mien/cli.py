@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
 
@@ -147,13 +148,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check and a model card",
                        description="Checkpoint -> ONNX (dynamic batch) -> onnx.checker -> parity against PyTorch "
                        "on real faces and random input -> model card. Exits non-zero when parity fails.")  # fmt: skip
-    p.add_argument("checkpoint", help="a best.pt written by `mien train`, or the word `detector` to export the "
-                   "MTCNN face detector from the installed facenet-pytorch wheel")  # fmt: skip
+    p.add_argument("checkpoint", help="a best.pt written by `mien train`, the word `detector` to export the "
+                   "MTCNN face detector from the installed facenet-pytorch wheel, or `triton` to write a Triton "
+                   "model repository of the bundled models")  # fmt: skip
     p.add_argument(
         "--out",
         default=None,
-        help="ONNX path (default models/<model id>.onnx); for `detector` a folder (default models/detector)",
+        help="ONNX path (default models/<model id>.onnx); for `detector` a folder (default models/detector); "
+        "for `triton` the repository folder (default triton_repo)",
     )
+    p.add_argument("--model-dir", default="models", help="`triton` only: the folder whose *.onnx are exported")
+    p.add_argument("--max-batch-size", type=int, default=64, help="`triton` only: max_batch_size of every model")
     p.add_argument("--data", default="../shared/data/fer2013.npz", help="FER2013 for parity faces and accuracy")
     p.add_argument("--split", default="public_test", help="split whose faces drive parity and the card's accuracy")
     p.add_argument("--parity-faces", type=int, default=512, help="real faces in the parity check (>= 256)")
@@ -172,6 +177,14 @@ def _run_export(args: argparse.Namespace) -> int:
         from export.detector_export import DEFAULT_OUT, export_detector
 
         return 0 if export_detector(args.out or DEFAULT_OUT, opset=args.opset, atol=args.atol).passed else 1
+    if args.checkpoint == "triton":
+        from export.triton import DEFAULT_REPO, export_triton
+
+        result = export_triton(args.out or DEFAULT_REPO, args.model_dir, args.max_batch_size)
+        for name, why in result.refused.items():
+            print(f"left out {name}: {why}", file=sys.stderr)
+        print(f"wrote {len(result.exported)} model(s) to {result.repo}: {', '.join(result.exported) or 'none'}")
+        return 0 if result.exported and not result.refused else 1
     from export.onnx_export import ExportConfig, export_checkpoint
 
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,
@@ -243,7 +256,7 @@ def _run_results(args: argparse.Namespace) -> int:
 
     cfg = ResultsConfig(model_dir=args.model_dir, data=args.data, split=args.split, out=args.out,
                         figures=args.figures, threads=args.threads, repeats=args.repeats)  # fmt: skip
-    rows = write_results(cfg, "mien " + " ".join(sys.argv[2:] if len(sys.argv) > 1 else []))
+    rows = write_results(cfg, "mien " + shlex.join(sys.argv[1:]))
     for row in sorted(rows, key=lambda r: -r["accuracy"]):
         print(f"{row['model_id']:24s} accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "
               f"occluded {row['occluded_accuracy']:.4f}  {row['ms_per_face_b1']:.2f} ms/face")  # fmt: skip

@@ -1,4 +1,4 @@
-"""The bundled model in models/: its card tells the truth, and it recognises a smile in a real photo."""
+"""The bundled models in models/: each card tells the truth, and each model is served and sees a smile."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from tests.conftest import SHARED_DATA
 MODELS = Path(__file__).resolve().parents[1] / "models"
 BUNDLED = MODELS / "mini_xception.onnx"
 CARD = MODELS / "mini_xception.card.json"
+ONNX_MODELS = sorted(p.stem for p in MODELS.glob("*.onnx"))
+ENSEMBLES = sorted(p.name.removesuffix(".ensemble.json") for p in MODELS.glob("*.ensemble.json"))
 
 
 def _jpeg(rgb) -> bytes:
@@ -85,3 +87,52 @@ def test_bundled_onnx_reads_back_its_spec():
 
 def card_labels() -> list[str]:
     return json.loads(CARD.read_text())["labels"]
+
+
+@pytest.mark.parametrize("model_id", ONNX_MODELS)
+def test_every_bundled_model_has_a_true_card_from_the_project_commands(model_id):
+    card = json.loads((MODELS / f"{model_id}.card.json").read_text())
+    assert card["model_id"] == model_id
+    assert card["sha256"] == hashlib.sha256((MODELS / f"{model_id}.onnx").read_bytes()).hexdigest()
+    assert card["training"]["command"].startswith(f"mien train --model {model_id} ")
+    assert card["training"]["config"]["train_split"] == "train" and card["training"]["config"]["model"] == model_id
+    assert card["training"]["best"]["split"] == card["metrics"]["split"] == "public_test"
+    assert card["export"]["command"].startswith("mien export ")
+    assert card["parity"]["passed"] and card["parity"]["real_faces"] >= 256 and card["parity"]["max_abs_diff"] <= 1e-4
+    assert card["training"]["epochs_run"] == len(card["training"]["history"]) > 0
+    assert card["parameters"] > 0 and card["macs"] > 0
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="FER2013 (../shared/data) is not beside this checkout")
+@pytest.mark.parametrize("name", [f"{m}.onnx" for m in ONNX_MODELS] + [f"{e}.ensemble.json" for e in ENSEMBLES])
+def test_every_card_accuracy_is_what_eval_measures(name, tmp_path):
+    from training.evaluate import evaluate_path
+
+    report = evaluate_path(str(MODELS / name), str(SHARED_DATA), "public_test", str(tmp_path))
+    card = json.loads((MODELS / (name.removesuffix(".onnx").removesuffix(".ensemble.json") + ".card.json")).read_text())
+    assert report["num_images"] == card["metrics"]["num_images"] == 3589
+    assert report["accuracy"] == pytest.approx(card["metrics"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("model_id", ENSEMBLES)
+def test_ensemble_cards_name_bundled_members(model_id):
+    card = json.loads((MODELS / f"{model_id}.card.json").read_text())
+    config = json.loads((MODELS / f"{model_id}.ensemble.json").read_text())
+    assert [m["model_id"] for m in card["members"]] == config["members"]
+    for member in card["members"]:
+        member_card = json.loads((MODELS / f"{member['model_id']}.card.json").read_text())
+        assert member["version"] == member_card["version"]
+        assert member["accuracy"] == pytest.approx(member_card["metrics"]["accuracy"])
+
+
+@pytest.mark.parametrize("model_id", ONNX_MODELS + ENSEMBLES)
+def test_every_bundled_model_is_served_by_its_id(client, model_id):
+    response = client.post(
+        f"/predict?model={model_id}", files={"file": ("astronaut.jpg", _jpeg(data.astronaut()), "image/jpeg")}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == model_id and len(body["faces"]) == 1
+    probabilities = body["faces"][0]["probabilities"]
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-3)
+    assert client.get("/ready").json()["refused"] == {}

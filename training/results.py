@@ -143,7 +143,7 @@ def plot_tsne(path: Path, classifier, faces: np.ndarray, labels: np.ndarray, out
     from sklearn.manifold import TSNE
 
     x = to_model_input(list(faces), classifier.spec)
-    emb = np.concatenate([intermediate(path, "Gemm", -1, x[i : i + 256], take_input=True)
+    emb = np.concatenate([intermediate(path, "Gemm", 0, x[i : i + 256], take_input=True)
                           for i in range(0, len(x), 256)])  # fmt: skip
     emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
     points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(emb)
