@@ -84,6 +84,9 @@ class ReadyResponse(BaseModel):
     status: str = "ready"
     models: list[str]
     default: str
+    providers: dict[str, str] = Field(
+        default_factory=dict, description="the onnxruntime provider each model runs on, e.g. CUDAExecutionProvider"
+    )
     refused: dict[str, str] = Field(default_factory=dict, description="model files not served, with the reason")
 
 

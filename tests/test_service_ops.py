@@ -74,6 +74,7 @@ def test_health_and_ready(client):
     ready = client.get("/ready")
     assert ready.status_code == 200
     assert ready.json()["models"] == ["mini_xception"]
+    assert ready.json()["providers"] == {"mini_xception": "CPUExecutionProvider"}  # CPU: what the client asked for
     assert ready.json()["refused"] == {}
 
 

@@ -20,4 +20,5 @@ def health() -> HealthResponse:
 def ready(models: ModelsDep) -> ReadyResponse:
     if not models.ready:
         raise NotReady(models.not_ready_reason())
-    return ReadyResponse(models=models.ids, default=models.default_id, refused=models.refused)
+    providers = {model_id: models.models[model_id].provider for model_id in models.ids}
+    return ReadyResponse(models=models.ids, default=models.default_id, providers=providers, refused=models.refused)
