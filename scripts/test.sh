@@ -10,6 +10,13 @@ cd "$(dirname "$0")/.."
 # The face detector's weights (for `mien export detector` and its reproducibility test). --no-deps: the
 # package pins torch<2.3 and needs torchvision; the export reads only its weight files and never imports it.
 .venv/bin/pip install -q --no-deps facenet-pytorch==2.6.0
+# The web page's browser tests (tests/test_web_page.py) drive Debian's Chromium; Playwright downloads no browser.
+# Installed here when missing and we are root; without it those tests skip and say why.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing Debian's chromium for the browser tests (apt-get)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+        >/dev/null || echo "test.sh: chromium could not be installed; the browser tests will skip"
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 exec .venv/bin/pytest -q "$@"

@@ -19,7 +19,7 @@ from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import PredictMetricsMiddleware, ServiceMetrics
 from service.registry import ModelRegistry
-from service.routes import health, metrics, models, predict, v2
+from service.routes import health, metrics, models, predict, v2, web
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "send a smaller image",
     )
     app.add_middleware(PredictMetricsMiddleware)
-    for module in (predict, models, health, metrics, v2):
+    for module in (predict, models, health, metrics, v2, web):
         app.include_router(module.router)
     return app
