@@ -17,7 +17,7 @@ from mien.runtime import OnnxClassifier
 from tests.conftest import CPU
 from training.evaluate import evaluate_path
 from training.models import create_model, default_spec
-from training.results import ResultsConfig, intermediate, occlude, write_results
+from training.results import ResultsConfig, intermediate, node_tensor, occlude, write_results
 
 TRIPLET_KWARGS = {"num_classes": 7, "widths": [8, 16, 16, 32]}
 
@@ -87,14 +87,18 @@ def test_intermediate_reads_the_stn_warp_and_the_embedding(results, tiny_npz):
     faces = np.load(tiny_npz)["images"][-5:]
     x = to_model_input(list(faces), classifier.spec)
     # A freshly initialised spatial transformer is the identity warp.
-    np.testing.assert_allclose(intermediate(path, "GridSample", 0, x), x, atol=1e-4)
+    np.testing.assert_allclose(intermediate(path, node_tensor(path, "GridSample"), x), x, atol=1e-4)
     model = create_model("stn_resnet10_triplet", **TRIPLET_KWARGS)
     model.load_state_dict(torch.load(root / "triplet.pt", weights_only=False)["state_dict"])
     with torch.no_grad():
         expected = model.eval().features(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(intermediate(path, "Gemm", -1, x, take_input=True), expected, atol=1e-4)
+    # The embedding is the input of the classifier's Gemm (7 outputs), not of the STN's (6 outputs), which
+    # comes first in the graph.
+    embedding = node_tensor(path, "Gemm", outputs=7, take_input=True)
+    assert embedding != node_tensor(path, "Gemm", take_input=True)
+    np.testing.assert_allclose(intermediate(path, embedding, x), expected, atol=1e-4)
     with pytest.raises(ValueError, match="no LSTM node"):
-        intermediate(path, "LSTM", 0, x)
+        node_tensor(path, "LSTM")
 
 
 def test_occlusion_covers_a_quarter_of_each_face_with_grey():

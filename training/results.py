@@ -85,23 +85,41 @@ def ms_per_face(classifier, faces: np.ndarray, batch: int, repeats: int) -> floa
     return 1000 * statistics.median(times) / batch
 
 
-def intermediate(path: Path, op_type: str, which: int, inputs: np.ndarray, take_input: bool = False) -> np.ndarray:
-    """The output (or first input) of the ``which``-th ``op_type`` node of an ONNX graph, for ``inputs``.
+def intermediate(path: Path, tensor: str, inputs: np.ndarray) -> np.ndarray:
+    """The value of the named tensor of an ONNX graph for ``inputs``.
 
-    Used to look inside a bundled model without its checkpoint: the STN's warped faces (GridSample
-    output) and the triplet model's embedding (the classifier Gemm's input).
+    Used to look inside a bundled model without its checkpoint: the STN's warped faces (a GridSample
+    output) and the triplet model's embedding (the classifier's input); see :func:`node_tensor`.
     """
     import onnx
     import onnxruntime as ort
 
     proto = onnx.load(str(path))
-    nodes = [n for n in proto.graph.node if n.op_type == op_type]
-    if not nodes:
-        raise ValueError(f"{path.name} has no {op_type} node")
-    name = nodes[which].input[0] if take_input else nodes[which].output[0]
-    proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run([name], {session.get_inputs()[0].name: inputs})[0]
+    return session.run([tensor], {session.get_inputs()[0].name: inputs})[0]
+
+
+def node_tensor(path: Path, op_type: str, outputs: int | None = None, take_input: bool = False) -> str:
+    """Name of the output (or first input) of the first ``op_type`` node, in graph order.
+
+    With ``outputs``, only Gemm nodes whose weight has that many output rows count: the classifier
+    (``num_classes`` outputs), not the spatial transformer's localisation layer (6 outputs).
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    weights = {init.name: tuple(init.dims) for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != op_type:
+            continue
+        if outputs is not None:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            dims = weights.get(node.input[1])
+            if dims is None or dims[0 if trans_b else 1] != outputs:
+                continue
+        return node.input[0] if take_input else node.output[0]
+    raise ValueError(f"{path.name} has no {op_type} node" + (f" with {outputs} outputs" if outputs else ""))
 
 
 def has_op(path: Path, op_type: str) -> bool:
@@ -119,7 +137,7 @@ def plot_stn(path: Path, classifier, faces: np.ndarray, out: Path) -> None:
 
     spec = classifier.spec
     x = to_model_input(list(faces), spec)
-    warped = intermediate(path, "GridSample", 0, x)
+    warped = intermediate(path, node_tensor(path, "GridSample"), x)
     mean, std = np.array(spec.mean)[:, None, None], np.array(spec.std)[:, None, None]
     fig, axes = plt.subplots(2, len(faces), figsize=(1.3 * len(faces), 2.9))
     for i in range(len(faces)):
@@ -143,8 +161,8 @@ def plot_tsne(path: Path, classifier, faces: np.ndarray, labels: np.ndarray, out
     from sklearn.manifold import TSNE
 
     x = to_model_input(list(faces), classifier.spec)
-    emb = np.concatenate([intermediate(path, "Gemm", 0, x[i : i + 256], take_input=True)
-                          for i in range(0, len(x), 256)])  # fmt: skip
+    tensor = node_tensor(path, "Gemm", outputs=classifier.spec.num_classes, take_input=True)
+    emb = np.concatenate([intermediate(path, tensor, x[i : i + 256]) for i in range(0, len(x), 256)])
     emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
     points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(emb)
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -258,11 +276,15 @@ def render(rows: list[dict], cfg: ResultsConfig, command: str) -> str:
         f"Machine: {machine()}; timing with {cfg.threads} onnxruntime thread(s), preprocessing included, median "
         f"of {cfg.repeats} calls.",
         "",
+        "MACs: one forward pass as torch's FLOP counter sees it (twice for flip TTA); it does not count LSTM "
+        "cells, so `row_lstm`'s figure is its fully connected layer only. Epoch kept: the epoch of the "
+        "checkpoint selected on the split; s/epoch: median training seconds per epoch.",
+        "",
         f"Occluded: accuracy when a mid-grey square covering {cfg.occlusion_area:.0%} of each face is pasted at a "
         f"random place (seed {cfg.seed}; the same patches for every model).",
         "",
         "| model | accuracy % | macro-F1 % | occluded % | parameters | MACs / face | ms/face b1 | ms/face b32 "
-        "| epochs | s/epoch |",
+        "| epoch kept | s/epoch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ranked:
