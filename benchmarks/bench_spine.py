@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mien.machine import describe_cpu
 from mien.runtime import OnnxClassifier
 
 
@@ -75,15 +75,7 @@ def bench_predict(model_dir: Path, model_id: str, repeats: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{describe_cpu()}, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
+from mien.machine import describe_cpu
 from mien.preprocess import to_model_input
+from service.registry import read_card
 from training.evaluate import classification_report, plot_confusion, split_for_labels
 
 log = logging.getLogger("mien.results")
@@ -54,12 +56,6 @@ class ResultsConfig:
 def model_files(model_dir: Path) -> list[Path]:
     """The servable files in ``model_dir``: ONNX models first (by name), then ensembles."""
     return sorted(model_dir.glob("*.onnx")) + sorted(model_dir.glob(f"*{ENSEMBLE_SUFFIX}"))
-
-
-def read_card(path: Path) -> dict:
-    stem = path.name.removesuffix(ENSEMBLE_SUFFIX).removesuffix(".onnx")
-    card = path.with_name(f"{stem}.card.json")
-    return json.loads(card.read_text()) if card.is_file() else {}
 
 
 def occlude(images: np.ndarray, area: float, seed: int) -> np.ndarray:
@@ -161,8 +157,7 @@ def plot_tsne(path: Path, classifier, faces: np.ndarray, labels: np.ndarray, out
     from sklearn.manifold import TSNE
 
     x = to_model_input(list(faces), classifier.spec)
-    tensor = node_tensor(path, "Gemm", outputs=classifier.spec.num_classes, take_input=True)
-    emb = np.concatenate([intermediate(path, tensor, x[i : i + 256]) for i in range(0, len(x), 256)])
+    emb = intermediate(path, node_tensor(path, "Gemm", outputs=classifier.spec.num_classes, take_input=True), x)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
     points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(emb)
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -193,7 +188,7 @@ def measure(cfg: ResultsConfig) -> list[dict]:
     rows = []
     for path in model_files(Path(cfg.model_dir)):
         classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.threads)
-        card = read_card(path)
+        card = read_card(path) or {}
         model_id = classifier.model_id
         images, labels = split_for_labels(cfg.data, cfg.split, classifier.spec.labels)
         report = classification_report(labels, classifier.predict_crops(list(images)).argmax(1), classifier.spec.labels)
@@ -248,16 +243,8 @@ def _count(value: int | None, unit: float, suffix: str) -> str:
 def machine() -> str:
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     python = platform.python_version()
-    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPU provider, Python {python}"
+    return f"{describe_cpu()}, onnxruntime {ort.__version__} CPU provider, Python {python}"
 
 
 def render(rows: list[dict], cfg: ResultsConfig, command: str) -> str:
