@@ -130,7 +130,9 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
         model = FlipAverage(model).eval()
     out = Path(cfg.out or f"models/{model_id}.onnx")
 
-    images, labels = split_for_labels(cfg.data, cfg.split, spec.labels)
+    trained = ckpt.get("train_config", {})  # a FER+ model is scored on the FER+ labels it learnt
+    label_source = trained.get("label_source", "fer2013")
+    images, labels = split_for_labels(cfg.data, cfg.split, spec.labels, label_source, trained.get("ferplus_votes", ""))
     pick = np.random.default_rng(0).permutation(len(images))[: cfg.parity_faces]
     if len(pick) < 256:
         raise ValueError(f"split {cfg.split!r} has only {len(pick)} faces; parity needs at least 256")
@@ -166,10 +168,13 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
             "macro_f1": report["macro_f1"],
             "num_images": report["num_images"],
             "per_class": report["per_class"],
-            "measured_by": f"mien eval {out} --data {cfg.data} --split {cfg.split}",
+            "label_source": label_source,
+            "measured_by": f"mien eval {out} --data {cfg.data} --split {cfg.split}"
+            + (f" --label-source {label_source}" if label_source != "fer2013" else ""),
         },  # fmt: skip
         "training": {
             "command": ckpt.get("command", ""),
+            "recipe": ckpt.get("recipe", ""),  # configs/<model>.toml when trained with `mien train --config`
             "config": ckpt.get("train_config", {}),
             "best": ckpt.get("metrics", {}),
             "epochs_run": len(ckpt.get("history", [])),

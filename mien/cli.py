@@ -70,6 +70,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default={},
         help="rename or merge classes before --labels picks, e.g. surprise=happy",
     )
+    p.add_argument("--label-source", default="fer2013", choices=("fer2013", "ferplus", "ferplus7"),
+                   help="FER2013's labels, or the FER+ votes: 8 FER+ classes (ferplus) or FER2013's 7 (ferplus7, "
+                   "contempt votes dropped); see training/ferplus.py")  # fmt: skip
+    p.add_argument("--ferplus-votes", default="", help="FER+ votes csv (default: ferplus_votes.csv beside --data)")
+    p.add_argument("--ferplus-target", default="majority", choices=("majority", "soft"),
+                   help="train on the majority label or on the distribution of the votes")  # fmt: skip
     p.add_argument(
         "--model-kwargs",
         type=_json_object,
@@ -105,7 +111,8 @@ def _run_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing, train_split=args.train_split, val_split=args.val_split,
         seed=args.seed, threads=args.threads, channels_last=not args.no_channels_last, limit=args.limit,
         labels=args.labels, label_map=args.label_map, model_kwargs=args.model_kwargs, sr_init=args.sr_init,
-        freeze_sr=args.freeze_sr, init=args.init,
+        freeze_sr=args.freeze_sr, init=args.init, label_source=args.label_source, ferplus_votes=args.ferplus_votes,
+        ferplus_target=args.ferplus_target,
         objective=ObjectiveConfig(
             triplet_weight=args.triplet_weight, triplet_margin=args.triplet_margin,
             triplet_per_class=args.triplet_per_class, occlusion_prob=args.occlusion_prob,
@@ -202,14 +209,21 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="public_test")
     p.add_argument("--out", default=None, help="report folder (default reports/<model file stem>-<split>)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--label-source", default="fer2013", choices=("fer2013", "ferplus", "ferplus7"),
+                   help="truth labels: FER2013's, or the FER+ majority votes with 8 classes (ferplus) or FER2013's 7 "
+                   "(ferplus7); a model is scored on the classes it shares with the label set")  # fmt: skip
+    p.add_argument("--ferplus-votes", default="", help="FER+ votes csv (default: ferplus_votes.csv beside --data)")
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_path
 
-    report = evaluate_path(args.model, args.data, args.split, args.out, args.batch_size)
-    print(f"{args.split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+    report = evaluate_path(
+        args.model, args.data, args.split, args.out, args.batch_size, args.label_source, args.ferplus_votes
+    )
+    print(f"{args.split} ({args.label_source} labels, {len(report['labels'])} classes): "
+          f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
           f"({report['num_images']} images) -> {report['report_path']}")  # fmt: skip
     return 0
 

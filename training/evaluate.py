@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mien.spec import PreprocessSpec
-from training.data import load_dataset, select_labels
+from training.data import DataError, FaceDataset, load_dataset, select_labels
 
 log = logging.getLogger("mien.eval")
 
@@ -96,13 +96,48 @@ def checkpoint_probabilities(
     return torch.softmax(logits, 1).numpy(), spec
 
 
-def split_for_labels(data: str | Path, split: str, labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+def split_for_labels(
+    data: str | Path, split: str, labels: tuple[str, ...], label_source: str = "fer2013", votes: str | Path = ""
+) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of ``split``, restricted and renumbered to a model's ``labels`` (a 5-class model
-    is scored on the faces of its 5 classes); a label the data set lacks is a DataError naming it."""
-    dataset = load_dataset(data)
+    is scored on the faces of its 5 classes); a label the data set lacks is a DataError naming it.
+    ``label_source`` ``ferplus``/``ferplus7`` takes the truth from the FER+ majority votes instead."""
+    dataset = labelled_dataset(data, label_source, votes)
     if tuple(dataset.label_names) != tuple(labels):
         dataset = select_labels(dataset, labels)
     return dataset.subset(split)
+
+
+def labelled_dataset(data: str | Path, label_source: str = "fer2013", votes: str | Path = "") -> FaceDataset:
+    """The data set with FER2013's own labels or the FER+ majority labels (see training/ferplus.py)."""
+    dataset = load_dataset(data)
+    if label_source == "fer2013":
+        return dataset
+    from training.ferplus import default_votes_path, ferplus_dataset
+
+    return ferplus_dataset(dataset, votes or default_votes_path(data), label_source)[0]
+
+
+def eval_split(
+    data: str | Path, split: str, model_labels: tuple[str, ...], label_source: str = "fer2013", votes: str | Path = ""
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], list[int]]:
+    """(images, truth, scored class names, the model outputs they are) for scoring a model on a label set.
+
+    A model is scored on the classes it shares with the label set: faces of classes the model lacks are
+    left out, and outputs the label set lacks are ignored (an 8-class FER+ model on FER2013's labels
+    predicts the most likely of the seven FER2013 classes; its contempt output is not a possible answer).
+    """
+    dataset = labelled_dataset(data, label_source, votes)
+    shared = tuple(name for name in model_labels if name in dataset.label_names)
+    if len(shared) < 2:
+        raise DataError(
+            f"the model's labels {list(model_labels)} share fewer than two classes with the {label_source} labels "
+            f"{list(dataset.label_names)}"
+        )
+    if tuple(dataset.label_names) != shared:
+        dataset = select_labels(dataset, shared)
+    images, truth = dataset.subset(split)
+    return images, truth, shared, [model_labels.index(name) for name in shared]
 
 
 def model_spec(model_path: Path) -> PreprocessSpec:
@@ -116,25 +151,38 @@ def model_spec(model_path: Path) -> PreprocessSpec:
     return load_model(model_path)[1]
 
 
-def evaluate_path(model_path: str, data: str, split: str, out: str | None = None, batch_size: int = 256) -> dict:
-    """Evaluate a .pt or .onnx on ``split`` of ``data``; write report.json and confusion.png to ``out``."""
+def evaluate_path(
+    model_path: str,
+    data: str,
+    split: str,
+    out: str | None = None,
+    batch_size: int = 256,
+    label_source: str = "fer2013",
+    votes: str = "",
+) -> dict:
+    """Evaluate a .pt or .onnx on ``split`` of ``data``; write report.json and confusion.png to ``out``.
+
+    ``label_source``: score against FER2013's labels or the FER+ majority votes (``ferplus``: 8 classes,
+    ``ferplus7``: FER2013's 7); see :func:`eval_split` for models whose classes differ from the set's."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(
             f"{model_path}: no such model file (expected a .pt checkpoint, an .onnx file or an .ensemble.json file)"
         )
-    images, labels = split_for_labels(data, split, model_spec(model_path).labels)
+    images, labels, names, columns = eval_split(data, split, model_spec(model_path).labels, label_source, votes)
     if model_path.suffix in (".onnx", ".json"):
         probs, spec = onnx_probabilities(model_path, images, batch_size)
     else:
         probs, spec = checkpoint_probabilities(model_path, images, batch_size)
-    report = classification_report(labels, probs.argmax(1), spec.labels)
-    report.update({"model": str(model_path), "data": str(data), "split": split})
+    report = classification_report(labels, probs[:, columns].argmax(1), names)
+    report.update({"model": str(model_path), "data": str(data), "split": split, "label_source": label_source})
     out_dir = Path(out) if out else Path("reports") / f"{model_path.stem}-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     report["report_path"] = str(out_dir / "report.json")
     plot_confusion(
-        report, out_dir / "confusion.png", f"{model_path.name} on {split}: accuracy {report['accuracy']:.3f}"
+        report,
+        out_dir / "confusion.png",
+        f"{model_path.name} on {split} ({label_source}): accuracy {report['accuracy']:.3f}",
     )
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     log.info("%s on %s: accuracy %.4f, macro-F1 %.4f", model_path, split, report["accuracy"], report["macro_f1"])

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from training.data import load_dataset, select_labels
+from training.data import FaceDataset, load_dataset, select_labels
+from training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
 from training.models import create_model, default_spec
 from training.objectives import CrossEntropy, ObjectiveConfig, build_objective, predict_logits
 from training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
@@ -33,6 +34,9 @@ from training.transforms import AugmentConfig
 __all__ = ["TrainConfig", "predict_logits", "train", "train_one_epoch", "warm_start"]
 
 log = logging.getLogger("mien.train")
+
+#: Objectives whose loss takes a probability row per face (FER+ soft targets) as well as a class index.
+SOFT_TARGET_OBJECTIVES = ("cross_entropy", "ten_crop")
 
 
 @dataclass
@@ -60,6 +64,9 @@ class TrainConfig:
     sr_init: str = ""  # SR front end weights from `mien pretrain-sr` (sr_cnn, stn_sr_cnn)
     freeze_sr: bool = False  # keep that pre-trained SR front end fixed (recommended on CPU)
     init: str = ""  # warm start: a best.pt whose layers of the same name and shape are copied in
+    label_source: str = "fer2013"  # fer2013 | ferplus (8 FER+ classes) | ferplus7 (FER+ votes on FER2013's 7)
+    ferplus_votes: str = ""  # the FER+ votes csv; "" = ferplus_votes.csv beside `data`
+    ferplus_target: str = "majority"  # majority (hard label) | soft (vote distribution); see training/ferplus.py
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -78,6 +85,25 @@ def get_lr(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+
+
+def load_labelled(cfg: TrainConfig) -> tuple[FaceDataset, np.ndarray | None]:
+    """The data set with the run's labels, and the soft targets (one row per image) when training on them."""
+    data = load_dataset(cfg.data)
+    if cfg.label_source not in LABEL_SOURCES:
+        raise ValueError(f"label source must be one of {LABEL_SOURCES}, got {cfg.label_source!r}")
+    if cfg.ferplus_target not in TARGETS:
+        raise ValueError(f"FER+ target must be one of {TARGETS}, got {cfg.ferplus_target!r}")
+    soft = None
+    if cfg.label_source != "fer2013":
+        data, soft = ferplus_dataset(data, cfg.ferplus_votes or default_votes_path(cfg.data), cfg.label_source)
+        if cfg.ferplus_target == "majority":
+            soft = None
+    if soft is not None and (cfg.labels is not None or cfg.label_map):
+        raise ValueError("--labels/--label-map pick hard labels; with --ferplus-target soft use --label-source instead")
+    if cfg.labels is not None or cfg.label_map:
+        data = select_labels(data, cfg.labels, cfg.label_map)
+    return data, soft
 
 
 def warm_start(model: nn.Module, path: str) -> list[str]:
@@ -107,8 +133,12 @@ def train_one_epoch(
     cfg: TrainConfig,
     step: int,
     desc: str,
+    targets: torch.Tensor | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over the objective's batches; returns (mean loss, training accuracy, optimiser step)."""
+    """One pass over the objective's batches; returns (mean loss, training accuracy, optimiser step).
+
+    ``targets`` (one probability row per image) replace the hard labels in the loss when given (FER+ soft
+    targets); accuracy is always against the hard labels."""
     model.train()
     batches = objective.batches(labels)
     steps_per_epoch = len(images) // cfg.batch_size  # the lr schedule's unit, whatever the batch composition
@@ -118,7 +148,7 @@ def train_one_epoch(
         y = labels[idx]
         for group in optimizer.param_groups:
             group["lr"] = get_lr(cfg, step, steps_per_epoch)
-        loss, logits = objective.train_step(model, optimizer, images[idx], y)
+        loss, logits = objective.train_step(model, optimizer, images[idx], y if targets is None else targets[idx])
         step += 1
         total_loss += loss * len(y)
         correct += (logits.argmax(1) == y).sum().item()
@@ -186,11 +216,10 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     generator = seed_everything(cfg.seed)
 
-    data = load_dataset(cfg.data)
-    if cfg.labels is not None or cfg.label_map:
-        data = select_labels(data, cfg.labels, cfg.label_map)
+    data, soft = load_labelled(cfg)
     train_x, train_y = data.subset(cfg.train_split)
     val_x, val_y = data.subset(cfg.val_split)
+    train_t = torch.from_numpy(soft[data.split == cfg.train_split][: cfg.limit or None]) if soft is not None else None
     if cfg.limit:
         train_x, train_y = train_x[: cfg.limit], train_y[: cfg.limit]
     train_x, train_y = torch.from_numpy(train_x), torch.from_numpy(train_y)
@@ -211,6 +240,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = build_objective(cfg, spec, model, generator)
+    if train_t is not None and objective.name not in SOFT_TARGET_OBJECTIVES:
+        raise ValueError(f"{cfg.model} trains with the {objective.name} objective, which needs hard labels; "
+                         "use --ferplus-target majority")  # fmt: skip
     optimizer = objective.build_optimizer(model)
 
     history: list[dict] = []
@@ -235,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         train_loss, train_acc, step = train_one_epoch(
-            model, optimizer, objective, train_x, train_y, cfg, step, f"epoch {epoch}/{cfg.epochs}"
+            model, optimizer, objective, train_x, train_y, cfg, step, f"epoch {epoch}/{cfg.epochs}", train_t
         )
         metrics = objective.validate(model, val_x, val_y)
         val_loss, val_acc = metrics["val_loss"], metrics["val_acc"]
