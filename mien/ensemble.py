@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier
+from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
 
 ENSEMBLE_SUFFIX = ".ensemble.json"
 
@@ -96,7 +96,9 @@ class EnsembleClassifier:
         return cls(config["model_id"], [available[m] for m in config["members"]], config["flip"])
 
     @classmethod
-    def from_path(cls, path: str | Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0):
+    def from_path(
+        cls, path: str | Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int | SessionConfig = 0
+    ) -> EnsembleClassifier:
         """Build from a ``*.ensemble.json`` file, loading each member from ``<folder>/<member>.onnx``."""
         path = Path(path)
         config = read_ensemble_config(path)
@@ -109,7 +111,9 @@ class EnsembleClassifier:
         return cls.from_config(path, available)
 
 
-def load_classifier(path: str | Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0):
+def load_classifier(
+    path: str | Path, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int | SessionConfig = 0
+) -> OnnxClassifier | EnsembleClassifier:
     """An :class:`OnnxClassifier` for ``*.onnx``, an :class:`EnsembleClassifier` for ``*.ensemble.json``."""
     if str(path).endswith(ENSEMBLE_SUFFIX):
         return EnsembleClassifier.from_path(path, providers=providers, threads=threads)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from mien.runtime import DEFAULT_PROVIDERS
+from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
 
 MEGABYTE = 1024 * 1024
 # OpenCV refuses to decode more than 2**30 pixels (OPENCV_IO_MAX_IMAGE_PIXELS); a higher limit would lie.
@@ -42,6 +42,22 @@ class Settings(BaseSettings):
     threads: int = Field(
         0, ge=0, le=256, description="onnxruntime intra-op threads per model; 0 = onnxruntime's choice"
     )
+    # onnxruntime session options (mien.runtime.SessionConfig explains each choice).
+    inter_op_threads: int = Field(
+        1, ge=0, le=256, description="onnxruntime inter-op threads; used only by parallel graphs, mien's are chains"
+    )
+    graph_optimization: Literal["disabled", "basic", "extended", "all"] = Field(
+        "all", description="onnxruntime graph optimisation level"
+    )
+    ort_spinning: bool = Field(
+        False, description="let onnxruntime's threads busy-wait between operators (faster alone, costly when shared)"
+    )
+    # Dynamic micro-batching (service/batching.py): faces of concurrent /predict requests share one call.
+    batching: bool = Field(True, description="merge faces of concurrent requests into shared classifier calls")
+    batch_max_size: int = Field(32, ge=1, le=1024, description="most faces in one classifier call")
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0.0, le=1000.0, description="longest a face waits for others to join its batch, milliseconds"
+    )
     detector: Literal["onnx", "haar"] = Field(
         "onnx", description="face detector: onnx (MTCNN with landmarks, the default) or haar (OpenCV's cascade)"
     )
@@ -52,6 +68,10 @@ class Settings(BaseSettings):
     face_threshold: float = Field(
         0.9, gt=0.0, lt=1.0, description="detector score a face needs (onnx only; the threshold default)"
     )
+
+    def session_config(self) -> SessionConfig:
+        """The onnxruntime session options these settings ask for (every model and the detector)."""
+        return SessionConfig(self.threads, self.inter_op_threads, self.graph_optimization, self.ort_spinning)
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from mien import __version__
 from service.config import Settings
-from service.detectors import detector_dir, load_detectors
+from service.detectors import detector_dir, load_detectors, warm_up_detectors
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import PredictMetricsMiddleware, ServiceMetrics
@@ -31,15 +31,25 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     folder = detector_dir(settings.detector_dir, settings.model_dir)
-    app.state.detectors = load_detectors(settings.detector, folder, settings.providers, settings.threads,
+    session = settings.session_config()
+    app.state.detectors = load_detectors(settings.detector, folder, settings.providers, session,
                                          settings.min_face, settings.face_threshold)  # fmt: skip
     log.info("face detectors %s (default %s, from %s)", sorted(app.state.detectors), settings.detector, folder)
-    app.state.models = ModelRegistry.load(
-        settings.model_dir, settings.default_model, settings.providers, settings.threads
-    )
-    app.state.metrics.observe_models(app.state.models)
-    log.info("serving models %s (default %s)", app.state.models.ids, settings.default_model)
-    yield
+    models = ModelRegistry.load(settings.model_dir, settings.default_model, settings.providers, session)
+    app.state.models = models  # /ready answers 503 until the warm-up below is done
+    app.state.metrics.observe_models(models)
+    log.info("serving models %s (default %s)", models.ids, settings.default_model)
+    warm_up_detectors(app.state.detectors)
+    warmup_ms = models.warm_up((1, settings.batch_max_size) if settings.batching else (1,))
+    log.info("warm-up ms per model: %s", ", ".join(f"{m}={ms:.0f}" for m, ms in sorted(warmup_ms.items())))
+    if settings.batching:
+        batch_size = app.state.metrics.batch_size
+        models.start_batching(settings.batch_max_size, settings.batch_max_wait_ms,
+                              lambda model_id, faces: batch_size.labels(model=model_id).observe(faces))  # fmt: skip
+    try:
+        yield
+    finally:
+        models.close()  # stops the batchers' worker threads
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

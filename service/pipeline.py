@@ -16,6 +16,7 @@ from mien.ensemble import EnsembleClassifier
 from mien.preprocess import expand_box
 from mien.runtime import OnnxClassifier
 from service.align import align_face
+from service.batching import MicroBatcher
 from service.detect import Detections, FaceDetector, detect_faces
 
 
@@ -42,6 +43,8 @@ class Prediction:
     probabilities: np.ndarray
     labels: tuple[str, ...]
     truncated: int = 0  # faces found beyond max_faces and not classified
+    # Classifier calls made for this image alone; empty when its faces went through the shared micro-batcher,
+    # which records the sizes of the calls it makes (they hold other requests' faces too).
     batch_sizes: list[int] = field(default_factory=list)
     scores: np.ndarray | None = None  # detector confidence per face, when the detector gives one
     landmarks: np.ndarray | None = None  # N×5×2 (eyes, nose, mouth corners), when the detector gives them
@@ -59,7 +62,7 @@ def crop_faces(image: np.ndarray, boxes: np.ndarray, margin: float) -> list[np.n
 
 def predict_faces(
     image: np.ndarray,
-    classifier: OnnxClassifier | EnsembleClassifier,
+    classifier: OnnxClassifier | EnsembleClassifier | MicroBatcher,
     detector: FaceDetector,
     timer: StageTimer,
     detect: bool = True,
@@ -68,7 +71,8 @@ def predict_faces(
     threshold: float | None = None,
     align: bool = True,
 ) -> Prediction:
-    """Classify every face in ``image`` (BGR uint8) in one batched onnxruntime call.
+    """Classify every face in ``image`` (BGR uint8) in one batched onnxruntime call (shared with concurrent
+    requests when ``classifier`` is a :class:`MicroBatcher`).
 
     With ``detect=False`` the whole image is taken to be one face crop. Faces with landmarks are aligned
     (``service.align``) when ``align`` is true; the others are cropped with the spec's margin, as in training.
@@ -96,7 +100,7 @@ def predict_faces(
         probabilities=probabilities,
         labels=spec.labels,
         truncated=truncated,
-        batch_sizes=[len(boxes)] if len(boxes) else [],
+        batch_sizes=[len(boxes)] if len(boxes) and not isinstance(classifier, MicroBatcher) else [],
         scores=found.scores,
         landmarks=found.landmarks,
         aligned=aligned,

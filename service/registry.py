@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
-from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier
+from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
+from service.batching import MicroBatcher
 from service.errors import ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -26,6 +31,12 @@ class LoadedModel:
     classifier: OnnxClassifier | EnsembleClassifier
     path: Path
     card: dict[str, Any] | None = None
+    batcher: MicroBatcher | None = None  # set by ModelRegistry.start_batching
+
+    @property
+    def runner(self) -> OnnxClassifier | EnsembleClassifier | MicroBatcher:
+        """What /predict hands its face crops to: the shared micro-batcher, or the classifier itself."""
+        return self.batcher if self.batcher is not None else self.classifier
 
     @property
     def model_id(self) -> str:
@@ -86,6 +97,8 @@ class ModelRegistry:
     default_id: str
     model_dir: Path
     refused: dict[str, str] = field(default_factory=dict)
+    warm: bool = False  # set by warm_up: /ready waits for it
+    warmup_ms: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -93,7 +106,7 @@ class ModelRegistry:
         model_dir: Path,
         default_id: str,
         providers: tuple[str, ...] = DEFAULT_PROVIDERS,
-        threads: int = 0,
+        threads: int | SessionConfig = 0,
     ) -> ModelRegistry:
         models: dict[str, LoadedModel] = {}
         refused: dict[str, str] = {}
@@ -152,10 +165,12 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Ready when the default model is loaded: requests that name no model must work."""
-        return self.default_id in self.models
+        """Ready when the default model is loaded (requests that name no model must work) and warmed up."""
+        return self.default_id in self.models and self.warm
 
     def not_ready_reason(self) -> str:
+        if self.default_id in self.models:
+            return "the models are warming up; retry in a moment"
         if not self.models:
             refused = "; ".join(f"{name}: {why}" for name, why in self.refused.items())
             return f"no model loaded from {self.model_dir}" + (f" (refused: {refused})" if refused else "")
@@ -163,6 +178,36 @@ class ModelRegistry:
             f"the default model {self.default_id!r} is not loaded; loaded models: {', '.join(self.ids)} "
             "(set MIEN_DEFAULT_MODEL)"
         )
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> dict[str, float]:
+        """Classify a grey dummy face at each batch size with every model, so that onnxruntime's first-run
+        work (memory plans per input shape, kernel set-up) is not paid by the first request. Milliseconds
+        per model, also kept in ``warmup_ms``."""
+        for model_id, loaded in self.models.items():
+            spec = loaded.classifier.spec
+            face = np.full((*spec.input_size, 3), 128, np.uint8)
+            start = time.perf_counter()
+            for size in batch_sizes:
+                loaded.classifier.predict_crops([face] * size)
+            self.warmup_ms[model_id] = (time.perf_counter() - start) * 1000.0
+        self.warm = True
+        return dict(self.warmup_ms)
+
+    def start_batching(
+        self, max_size: int, max_wait_ms: float, on_batch: Callable[[str, int], None] | None = None
+    ) -> None:
+        """One :class:`MicroBatcher` per served model; ``on_batch(model_id, faces)`` after every call."""
+        for model_id, loaded in list(self.models.items()):
+            record = None if on_batch is None else (lambda n, model_id=model_id: on_batch(model_id, n))
+            batcher = MicroBatcher(loaded.classifier, max_size, max_wait_ms, record, name=model_id)
+            self.models[model_id] = replace(loaded, batcher=batcher)
+
+    def close(self) -> None:
+        """Stop every batcher (waiting requests are answered first)."""
+        for model_id, loaded in list(self.models.items()):
+            if loaded.batcher is not None:
+                loaded.batcher.close()
+                self.models[model_id] = replace(loaded, batcher=None)
 
     def get(self, model_id: str) -> LoadedModel:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mien.runtime import DEFAULT_PROVIDERS
+from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
 from service.detect import FaceDetector, HaarFaceDetector
 from service.detectors.mtcnn import MtcnnDetector
 
@@ -28,7 +28,7 @@ def load_detectors(
     default: str,
     folder: Path,
     providers: tuple[str, ...] = DEFAULT_PROVIDERS,
-    threads: int = 0,
+    threads: int | SessionConfig = 0,
     min_face: int = 20,
     threshold: float = 0.9,
 ) -> dict[str, FaceDetector]:
@@ -45,3 +45,14 @@ def load_detectors(
             raise
         log.warning("no ONNX face detector in %s; serving the Haar cascade only", folder)
     return detectors
+
+
+def warm_up_detectors(detectors: dict[str, FaceDetector]) -> list[str]:
+    """Run every detector that can warm up (the ONNX one) once; the names of those that did."""
+    warmed = []
+    for name, detector in detectors.items():
+        warm_up = getattr(detector, "warm_up", None)
+        if callable(warm_up):
+            warm_up()
+            warmed.append(name)
+    return warmed

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from mien.runtime import DEFAULT_PROVIDERS, make_session
+from mien.runtime import DEFAULT_PROVIDERS, SessionConfig, make_session
 from service.detect import Detections
 from service.detectors.nms import apply_regression, nms, square, to_xywh
 
@@ -103,7 +103,11 @@ class MtcnnDetector:
 
     @classmethod
     def from_dir(
-        cls, folder: str | Path = DEFAULT_DIR, providers: tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0, **kw
+        cls,
+        folder: str | Path = DEFAULT_DIR,
+        providers: tuple[str, ...] = DEFAULT_PROVIDERS,
+        threads: int | SessionConfig = 0,
+        **kw,
     ) -> MtcnnDetector:
         folder = Path(folder)
         paths = [folder / f"mtcnn_{net}.onnx" for net in ("pnet", "rnet", "onet")]
@@ -118,6 +122,13 @@ class MtcnnDetector:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.detect(image).boxes
+
+    def warm_up(self, side: int = 480) -> None:
+        """Run each of the three nets once (P-Net on a ``side``-pixel image, R-Net and O-Net on one patch),
+        so that the first request does not pay for onnxruntime's first-run allocations."""
+        self.pnet.run(None, {"image": np.zeros((1, 3, side, side), np.float32)})
+        self.rnet.run(None, {"image": np.zeros((1, 3, 24, 24), np.float32)})
+        self.onet.run(None, {"image": np.zeros((1, 3, 48, 48), np.float32)})
 
     def detect(self, image: np.ndarray, min_face: int | None = None, threshold: float | None = None) -> Detections:
         """Faces in a BGR (or gray) uint8 image, largest first, with scores and landmarks."""

@@ -88,7 +88,7 @@ def predict(
     timer = StageTimer()
     with timer.stage("decode"):
         image = decode_image(data, settings.max_pixels)
-    prediction = predict_faces(image, loaded.classifier, detector, timer, detect=detect, max_faces=limit,
+    prediction = predict_faces(image, loaded.runner, detector, timer, detect=detect, max_faces=limit,
                                min_face=min_face or settings.min_face, threshold=threshold or settings.face_threshold,
                                align=align)  # fmt: skip
     total_ms = (time.perf_counter() - start) * 1000.0

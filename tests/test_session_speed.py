@@ -1,0 +1,119 @@
+"""onnxruntime session options (mien.runtime.SessionConfig), the IO-binding path, and warm-up at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from mien.runtime import OnnxClassifier, SessionConfig, make_session, run_io_bound
+from service.config import Settings
+from service.detectors.mtcnn import MtcnnDetector
+from service.registry import ModelRegistry
+from tests.conftest import make_client
+
+CPU = ("CPUExecutionProvider",)
+MINI = Path(__file__).resolve().parents[1] / "models" / "mini_xception.onnx"
+
+
+def test_session_options_are_the_ones_asked_for():
+    config = SessionConfig(intra_op_threads=2, inter_op_threads=1, optimization="extended", spinning=False)
+    options = make_session(MINI, CPU, config).get_session_options()
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.enable_mem_pattern and options.enable_cpu_mem_arena
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_a_thread_count_alone_still_works_and_means_intra_op_threads():
+    options = make_session(MINI, CPU, 1).get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_unknown_optimisation_level_is_refused():
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        SessionConfig(optimization="turbo")
+
+
+def test_settings_reach_every_session(model_dir):
+    settings = Settings(threads=1, inter_op_threads=2, graph_optimization="basic", ort_spinning=True)
+    assert settings.session_config() == SessionConfig(1, 2, "basic", True)
+    with make_client(model_dir, threads=1, graph_optimization="basic", ort_spinning=True) as client:
+        session = client.app.state.models.get("mini_xception").classifier.session
+        detector = client.app.state.detectors["onnx"]
+        for options in (session.get_session_options(), detector.pnet.get_session_options()):
+            assert options.intra_op_num_threads == 1
+            assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+# --- IO binding: the CUDA path, exercised on the CPU provider ---------------------------------------
+
+
+def test_io_binding_gives_the_plain_run_result_on_cpu(monkeypatch):
+    session = make_session(MINI, CPU)
+    bound = OnnxClassifier(session, io_binding=True)
+    plain = OnnxClassifier(session, io_binding=False)
+    runs = []
+    original = session.run_with_iobinding
+    monkeypatch.setattr(
+        session, "run_with_iobinding", lambda binding, *a: runs.append(binding) or original(binding, *a)
+    )
+    batch = np.random.default_rng(0).normal(size=(5, 1, 48, 48)).astype(np.float32)
+    assert np.array_equal(bound(batch), plain(batch))
+    assert len(runs) == 1  # the bound classifier really went through IO binding, the plain one did not
+    assert bound.io_device == "cpu"
+    raw = run_io_bound(session, bound.input_name, bound.output_name, batch, "cpu")
+    assert np.array_equal(raw, session.run(None, {bound.input_name: batch})[0])
+
+
+def test_io_binding_is_chosen_for_cuda_sessions_only(monkeypatch):
+    session = make_session(MINI, CPU)
+    assert OnnxClassifier(session).io_binding is False  # CPU: plain run
+    monkeypatch.setattr(session, "get_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(session, "get_provider_options", lambda: {"CUDAExecutionProvider": {"device_id": "1"}})
+    cuda = OnnxClassifier(session)
+    assert cuda.io_binding is True and (cuda.io_device, cuda.io_device_id) == ("cuda", 1)
+
+
+# --- warm-up --------------------------------------------------------------------------------------
+
+
+def test_start_up_warms_every_model_and_the_detector_before_any_request(model_dir, monkeypatch):
+    batches: list[tuple[str, int]] = []
+    original_call = OnnxClassifier.__call__
+
+    def spy(self, batch):
+        batches.append((self.model_id, len(batch)))
+        return original_call(self, batch)
+
+    detector_warmups = []
+    original_warm = MtcnnDetector.warm_up
+    monkeypatch.setattr(OnnxClassifier, "__call__", spy)
+    monkeypatch.setattr(MtcnnDetector, "warm_up", lambda self: detector_warmups.append(self) or original_warm(self))
+    with make_client(model_dir, batch_max_size=8) as client:
+        # Nothing has been posted: these runs are the warm-up's, at batch 1 and at the largest batch.
+        assert batches == [("mini_xception", 1), ("mini_xception", 8)]
+        assert len(detector_warmups) == 1
+        models = client.app.state.models
+        assert models.warm and set(models.warmup_ms) == {"mini_xception"}
+        assert client.get("/ready").status_code == 200
+
+
+def test_ready_waits_for_the_warm_up(model_dir, monkeypatch):
+    monkeypatch.setattr(ModelRegistry, "warm_up", lambda self, sizes=(1,): {})  # a warm-up that never finishes
+    with make_client(model_dir) as client:
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert "warming up" in response.json()["error"]["message"]
+
+
+def test_registry_is_ready_only_once_warm(model_dir):
+    registry = ModelRegistry.load(model_dir, "mini_xception", CPU)
+    assert not registry.ready and "warming up" in registry.not_ready_reason()
+    assert set(registry.warm_up()) == {"mini_xception"}
+    assert registry.ready
