@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * MEGABYTE, gt=0, le=1024 * MEGABYTE, description="largest accepted image file")
     max_pixels: int = Field(40_000_000, gt=0, le=OPENCV_MAX_PIXELS, description="largest accepted width × height")
     max_faces: int = Field(50, gt=0, le=1000, description="faces classified per image, largest first")
+    # Load limits on the inference routes (/predict, /v2/.../infer), enforced in service/limits.py.
+    max_concurrency: int = Field(32, gt=0, le=1024, description="inference requests worked on at once")
+    max_queue: int = Field(64, ge=0, le=100_000, description="inference requests waiting beyond those; more get 503")
+    request_timeout: float = Field(
+        30.0, gt=0.0, le=3600.0, description="seconds an inference request may take before it is answered 504"
+    )
+    retry_after: int = Field(1, ge=1, le=3600, description="seconds a 503 (busy) answer asks the client to wait")
+    max_query_bytes: int = Field(4096, ge=256, le=65536, description="longest accepted query string (after ?)")
     # Comma-separated in the environment: MIEN_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider (or cuda,cpu).
     providers: Annotated[tuple[str, ...], NoDecode] = Field(DEFAULT_PROVIDERS, min_length=1)
     threads: int = Field(

@@ -22,6 +22,7 @@ _DEFAULT_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
     503: "not_ready",
 }
@@ -30,8 +31,8 @@ _DEFAULT_CODES = {
 class ServiceError(HTTPException):
     """An error with a stable machine-readable ``code`` and a message a person can act on."""
 
-    def __init__(self, status_code: int, code: str, message: str) -> None:
-        super().__init__(status_code=status_code, detail=message)
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status_code, detail=message, headers=headers)
         self.code = code
         self.message = message
 

@@ -1,36 +1,154 @@
-"""Refuse oversized request bodies before they are read into memory or spooled to disk.
+"""Every request limit, set from :class:`~service.config.Settings` and applied before a route does any work.
 
-A declared ``Content-Length`` over the limit is answered with 413 without reading the body; a body
-without one (chunked) is counted while it streams and stopped as soon as it passes the limit.
+One pure ASGI middleware, :class:`RequestLimitsMiddleware`, answers in the service's error shape:
+
+======================  ====================================  ======================================
+limit (setting)         applies to                            answer
+======================  ====================================  ======================================
+``max_query_bytes``     every request                         414 ``uri_too_long``
+``max_upload_bytes``    every request body (+ multipart room)  413 ``too_large``, without reading it
+``max_concurrency``     inference routes: worked on at once   beyond it, requests wait in the queue
+``max_queue``           inference routes: waiting             beyond it, 503 ``busy`` + Retry-After
+``request_timeout``     inference routes, queue included      504 ``timeout``
+======================  ====================================  ======================================
+
+The two limits that need the image itself are applied where the image is read, from the same settings:
+``max_pixels`` by :func:`service.imaging.decode_image` from the file header before decoding (413
+``too_many_pixels``), ``max_faces`` by the pipeline (faces beyond it are counted in ``faces_omitted``).
+
+A declared ``Content-Length`` over the body limit is answered with 413 before a byte of the body is read;
+a body without one (chunked) is counted while it streams and stopped as soon as it passes the limit.
+Uploads are parsed in memory only (:func:`keep_uploads_in_memory`): the body limit bounds that memory,
+and no image ever touches the disk.
+
+The inference routes (``POST /predict``, ``POST /v2/models/.../infer``) are admitted while fewer than
+``max_concurrency + max_queue`` are in flight; the rest get 503 at once instead of queueing without bound.
+``/health``, ``/ready``, ``/metrics`` and the rest are never queued, so probes answer under load. A
+request that is not answered within ``request_timeout`` seconds gets 504; work already running in a
+worker thread cannot be interrupted, so it keeps its slot until it ends and its result is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
+import sys
+
+from fastapi import FastAPI
 from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.config import Settings
 from service.errors import TooLarge, error_response
 
+log = logging.getLogger(__name__)
 
-class BodySizeLimitMiddleware:
-    """Pure ASGI middleware: 413 in the service's error shape for bodies over ``max_body_bytes``."""
+# Room for the multipart envelope (boundaries, part headers, other small fields) around the file itself.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, hint: str = "") -> None:
+
+def is_inference(scope: Scope) -> bool:
+    """POST /predict and POST /v2/models/{id}[/versions/{v}]/infer: the routes that run models."""
+    path = scope["path"].rstrip("/")
+    return scope["method"] == "POST" and (
+        path == "/predict" or (path.startswith("/v2/models/") and path.endswith("/infer"))
+    )
+
+
+def keep_uploads_in_memory() -> None:
+    """Never let Starlette roll an uploaded file over to a temporary file on disk.
+
+    Starlette keeps each uploaded file in a ``SpooledTemporaryFile`` that moves to disk past
+    ``MultiPartParser.spool_max_size`` (1 MB). Uploads here are faces: they stay in memory, whose use the
+    body-size limit bounds. The attribute is Starlette's documented knob and is process-wide.
+    """
+    if not hasattr(MultiPartParser, "spool_max_size"):  # a Starlette that moved the knob: fail loudly, not quietly
+        raise RuntimeError("starlette.formparsers.MultiPartParser has no spool_max_size; uploads could reach the disk")
+    MultiPartParser.spool_max_size = sys.maxsize
+
+
+class LoadLimiter:
+    """Admission for the inference routes: ``max_concurrency`` run, ``max_queue`` wait in order, others are refused.
+
+    Counters only, no asyncio primitive bound to an event loop, so one app can be served by several loops
+    (as tests do). Lives on ``app.state.load_limiter``.
+    """
+
+    def __init__(self, max_concurrency: int, max_queue: int) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.running = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
+    @property
+    def full(self) -> bool:
+        return self.running + self.waiting >= self.max_concurrency + self.max_queue
+
+    async def acquire(self) -> None:
+        if self.running < self.max_concurrency and not self.waiting:
+            self.running += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # release() hands its slot over: `running` stays counted for us
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot arrived as we were cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.running -= 1
+
+
+class RequestLimitsMiddleware:
+    """Query length, body size, admission and timeout, in the service's one error shape."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, limiter: LoadLimiter) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.hint = hint
+        self.max_body_bytes = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+        self.max_upload_bytes = settings.max_upload_bytes
+        self.max_query_bytes = settings.max_query_bytes
+        self.timeout = settings.request_timeout
+        self.retry_after = settings.retry_after
+        self.limiter = limiter
+        self._abandoned: set[asyncio.Task[None]] = set()  # timed-out work still running; kept from the GC
 
-    def _message(self, size: int | None) -> str:
+    def _too_large(self, size: int | None) -> str:
         got = f"the request body is {size} bytes" if size is not None else "the request body is too large"
-        return f"{got}, over the limit of {self.max_body_bytes} bytes{self.hint}"
+        return (
+            f"{got}, over the limit of {self.max_body_bytes} bytes (MIEN_MAX_UPLOAD_BYTES={self.max_upload_bytes} "
+            "plus room for the multipart envelope); send a smaller image"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        query = scope.get("query_string", b"")
+        if len(query) > self.max_query_bytes:
+            message = (
+                f"the query string is {len(query)} bytes, over the limit of {self.max_query_bytes} "
+                "(MIEN_MAX_QUERY_BYTES); send the image in the body and only short parameters such as ?model=..."
+            )
+            await error_response(414, "uri_too_long", message)(scope, receive, send)
+            return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            response = error_response(413, "too_large", self._message(int(declared)), headers={"Connection": "close"})
+            response = error_response(413, "too_large", self._too_large(int(declared)), headers={"Connection": "close"})
             await response(scope, receive, send)
             return
 
@@ -43,7 +161,78 @@ class BodySizeLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     # An HTTPException, so FastAPI's body parsing re-raises it and the error handler answers.
-                    raise TooLarge(self._message(None))
+                    raise TooLarge(self._too_large(None))
             return message
 
-        await self.app(scope, limited_receive, send)
+        if not is_inference(scope):
+            await self.app(scope, limited_receive, send)
+            return
+        await self._admitted(scope, limited_receive, send)
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limiter = self.limiter
+        if limiter.full:
+            message = (
+                f"the service is busy: {limiter.running} requests are being worked on and {limiter.waiting} are "
+                f"waiting (MIEN_MAX_CONCURRENCY={limiter.max_concurrency}, MIEN_MAX_QUEUE={limiter.max_queue}); "
+                f"retry in {self.retry_after} s"
+            )
+            await error_response(503, "busy", message, headers={"Retry-After": str(self.retry_after)})(
+                scope, receive, send
+            )
+            return
+
+        started = False  # the request holds a slot (it left the queue)
+        answered = False  # a response has started, from the route or from the timeout below
+        timed_out = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal answered
+            if timed_out:  # the client already has its 504; what the route answers late goes nowhere
+                return
+            if message["type"] == "http.response.start":
+                answered = True
+            await send(message)
+
+        async def run() -> None:
+            nonlocal started
+            await limiter.acquire()
+            started = True
+            try:
+                await self.app(scope, receive, guarded_send)
+            finally:
+                limiter.release()
+
+        task = asyncio.ensure_future(run())
+        done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        if done or answered:
+            await task  # finished, or streaming its answer: let it end (and raise what it raised)
+            return
+        timed_out = True
+        if started:
+            # A worker thread cannot be stopped: let the work end in the background, still holding its slot.
+            self._abandoned.add(task)
+            task.add_done_callback(self._forget)
+            where = "was being worked on"
+        else:
+            task.cancel()
+            where = "was still waiting for a free slot"
+        message = (
+            f"the request took longer than {self.timeout:g} s (MIEN_REQUEST_TIMEOUT) and {where}; "
+            "retry, or send a smaller image or fewer faces"
+        )
+        await error_response(504, "timeout", message, headers={"Retry-After": str(self.retry_after)})(
+            scope, receive, send
+        )
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a request that had timed out failed afterwards", exc_info=task.exception())
+
+
+def install_limits(app: FastAPI, settings: Settings) -> None:
+    """Add the limits middleware (with its admission counters on ``app.state.load_limiter``)."""
+    keep_uploads_in_memory()
+    app.state.load_limiter = LoadLimiter(settings.max_concurrency, settings.max_queue)
+    app.add_middleware(RequestLimitsMiddleware, settings=settings, limiter=app.state.load_limiter)

@@ -16,15 +16,12 @@ from mien import __version__
 from service.config import Settings
 from service.detectors import detector_dir, load_detectors, warm_up_detectors
 from service.errors import install_error_handlers
-from service.limits import BodySizeLimitMiddleware
+from service.limits import install_limits
 from service.metrics import PredictMetricsMiddleware, ServiceMetrics
 from service.registry import ModelRegistry
 from service.routes import health, metrics, models, predict, v2, web
 
 log = logging.getLogger(__name__)
-
-# Room for the multipart envelope (boundaries, part headers, other small fields) around the file itself.
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 @asynccontextmanager
@@ -64,13 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
-    # Added last = runs first: metrics see every /predict answer, including the body-limit 413.
-    app.add_middleware(
-        BodySizeLimitMiddleware,
-        max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
-        hint=f" (MIEN_MAX_UPLOAD_BYTES={settings.max_upload_bytes} plus room for the multipart envelope); "
-        "send a smaller image",
-    )
+    # Added last = runs first: metrics see every /predict answer, including the limits' 413, 414, 503 and 504.
+    install_limits(app, settings)  # body, query, concurrency, queue and timeout: service/limits.py
     app.add_middleware(PredictMetricsMiddleware)
     for module in (predict, models, health, metrics, v2, web):
         app.include_router(module.router)
