@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.datastructures import UploadFile
 
 from service.config import Settings
 from service.detect import FaceDetector
@@ -41,6 +42,16 @@ def pick_detector(detectors: dict[str, FaceDetector], name: str) -> FaceDetector
         raise ServiceError(400, "unavailable_detector", f"detector {name!r} is not loaded here; loaded: "
                            f"{', '.join(sorted(detectors))} (the onnx one needs `mien export detector`)")  # fmt: skip
     return detectors[name]
+
+
+async def one_upload(request: Request) -> None:
+    """400 when a request carries more than one file: a single image per request, never a silent pick of one."""
+    form = await request.form()  # the form FastAPI has already parsed for the route (cached on the request)
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if len(files) > 1:
+        fields = ", ".join(sorted({key for key, value in form.multi_items() if isinstance(value, UploadFile)}))
+        raise ServiceError(400, "too_many_files", f"the request carries {len(files)} files (form fields: {fields}); "
+                           "send one image per request, in the field 'file'")  # fmt: skip
 
 
 def get_metrics(request: Request) -> ServiceMetrics:

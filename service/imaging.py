@@ -23,14 +23,13 @@ ACCEPTED_MEDIA_TYPES = {
     "image/bmp": "bmp",
     "image/x-bmp": "bmp",
     "image/x-ms-bmp": "bmp",
+    "image/gif": "gif",
 }
 GENERIC_MEDIA_TYPES = {"", "application/octet-stream", "binary/octet-stream"}
-SUPPORTED = "JPEG, PNG, WebP or BMP"
+SUPPORTED = "JPEG, PNG, WebP, BMP or GIF"
 
 # Recognisable formats we do not serve: named in the 415 message so the user knows what they sent.
 _OTHER_SIGNATURES = (
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
     (b"%PDF", "PDF"),
@@ -42,7 +41,7 @@ _OTHER_SIGNATURES = (
 
 
 def sniff_format(data: bytes) -> str | None:
-    """'jpeg', 'png', 'webp' or 'bmp' from the magic bytes, else None."""
+    """'jpeg', 'png', 'webp', 'bmp' or 'gif' from the magic bytes, else None."""
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -51,6 +50,8 @@ def sniff_format(data: bytes) -> str | None:
         return "webp"
     if data.startswith(b"BM") and len(data) >= 26:
         return "bmp"
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 13:
+        return "gif"
     return None
 
 
@@ -123,6 +124,27 @@ def _bmp_size(data: bytes) -> tuple[int, int] | None:
     return abs(width), abs(height)  # negative height means top-down rows
 
 
+def _gif_size(data: bytes) -> tuple[int, int]:
+    """The logical screen, grown to hold the first frame (which may claim to be larger than the screen)."""
+    width, height = struct.unpack("<HH", data[6:10])
+    flags, pos = data[10], 13
+    if flags & 0x80:  # global colour table
+        pos += 3 * 2 ** ((flags & 0x07) + 1)
+    while pos < len(data):
+        block = data[pos]
+        if block == 0x21:  # extension: label, then sub-blocks until a zero length
+            pos += 2
+            while pos < len(data) and data[pos]:
+                pos += data[pos] + 1
+            pos += 1
+        elif block == 0x2C and pos + 9 <= len(data):  # the first image descriptor
+            left, top, frame_w, frame_h = struct.unpack("<HHHH", data[pos + 1 : pos + 9])
+            return max(width, left + frame_w), max(height, top + frame_h)
+        else:
+            break
+    return width, height
+
+
 def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
     """(width, height) read from the header of a sniffed image, or None when the header does not say."""
     if fmt == "png":
@@ -133,6 +155,8 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
         return _webp_size(data)
     if fmt == "bmp":
         return _bmp_size(data)
+    if fmt == "gif":
+        return _gif_size(data)
     return None
 
 
@@ -170,7 +194,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise BadImage(f"the {fmt.upper()} header declares an empty image ({size[0]}×{size[1]})")
         _check_pixels(*size, max_pixels)
     try:
-        # IMREAD_COLOR applies the EXIF orientation (OpenCV 4.x) and always gives 8-bit BGR.
+        # IMREAD_COLOR applies the EXIF orientation (OpenCV 4.x), always gives 8-bit BGR (16-bit, alpha, palette,
+        # grey and CMYK alike) and reads the first frame of an animated GIF.
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as exc:
         raise BadImage(f"could not decode the {fmt.upper()} image: {str(exc).strip().splitlines()[-1]}") from None

@@ -7,9 +7,9 @@ import time
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query, UploadFile
 
-from service.deps import DetectorsDep, MetricsDep, ModelsDep, SettingsDep, pick_detector
+from service.deps import DetectorsDep, MetricsDep, ModelsDep, SettingsDep, one_upload, pick_detector
 from service.errors import NotReady, TooLarge
 from service.imaging import SUPPORTED, check_media_type, decode_image
 from service.pipeline import Prediction, StageTimer, predict_faces
@@ -40,8 +40,9 @@ def _faces(prediction: Prediction) -> list[Face]:
 @router.post(
     "/predict",
     response_model=PredictResponse,
-    responses=error_responses(400, 404, 413, 415, 503),
+    responses=error_responses(400, 404, 413, 414, 415, 503, 504),
     summary="Find every face in a photo and classify its expression",
+    dependencies=[Depends(one_upload)],
 )
 def predict(
     file: Annotated[UploadFile, File(description=f"the photo: a {SUPPORTED} image")],

@@ -1,0 +1,412 @@
+"""The catalogue of bad and awkward inputs (docs/robustness.md): each gets its own status and error code, or a
+correct answer when the input is a valid image; none gets a 5xx, and the service answers afterwards.
+
+Every image is made here, from scikit-image's astronaut photo (one face) and coffee photo (none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from tests.conftest import CPU, make_client
+
+ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
+# Where the astronaut's face is in skimage's 512×512 photo (as in test_service_api.py).
+FACE_X, FACE_Y = (170, 275), (55, 170)
+V2_INFER = "/v2/models/mini_xception/infer"
+
+
+# --- images, made in code ------------------------------------------------------------------------
+
+
+def astronaut() -> np.ndarray:
+    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+
+
+def encode(image: np.ndarray, ext: str, params: tuple[int, ...] = ()) -> bytes:
+    ok, buf = cv2.imencode(ext, image, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+def pil_bytes(image: Image.Image, fmt: str, **save: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def astronaut_pil() -> Image.Image:
+    return Image.fromarray(data.astronaut())
+
+
+def png_16bit() -> bytes:
+    return encode(astronaut().astype(np.uint16) * 257, ".png")
+
+
+def png_rgba() -> bytes:
+    alpha = np.full((512, 512, 1), 255, np.uint8)
+    alpha[:64, :64] = 0  # a transparent corner
+    return encode(np.concatenate([astronaut(), alpha], axis=2), ".png")
+
+
+def gif_animated(face_first: bool) -> bytes:
+    face, other = astronaut_pil(), Image.fromarray(data.coffee()).resize((512, 512))
+    frames = [face, other] if face_first else [other, face]
+    return pil_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
+
+
+def jpeg_exif(orientation: int) -> bytes:
+    """The astronaut stored turned so that EXIF ``orientation`` shows her upright again."""
+    stored = {6: cv2.ROTATE_90_COUNTERCLOCKWISE, 3: cv2.ROTATE_180, 8: cv2.ROTATE_90_CLOCKWISE}[orientation]
+    turned = cv2.cvtColor(cv2.rotate(astronaut(), stored), cv2.COLOR_BGR2RGB)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return pil_bytes(Image.fromarray(turned), "JPEG", exif=exif, quality=95)
+
+
+def panorama() -> bytes:
+    """10,000 × 512 pixels, the astronaut at x = 7000."""
+    canvas = np.full((512, 10_000, 3), 127, np.uint8)
+    canvas[:, 7000:7512] = astronaut()
+    return encode(canvas, ".jpg")
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A well-formed PNG header (valid CRC) declaring width × height, with a few bytes of pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(bytes(1024))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real JPEG whose frame header (SOF0) is rewritten to declare width × height."""
+    jpeg = bytearray(encode(astronaut(), ".jpg"))
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(jpeg)
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    gif = bytearray(pil_bytes(astronaut_pil().resize((16, 16)), "GIF"))
+    gif[6:10] = struct.pack("<HH", width, height)
+    return bytes(gif)
+
+
+def garbage() -> bytes:
+    return np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+
+
+# --- the catalogue -------------------------------------------------------------------------------
+
+
+def files(content: bytes, media_type: str = "image/jpeg", name: str = "photo.jpg", field: str = "file") -> dict:
+    return {"files": {field: (name, content, media_type)}}
+
+
+def one_face_at_the_astronaut(body: dict) -> None:
+    assert len(body["faces"]) == 1, body
+    box = body["faces"][0]["box"]
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    assert FACE_X[0] < cx < FACE_X[1] and FACE_Y[0] < cy < FACE_Y[1], box
+
+
+def size_is(width: int, height: int) -> Callable[[dict], None]:
+    def check(body: dict) -> None:
+        assert body["image"] == {"width": width, "height": height}
+
+    return check
+
+
+def all_of(*checks: Callable[[dict], None]) -> Callable[[dict], None]:
+    def check(body: dict) -> None:
+        for each in checks:
+            each(body)
+
+    return check
+
+
+def no_faces(body: dict) -> None:
+    assert body["faces"] == [] and body["faces_omitted"] == 0
+
+
+def message_has(*parts: str) -> Callable[[dict], None]:
+    def check(body: dict) -> None:
+        for part in parts:
+            assert part in body["error"]["message"], (part, body)
+
+    return check
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    request: Callable[[], dict]  # keyword arguments for TestClient.request, besides method and url
+    status: int
+    code: str | None  # the error code; None for a 200
+    url: str = "/predict"
+    check: Callable[[dict], None] | None = None
+    method: str = "POST"
+    no_decode: bool = False  # refused from the header alone: OpenCV's decoder must not be called
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def _panorama_face(body: dict) -> None:
+    assert body["image"] == {"width": 10_000, "height": 512}
+    assert len(body["faces"]) == 1
+    box = body["faces"][0]["box"]
+    assert 7000 + FACE_X[0] < box["x"] + box["width"] / 2 < 7000 + FACE_X[1], box
+
+
+def _one_pixel_whole_image(body: dict) -> None:
+    assert body["image"] == {"width": 1, "height": 1} and body["detector"] is None
+    assert len(body["faces"]) == 1 and body["faces"][0]["box"] == {"x": 0, "y": 0, "width": 1, "height": 1}
+
+
+MULTIPART_NO_BOUNDARY = {"content": b"--x\r\n\r\n", "headers": {"content-type": "multipart/form-data"}}
+INFER_OK = {"inputs": [{"name": "input", "shape": [1, 1, 48, 48], "datatype": "FP32", "data": [0.5] * 48 * 48}]}
+
+# One case per line where it fits: the table reads better than the formatter's one argument per line.
+# fmt: off
+CATALOGUE = [
+    # Valid images in every supported form: a correct answer, the face where a person sees it.
+    Case("png-16-bit", lambda: files(png_16bit(), "image/png", "a.png"), 200, None, check=one_face_at_the_astronaut),
+    Case("png-rgba", lambda: files(png_rgba(), "image/png", "a.png"), 200, None, check=one_face_at_the_astronaut),
+    Case("png-palette", lambda: files(pil_bytes(astronaut_pil().convert("P"), "PNG"), "image/png", "a.png"), 200,
+         None, check=one_face_at_the_astronaut),
+    Case("png-grayscale", lambda: files(encode(cv2.cvtColor(astronaut(), cv2.COLOR_BGR2GRAY), ".png"), "image/png"),
+         200, None, check=one_face_at_the_astronaut),
+    Case("jpeg-cmyk", lambda: files(pil_bytes(astronaut_pil().convert("CMYK"), "JPEG", quality=95)), 200, None,
+         check=one_face_at_the_astronaut),
+    Case("jpeg-grayscale", lambda: files(encode(cv2.cvtColor(astronaut(), cv2.COLOR_BGR2GRAY), ".jpg")), 200, None,
+         check=one_face_at_the_astronaut),
+    Case("jpeg-progressive", lambda: files(encode(astronaut(), ".jpg", (cv2.IMWRITE_JPEG_PROGRESSIVE, 1))), 200,
+         None, check=one_face_at_the_astronaut),
+    Case("gif-animated-first-frame", lambda: files(gif_animated(face_first=True), "image/gif", "a.gif"), 200, None,
+         check=all_of(size_is(512, 512), one_face_at_the_astronaut)),
+    Case("gif-animated-face-only-in-second-frame", lambda: files(gif_animated(face_first=False), "image/gif", "a.gif"),
+         200, None, check=all_of(size_is(512, 512), no_faces)),
+    Case("webp", lambda: files(encode(astronaut(), ".webp"), "image/webp", "a.webp"), 200, None,
+         check=one_face_at_the_astronaut),
+    Case("bmp", lambda: files(encode(astronaut(), ".bmp"), "image/bmp", "a.bmp"), 200, None,
+         check=one_face_at_the_astronaut),
+    Case("jpeg-exif-rotate-90", lambda: files(jpeg_exif(6)), 200, None,
+         check=all_of(size_is(512, 512), one_face_at_the_astronaut)),
+    Case("jpeg-exif-rotate-180", lambda: files(jpeg_exif(3)), 200, None, check=one_face_at_the_astronaut),
+    Case("jpeg-exif-rotate-270", lambda: files(jpeg_exif(8)), 200, None, check=one_face_at_the_astronaut),
+    Case("one-pixel", lambda: files(encode(np.zeros((1, 1, 3), np.uint8), ".png"), "image/png"), 200, None,
+         check=all_of(size_is(1, 1), no_faces)),
+    Case("one-pixel-detect-false", lambda: files(encode(np.zeros((1, 1, 3), np.uint8), ".png"), "image/png"), 200,
+         None, params={"detect": "false"}, check=_one_pixel_whole_image),
+    Case("panorama-10000-wide", lambda: files(panorama()), 200, None, check=_panorama_face),
+    Case("octet-stream-is-sniffed", lambda: files(encode(astronaut(), ".png"), "application/octet-stream", "blob"),
+         200, None, check=one_face_at_the_astronaut),
+    Case("filename-with-path", lambda: files(encode(astronaut(), ".jpg"), name="../../etc/passwd.jpg"), 200, None,
+         check=one_face_at_the_astronaut),
+    Case("unknown-query-parameter", lambda: files(encode(astronaut(), ".jpg")), 200, None,
+         params={"colour": "blue"}, check=one_face_at_the_astronaut),
+    # Not an image, or not one that can be decoded.
+    Case("garbage-bytes", lambda: files(garbage()), 400, "bad_image", check=message_has("JPEG, PNG, WebP, BMP or GIF")),
+    Case("empty-file", lambda: files(b""), 400, "empty_file", check=message_has("empty")),
+    Case("truncated-jpeg", lambda: files(encode(astronaut(), ".jpg")[:20_000]), 400, "bad_image",
+         check=message_has("truncated")),
+    Case("truncated-png", lambda: files(encode(astronaut(), ".png")[:30_000], "image/png"), 400, "bad_image",
+         check=message_has("truncated")),
+    Case("png-declaring-0x0", lambda: files(png_claiming(0, 0), "image/png"), 400, "bad_image", no_decode=True),
+    Case("tiff", lambda: files(b"II*\x00" + bytes(500), "application/octet-stream"), 415, "unsupported_media_type",
+         check=message_has("TIFF")),
+    Case("pdf-declared-as-jpeg", lambda: files(b"%PDF-1.7\n" + bytes(500)), 415, "unsupported_media_type",
+         check=message_has("PDF")),
+    Case("non-image-content-type", lambda: files(b"hello", "text/plain", "a.txt"), 415, "unsupported_media_type",
+         check=message_has("text/plain")),
+    # Too big: refused from the header, before anything is decoded, or from the body's length.
+    Case("png-claiming-50000x50000", lambda: files(png_claiming(50_000, 50_000), "image/png"), 413, "too_many_pixels",
+         no_decode=True, check=message_has("50000×50000", "MIEN_MAX_PIXELS")),
+    Case("jpeg-claiming-60000x60000", lambda: files(jpeg_claiming(60_000, 60_000)), 413, "too_many_pixels",
+         no_decode=True, check=message_has("60000×60000")),
+    Case("gif-claiming-65535x65535", lambda: files(gif_claiming(65_535, 65_535), "image/gif"), 413, "too_many_pixels",
+         no_decode=True),
+    Case("body-over-the-limit", lambda: files(bytes(11 * 1024 * 1024)), 413, "too_large",
+         check=message_has("MIEN_MAX_UPLOAD_BYTES")),
+    # The request itself is wrong.
+    Case("wrong-field-name", lambda: files(encode(astronaut(), ".jpg"), field="image"), 400, "missing_file",
+         check=message_has("'file'")),
+    Case("two-files", lambda: {"files": [("file", ("a.jpg", encode(astronaut(), ".jpg"), "image/jpeg")),
+                                         ("file", ("b.jpg", encode(astronaut(), ".jpg"), "image/jpeg"))]},
+         400, "too_many_files", check=message_has("one image per request")),
+    Case("missing-file", lambda: {}, 400, "missing_file"),
+    Case("text-field-instead-of-file", lambda: {"data": {"file": "photo.jpg"}}, 400, "missing_file"),
+    Case("raw-image-body-not-multipart", lambda: {"content": encode(astronaut(), ".jpg"),
+                                                  "headers": {"content-type": "image/jpeg"}}, 400, "missing_file",
+         check=message_has("multipart/form-data")),
+    Case("multipart-without-boundary", lambda: MULTIPART_NO_BOUNDARY, 400, "bad_request"),
+    Case("unknown-model", lambda: files(b"x"), 404, "unknown_model", params={"model": "resnet9000"},
+         check=message_has("resnet9000", "mini_xception")),
+    Case("model-path-traversal", lambda: files(b"x"), 404, "unknown_model", params={"model": "../x"},
+         check=message_has("'../x'", "mini_xception")),
+    Case("model-absolute-path", lambda: files(b"x"), 404, "unknown_model", params={"model": "/etc/passwd"}),
+    Case("model-with-spaces", lambda: files(b"x"), 404, "unknown_model", params={"model": "mini xception"}),
+    Case("model-with-newline", lambda: files(b"x"), 404, "unknown_model", params={"model": "a\nINFO forged log"},
+         check=message_has("'a\\nINFO forged log'")),
+    Case("model-name-too-long", lambda: files(b"x"), 400, "invalid_request", params={"model": "x" * 500}),
+    Case("detect-maybe", lambda: files(b"x"), 400, "invalid_request", params={"detect": "maybe"},
+         check=message_has("detect")),
+    Case("detector-unknown", lambda: files(b"x"), 400, "invalid_request", params={"detector": "yolo"},
+         check=message_has("detector")),
+    Case("min-face-too-small", lambda: files(b"x"), 400, "invalid_request", params={"min_face": "1"}),
+    Case("max-faces-zero", lambda: files(b"x"), 400, "invalid_request", params={"max_faces": "0"}),
+    Case("threshold-not-a-number", lambda: files(b"x"), 400, "invalid_request", params={"threshold": "high"}),
+    Case("huge-query-string", lambda: files(b"x"), 414, "uri_too_long", params={"pad": "a" * 60_000},
+         check=message_has("MIEN_MAX_QUERY_BYTES")),
+    Case("get-instead-of-post", lambda: {}, 405, "method_not_allowed", method="GET"),
+    # The same kinds of mistakes on the v2 inference route.
+    Case("v2-invalid-json", lambda: {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
+         "invalid_infer_request", url=V2_INFER),
+    Case("v2-image-instead-of-tensor", lambda: files(encode(astronaut(), ".jpg")), 400, "invalid_infer_request",
+         url=V2_INFER),
+    Case("v2-unknown-model", lambda: {"json": INFER_OK}, 404, "unknown_model", url="/v2/models/nope/infer"),
+    Case("v2-model-with-spaces", lambda: {"json": INFER_OK}, 404, "unknown_model", url="/v2/models/mini%20x/infer"),
+    Case("v2-body-over-the-limit", lambda: {"content": bytes(11 * 1024 * 1024)}, 413, "too_large", url=V2_INFER),
+    Case("v2-huge-query-string", lambda: {"json": INFER_OK}, 414, "uri_too_long", url=V2_INFER,
+         params={"pad": "a" * 60_000}),
+    Case("v2-valid-tensor", lambda: {"json": INFER_OK}, 200, None, url=V2_INFER,
+         check=lambda body: np.testing.assert_allclose(sum(body["outputs"][0]["data"]), 1.0, rtol=1e-5)),
+]
+# fmt: on
+
+
+@pytest.fixture(scope="module")
+def catalogue_client(model_dir: Path):
+    with make_client(model_dir, providers=CPU) as c:
+        yield c
+
+
+def test_the_catalogue_has_at_least_30_distinct_cases():
+    ids = [case.id for case in CATALOGUE]
+    assert len(ids) == len(set(ids)) and len(ids) >= 30
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[case.id for case in CATALOGUE])
+def test_catalogue(catalogue_client, monkeypatch, case: Case):
+    if case.no_decode:
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the image was decoded; its header alone should have refused it")
+
+        monkeypatch.setattr(cv2, "imdecode", refuse)
+    response = catalogue_client.request(case.method, case.url, params=case.params, **case.request())
+    assert response.status_code == case.status, response.text
+    body = response.json()
+    if case.code is None:
+        assert "error" not in body
+    else:
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+        assert body["error"]["code"] == case.code, body
+        assert body["error"]["message"].strip()
+    if case.check is not None:
+        case.check(body)
+
+
+def test_after_the_catalogue_the_service_still_answers(catalogue_client):
+    assert catalogue_client.get("/health").json() == {"status": "ok"}
+    response = catalogue_client.post("/predict", **files(encode(astronaut(), ".jpg")))
+    assert response.status_code == 200
+    one_face_at_the_astronaut(response.json())
+
+
+def test_docs_table_lists_every_case_with_its_status_and_code():
+    """docs/robustness.md has one row per catalogue case: `id` | status | code | what to do."""
+    rows = {}
+    for line in ROBUSTNESS_DOC.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"\|\s*`([^`]+)`\s*\|[^|]*\|\s*(\d{3})\s*\|\s*`?([\w—-]+)`?\s*\|\s*(.+?)\s*\|\s*$", line)
+        if match:
+            rows[match[1]] = (int(match[2]), match[3], match[4])
+    for case in CATALOGUE:
+        assert case.id in rows, f"docs/robustness.md has no row for {case.id}"
+        status, code, advice = rows[case.id]
+        assert status == case.status, case.id
+        assert code == (case.code or "—"), case.id
+        assert len(advice) > 5, case.id
+
+
+# --- refused without reading the body ------------------------------------------------------------
+
+
+def _post_raw(app, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int]:
+    """Drive the ASGI app directly: (status, JSON body, how many body chunks the app asked for)."""
+    import json
+
+    reads = 0
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal reads
+        reads += 1
+        if reads > len(chunks):
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunks[reads - 1], "more_body": reads < len(chunks)}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    boundary = [(b"content-type", b"multipart/form-data; boundary=B")]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": boundary + headers,
+        "client": ("test", 1),
+        "server": ("test", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body), reads
+
+
+def _limited_app(model_dir: Path):
+    from service.config import Settings
+    from service.main import create_app
+
+    return create_app(Settings(model_dir=model_dir, providers=CPU, max_upload_bytes=1000))
+
+
+# The start of a well-formed upload, so that only the size can be wrong with it.
+PART_HEAD = b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+
+
+def test_declared_body_over_the_limit_is_refused_without_reading_a_byte(model_dir):
+    chunks = [PART_HEAD] + [bytes(64 * 1024)] * 40
+    status, body, reads = _post_raw(_limited_app(model_dir), chunks, [(b"content-length", b"2621440")])
+    assert (status, body["error"]["code"]) == (413, "too_large")
+    assert reads == 0
+
+
+def test_streamed_body_over_the_limit_is_cut_off_early(model_dir):
+    chunks = [PART_HEAD] + [bytes(64 * 1024)] * 40  # 2.5 MB, no Content-Length; the limit is 1000 + 64 KiB
+    status, body, reads = _post_raw(_limited_app(model_dir), chunks, [])
+    assert (status, body["error"]["code"]) == (413, "too_large")
+    assert reads <= 4  # the part's head, then at most 64 KiB + 1000 bytes and the chunk that passes it
