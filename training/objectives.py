@@ -20,7 +20,8 @@ Every random draw comes from the run's ``torch.Generator`` (or the seeded global
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -43,10 +44,42 @@ class ObjectiveConfig:
     sgan_unsupervised_weight: float = 1.0  # weight of the real-vs-fake loss in the discriminator's loss
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """How a training step runs, beside what it computes: device, precision, clipping, data-parallel share.
+
+    ``amp``: ``none`` (fp32), ``bf16`` (autocast to bfloat16, CPU or GPU) or ``fp16`` (autocast to float16
+    with a GradScaler; GPU only). ``grad_clip``: the max global L2 norm of the gradients (0 = off).
+    Under torchrun every rank draws and augments the same global batch and steps on its own share of
+    it (every ``world_size``-th face from position ``rank``), so one global batch means the same faces
+    and the same augmentation whatever the number of processes.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: str = "none"
+    grad_clip: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+
+    def autocast(self) -> AbstractContextManager:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global batch."""
+        return batch if self.world_size == 1 else batch[self.rank :: self.world_size]
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 512) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(transform(images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat(
+        [
+            model(transform(images[i : i + batch_size]).to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -102,11 +135,17 @@ class CrossEntropy:
 
     name = "cross_entropy"
     notes = ""
+    context = StepContext()  # train() sets the run's; see set_context
 
     def __init__(self, cfg, spec: PreprocessSpec, model: nn.Module, generator: torch.Generator) -> None:
         self.cfg, self.spec, self.generator = cfg, spec, generator
         self.train_tf = build_transforms(spec, train=True, augment=cfg.augment, generator=generator)
         self.val_tf = build_transforms(spec, train=False)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def set_context(self, context: StepContext) -> None:
+        self.context = context
+        self.scaler = torch.amp.GradScaler(context.device.type, enabled=context.amp == "fp16")
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]  # frozen front ends stay out
@@ -126,11 +165,24 @@ class CrossEntropy:
     def train_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, y: torch.Tensor
     ) -> tuple[float, torch.Tensor]:
-        loss, logits = self.loss(model, self.inputs(images), y)
+        """One optimiser step on this rank's share of the batch; returns (loss, that share's logits)."""
+        ctx = self.context
+        x, y = ctx.shard(self.inputs(images)).to(ctx.device), ctx.shard(y).to(ctx.device)
+        with ctx.autocast():
+            loss, logits = self.loss(model, x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item(), logits.detach()
+        self.backward_and_step(loss, optimizer)
+        return loss.item(), logits.detach().float().cpu()
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward (scaled for fp16), clip the gradients' global norm if asked, step."""
+        self.scaler.scale(loss).backward()
+        if self.context.grad_clip > 0:
+            self.scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.context.grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def validate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """``val_loss`` and ``val_acc`` (which selects best.pt), plus any objective-specific figures."""
@@ -142,10 +194,11 @@ class CrossEntropy:
 
     def state_dict(self) -> dict:
         """Trained state outside the served model and its optimiser (saved in last.pt for resume)."""
-        return {}
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if "grad_scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
 
 
 class TripletObjective(CrossEntropy):
@@ -205,8 +258,12 @@ class TenCropObjective(CrossEntropy):
     def validate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         metrics = super().validate(model, images, labels)
         model.eval()
+        device = next(model.parameters()).device
         logits = torch.cat(
-            [ten_crop_logits(model, self.full_tf(images[i : i + 256]), self.crop) for i in range(0, len(images), 256)]
+            [
+                ten_crop_logits(model, self.full_tf(images[i : i + 256]).to(device), self.crop).cpu()
+                for i in range(0, len(images), 256)
+            ]
         )
         metrics["val_acc_tencrop"] = (logits.argmax(1) == labels).float().mean().item()
         return metrics

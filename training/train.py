@@ -16,22 +16,32 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from training.data import FaceDataset, load_dataset, select_labels
 from training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
+from training.hardware import (
+    Process,
+    all_reduce_sum,
+    check_amp,
+    close_distributed,
+    init_distributed,
+    use_channels_last,
+)
 from training.models import create_model, default_spec
-from training.objectives import CrossEntropy, ObjectiveConfig, build_objective, predict_logits
+from training.objectives import CrossEntropy, ObjectiveConfig, StepContext, build_objective, predict_logits
+from training.schedule import SCHEDULES, epochs_without_improvement, get_lr
 from training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
 from training.transforms import AugmentConfig
 
-__all__ = ["TrainConfig", "predict_logits", "train", "train_one_epoch", "warm_start"]
+__all__ = ["TrainConfig", "get_lr", "predict_logits", "train", "train_one_epoch", "warm_start"]
 
 log = logging.getLogger("mien.train")
 
@@ -46,7 +56,7 @@ class TrainConfig:
     out: str = "runs/mini_xception"
     epochs: int = 100
     batch_size: int = 64
-    lr: float = 2e-3  # Adam peak learning rate; cosine decay to 0 after warm-up
+    lr: float = 2e-3  # Adam peak learning rate, reached after warm-up; then the schedule below
     warmup_epochs: int = 2
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
@@ -54,7 +64,7 @@ class TrainConfig:
     val_split: str = "public_test"
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    channels_last: bool = True  # ~1.5x faster on CPU for mini-Xception (see docs/training.md)
+    channels_last: bool = True  # ~1.8x faster on CPU for mini-Xception (docs/training.md); NCHW where it would crash
     limit: int = 0  # use only the first N training images (0 = all); for smoke tests
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # per-model loss knobs
@@ -67,6 +77,15 @@ class TrainConfig:
     label_source: str = "fer2013"  # fer2013 | ferplus (8 FER+ classes) | ferplus7 (FER+ votes on FER2013's 7)
     ferplus_votes: str = ""  # the FER+ votes csv; "" = ferplus_votes.csv beside `data`
     ferplus_target: str = "majority"  # majority (hard label) | soft (vote distribution); see training/ferplus.py
+    schedule: str = "cosine"  # cosine | step | plateau, after the linear warm-up (training/schedule.py)
+    lr_step_epochs: int = 30  # step: multiply the rate by lr_step_gamma every this many epochs
+    lr_step_gamma: float = 0.1
+    plateau_patience: int = 5  # plateau: epochs without a better val_acc before the rate is cut
+    plateau_factor: float = 0.5  # plateau: the cut
+    early_stop: int = 0  # stop after this many epochs without a better val_acc (0 = never)
+    grad_clip: float = 0.0  # max global L2 norm of the gradients (0 = no clipping)
+    amp: str = "none"  # none | bf16 (autocast; CPU or GPU) | fp16 (autocast + GradScaler; GPU only)
+    device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -75,16 +94,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def get_lr(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up then cosine decay, by optimiser step."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    total = cfg.epochs * steps_per_epoch
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
 
 
 def load_labelled(cfg: TrainConfig) -> tuple[FaceDataset, np.ndarray | None]:
@@ -134,27 +143,69 @@ def train_one_epoch(
     step: int,
     desc: str,
     targets: torch.Tensor | None = None,
+    val_accs: list[float] = (),
+    process: Process | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the objective's batches; returns (mean loss, training accuracy, optimiser step).
 
     ``targets`` (one probability row per image) replace the hard labels in the loss when given (FER+ soft
-    targets); accuracy is always against the hard labels."""
+    targets); accuracy is always against the hard labels. Under torchrun each rank steps on its share of
+    every global batch and the loss and accuracy are summed over all ranks.
+    """
+    process = process or Process()
     model.train()
     batches = objective.batches(labels)
     steps_per_epoch = len(images) // cfg.batch_size  # the lr schedule's unit, whatever the batch composition
     total_loss = correct = seen = 0
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=2)
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=2, disable=not process.is_main)
     for idx in bar:
         y = labels[idx]
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(cfg, step, steps_per_epoch)
+            group["lr"] = get_lr(cfg, step, steps_per_epoch, val_accs)
         loss, logits = objective.train_step(model, optimizer, images[idx], y if targets is None else targets[idx])
         step += 1
+        y = objective.context.shard(y)  # the faces this rank stepped on
         total_loss += loss * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+    total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], process)
     return total_loss / seen, correct / seen, step
+
+
+def validate(objective: CrossEntropy, model: nn.Module, images, labels, process: Process) -> dict[str, float]:
+    """The objective's validation figures over the whole split: each rank scores a contiguous share and
+    the per-face means are combined, weighted by share size, with one all_reduce."""
+    if not process.distributed:
+        return objective.validate(model, images, labels)
+    share = np.array_split(np.arange(len(labels)), process.world_size)[process.rank]
+    metrics = objective.validate(model, images[share], labels[share])
+    keys = sorted(metrics)
+    sums = all_reduce_sum([metrics[k] * len(share) for k in keys] + [len(share)], process)
+    return {k: v / sums[-1] for k, v in zip(keys, sums[:-1], strict=True)}
+
+
+def check_supported(cfg: TrainConfig, objective: CrossEntropy, process: Process, soft_targets: bool) -> None:
+    """Refuse, with the reason, the combinations an objective cannot train in."""
+    check_amp(cfg.amp, process.device)
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if soft_targets and objective.name not in SOFT_TARGET_OBJECTIVES:
+        raise ValueError(f"{cfg.model} trains with the {objective.name} objective, which needs hard labels; "
+                         "use --ferplus-target majority")  # fmt: skip
+    if objective.name == "sgan":
+        asked = [what for what, on in (("torchrun (several processes)", process.distributed),
+                                       (f"--amp {cfg.amp}", cfg.amp != "none"), ("--grad-clip", cfg.grad_clip > 0),
+                                       (f"device {process.device}", process.device.type != "cpu")) if on]  # fmt: skip
+        if asked:
+            raise ValueError(f"the sgan objective takes its own two-optimiser step in one fp32 CPU process; "
+                             f"it does not support {', '.join(asked)}")  # fmt: skip
+    if process.distributed and objective.name == "triplet":
+        raise ValueError("the triplet objective calls the model's forward_both, which DistributedDataParallel does "
+                         "not synchronise; train stn_resnet10_triplet in one process")  # fmt: skip
+    if process.distributed and cfg.batch_size % process.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must divide evenly over "
+                         f"{process.world_size} processes")  # fmt: skip
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -204,17 +255,34 @@ def _save(obj: dict, path: Path) -> None:
     tmp.replace(path)  # atomic: a run killed mid-save never leaves a broken checkpoint
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train per ``cfg``; return the best validation metrics. Resumes from ``<out>/last.pt``."""
+def train(cfg: TrainConfig, recipe: str = "") -> dict:
+    """Train per ``cfg``; return the best validation metrics. Resumes from ``<out>/last.pt``.
+
+    ``recipe``: the configs/<model>.toml the config came from, recorded in the checkpoints (and so in the
+    exported model card). Under torchrun only rank 0 writes anything; every rank returns the same metrics.
+    """
+    process = init_distributed(cfg.device)
+    try:
+        best = _train(cfg, recipe, process)
+    except BaseException:
+        close_distributed(process, finished=False)
+        raise
+    close_distributed(process)
+    return best
+
+
+def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)  # the run's own log file gets progress even when the caller set no logging
+    handler = None
+    if process.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if process.is_main else logging.WARNING)  # the run's log gets progress, once
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    generator = seed_everything(cfg.seed)
+    generator = seed_everything(cfg.seed)  # the same seed on every rank: same init, batches and augmentation
 
     data, soft = load_labelled(cfg)
     train_x, train_y = data.subset(cfg.train_split)
@@ -237,12 +305,15 @@ def train(cfg: TrainConfig) -> dict:
         warm_start(model, cfg.init)
     if cfg.sr_init or cfg.freeze_sr:
         init_sr_front_end(model, cfg.sr_init, cfg.freeze_sr)
+    input_shape = (spec.channels, *spec.input_size)
+    if cfg.channels_last and not use_channels_last(model, input_shape, True, process.device):
+        cfg = replace(cfg, channels_last=False)  # the checkpoint records the layout that actually ran
+    model = model.to(process.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = build_objective(cfg, spec, model, generator)
-    if train_t is not None and objective.name not in SOFT_TARGET_OBJECTIVES:
-        raise ValueError(f"{cfg.model} trains with the {objective.name} objective, which needs hard labels; "
-                         "use --ferplus-target majority")  # fmt: skip
+    check_supported(cfg, objective, process, soft_targets=train_t is not None)
+    objective.set_context(StepContext(process.device, cfg.amp, cfg.grad_clip, process.rank, process.world_size))
     optimizer = objective.build_optimizer(model)
 
     history: list[dict] = []
@@ -250,45 +321,63 @@ def train(cfg: TrainConfig) -> dict:
     step, start_epoch = 0, 1
     last = out / "last.pt"
     if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = torch.load(last, map_location=process.device, weights_only=False)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
         objective.load_state_dict(state.get("objective_state", {}))
         history, best, step = state["history"], state["metrics"], state["step"]
         start_epoch = history[-1]["epoch"] + 1 if history else 1
         log.info("resuming from %s at epoch %d", last, start_epoch)
+    # the model the steps run through: DDP averages the ranks' gradients during backward
+    stepped = DDP(model, device_ids=[process.device.index] if process.device.type == "cuda" else None) \
+        if process.distributed else model  # fmt: skip
     log.info(
-        "model %s (%s objective): %d parameters; config %s",
-        cfg.model, objective.name, sum(p.numel() for p in model.parameters()), asdict(cfg),
+        "model %s (%s objective): %d parameters; %d process(es) on %s, %s, %s; config %s",
+        cfg.model, objective.name, sum(p.numel() for p in model.parameters()), process.world_size, process.device,
+        "channels-last" if cfg.channels_last else "NCHW", cfg.amp if cfg.amp != "none" else "fp32", asdict(cfg),
     )  # fmt: skip
 
     for epoch in range(start_epoch, cfg.epochs + 1):
+        val_accs = [h["val_acc"] for h in history]
+        if cfg.early_stop and epochs_without_improvement(val_accs) >= cfg.early_stop:
+            log.info("early stop before epoch %d: no better %s accuracy for %d epochs (best %.4f at epoch %d)",
+                     epoch, cfg.val_split, cfg.early_stop, best["val_acc"], best["epoch"])  # fmt: skip
+            break
         started = time.perf_counter()
         train_loss, train_acc, step = train_one_epoch(
-            model, optimizer, objective, train_x, train_y, cfg, step, f"epoch {epoch}/{cfg.epochs}", train_t
-        )
-        metrics = objective.validate(model, val_x, val_y)
+            stepped, optimizer, objective, train_x, train_y, cfg, step, f"epoch {epoch}/{cfg.epochs}", train_t,
+            val_accs, process,
+        )  # fmt: skip
+        metrics = validate(objective, model, val_x, val_y, process)
         val_loss, val_acc = metrics["val_loss"], metrics["val_acc"]
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **metrics,
             "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
         }  # fmt: skip
         history.append(row)
-        with (out / "history.jsonl").open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if val_acc > best["val_acc"]:
+        improved = val_acc > best["val_acc"]
+        if improved:
             best = {**metrics, "epoch": epoch, "split": cfg.val_split}
-            _save(_checkpoint(model, cfg, spec, model_kwargs, objective, history, best), out / "best.pt")
-        extra = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
-                 "torch_rng": torch.get_rng_state(), "objective_state": objective.state_dict()}  # fmt: skip
-        _save(_checkpoint(model, cfg, spec, model_kwargs, objective, history, best, extra), last)
-        plot_curves(history, out / "curves.png")
+        if process.is_main:
+            with (out / "history.jsonl").open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            recipe_note = {"recipe": recipe} if recipe else {}
+            if improved:
+                _save(
+                    _checkpoint(model, cfg, spec, model_kwargs, objective, history, best, recipe_note), out / "best.pt"
+                )
+            extra = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+                     "torch_rng": torch.get_rng_state(), "objective_state": objective.state_dict(),
+                     **recipe_note}  # fmt: skip
+            _save(_checkpoint(model, cfg, spec, model_kwargs, objective, history, best, extra), last)
+            plot_curves(history, out / "curves.png")
         log.info(
             "epoch %d/%d  train loss %.4f acc %.4f  %s loss %.4f acc %.4f  best %.4f (epoch %d)  %.0f s",
             epoch, cfg.epochs, train_loss, train_acc, cfg.val_split, val_loss, val_acc,
             best["val_acc"], best["epoch"], row["seconds"],
         )  # fmt: skip
-    log.removeHandler(handler)
+    if handler is not None:
+        log.removeHandler(handler)
     return best

@@ -1,0 +1,125 @@
+"""Learning-rate schedules, early stopping, gradient clipping, mixed precision and the channels-last guard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import training.train as train_module
+from tests.conftest import write_npz
+from training.hardware import channels_last_hazards, use_channels_last
+from training.models import create_model, default_spec
+from training.objectives import CrossEntropy, StepContext
+from training.schedule import epochs_without_improvement, get_lr, plateau_scale
+from training.train import TrainConfig, train
+
+SMALL = {"widths": [8, 16, 32, 64], "hidden": 16}
+
+
+def _cfg(data, out, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model="base_cnn", model_kwargs=SMALL, epochs=3, batch_size=32,
+                warmup_epochs=1, threads=1, limit=128)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_schedules_by_step():
+    cfg = TrainConfig(lr=1.0, epochs=10, warmup_epochs=2)
+    assert [get_lr(cfg, s, 10) for s in (0, 9, 19)] == pytest.approx([0.05, 0.5, 1.0])  # linear warm-up
+    assert get_lr(cfg, 20, 10) == pytest.approx(1.0) and get_lr(cfg, 60, 10) == pytest.approx(0.5)  # cosine
+    assert get_lr(cfg, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    step = replace(cfg, schedule="step", lr_step_epochs=3, lr_step_gamma=0.1)
+    assert [get_lr(step, s, 10) for s in (20, 49, 50, 80)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    plateau = replace(cfg, schedule="plateau", plateau_patience=1, plateau_factor=0.5)
+    assert get_lr(plateau, 30, 10, [0.5, 0.6, 0.6, 0.6]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        get_lr(replace(cfg, schedule="linear"), 30, 10)
+
+
+def test_plateau_and_early_stopping_read_the_history():
+    assert plateau_scale([0.5, 0.6, 0.6, 0.6], patience=1, factor=0.5) == 0.5  # 2 epochs without a better one
+    assert plateau_scale([0.5, 0.6, 0.6, 0.6, 0.6, 0.6], patience=1, factor=0.5) == 0.25
+    assert plateau_scale([0.5, 0.6, 0.7], patience=0, factor=0.5) == 1.0
+    assert epochs_without_improvement([0.5, 0.7, 0.6, 0.7]) == 2  # a tie is not an improvement
+    assert epochs_without_improvement([]) == 0
+
+
+def test_plateau_cuts_the_rate_and_early_stopping_ends_the_run(tmp_path, tiny_npz, monkeypatch):
+    monkeypatch.setattr(CrossEntropy, "validate", lambda self, model, x, y: {"val_loss": 1.0, "val_acc": 0.5})
+    best = train(_cfg(tiny_npz, tmp_path, epochs=10, warmup_epochs=0, schedule="plateau", plateau_patience=0,
+                      plateau_factor=0.5, early_stop=2, lr=1e-3))  # fmt: skip
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and best["epoch"] == 1
+    assert [h["lr"] for h in history] == pytest.approx([1e-3, 1e-3, 5e-4])
+    assert (
+        "early stop before epoch 4: no better public_test accuracy for 2 epochs" in (tmp_path / "train.log").read_text()
+    )
+
+
+def _one_step(context: StepContext, model: nn.Module | None = None) -> tuple[nn.Module, torch.Tensor]:
+    cfg = TrainConfig(model="base_cnn", channels_last=False)
+    spec = default_spec("base_cnn")
+    torch.manual_seed(0)
+    model = model or create_model("base_cnn", **SMALL)
+    objective = CrossEntropy(cfg, spec, model, torch.Generator().manual_seed(0))
+    objective.set_context(context)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images = torch.randint(0, 256, (16, 48, 48), dtype=torch.uint8)
+    _, logits = objective.train_step(model, optimizer, images, torch.arange(16) % 7)
+    return model, logits
+
+
+def _grad_norm(model: nn.Module) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    free, _ = _one_step(StepContext())
+    clipped, _ = _one_step(StepContext(grad_clip=0.05))
+    assert _grad_norm(free) > 0.05
+    assert _grad_norm(clipped) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_on_cpu():
+    dtypes = []
+    model = create_model("base_cnn", **SMALL)
+    model.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    _, logits = _one_step(StepContext(amp="bf16"), model)
+    assert dtypes == [torch.bfloat16] and logits.dtype == torch.float32  # the loop gets fp32 logits back
+    _one_step(StepContext(), model)
+    assert dtypes[-1] == torch.float32
+
+
+def test_bf16_training_run_and_fp16_refused_on_cpu(tmp_path, tiny_npz):
+    best = train(_cfg(tiny_npz, tmp_path / "bf16", epochs=1, amp="bf16"))
+    assert 0 <= best["val_acc"] <= 1
+    with pytest.raises(ValueError, match="GradScaler on a GPU only; on the CPU use --amp bf16"):
+        train(_cfg(tiny_npz, tmp_path / "fp16", epochs=1, amp="fp16"))
+
+
+def test_channels_last_guard_finds_1x1_stride_2_convolutions_on_large_inputs():
+    # at 128×128 the first strided shortcut of the ResNet sees the 64×64 output of its stride-2 stem
+    resnet = create_model("stn_resnet10_triplet", widths=[8, 16, 32, 64], input_size=(128, 128))
+    assert channels_last_hazards(resnet, (1, 128, 128)) == ["blocks.1.shortcut.0 (input (64, 64))"]
+    assert not use_channels_last(resnet, (1, 128, 128), True, torch.device("cpu"))  # falls back to NCHW
+    small = create_model("stn_resnet10_triplet", widths=[8, 16, 32, 64])
+    assert channels_last_hazards(small, (1, 48, 48)) == []  # the bundled input size: shortcuts see ≤ 24×24
+    assert use_channels_last(small, (1, 48, 48), True, torch.device("cpu"))
+    toy = nn.Sequential(nn.Conv2d(1, 4, 1, stride=2))
+    assert channels_last_hazards(toy, (1, 64, 64)) == ["0 (input (64, 64))"]
+    assert channels_last_hazards(toy, (1, 63, 63)) == []
+
+
+def test_training_falls_back_to_nchw_for_a_model_that_would_crash(tmp_path, monkeypatch):
+    big = replace(default_spec("stn_resnet10_triplet"), input_size=(128, 128))
+    monkeypatch.setattr(train_module, "default_spec", lambda model_id, labels=None: replace(big, labels=labels))
+    data = write_npz(tmp_path / "small.npz", train_per_class=10, test_per_class=2)
+    cfg = _cfg(data, tmp_path / "run", model="stn_resnet10_triplet", epochs=1, limit=0,
+               model_kwargs={"widths": [8, 16, 32, 64], "input_size": [128, 128]})  # fmt: skip
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert ckpt["train_config"]["channels_last"] is False  # the layout that actually ran
+    assert "training in NCHW instead of channels-last" in (tmp_path / "run" / "train.log").read_text()
