@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import onnxruntime as ort
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
@@ -14,6 +14,7 @@ from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
 MEGABYTE = 1024 * 1024
 # OpenCV refuses to decode more than 2**30 pixels (OPENCV_IO_MAX_IMAGE_PIXELS); a higher limit would lie.
 OPENCV_MAX_PIXELS = 1 << 30
+MIN_API_KEY_LENGTH = 16
 
 
 def _canonical_providers() -> dict[str, str]:
@@ -45,6 +46,9 @@ class Settings(BaseSettings):
     )
     retry_after: int = Field(1, ge=1, le=3600, description="seconds a 503 (busy) answer asks the client to wait")
     max_query_bytes: int = Field(4096, ge=256, le=65536, description="longest accepted query string (after ?)")
+    # Optional shared secret: when set, /predict and /v2 inference need it (X-API-Key or Authorization: Bearer).
+    api_key: SecretStr | None = Field(None, description="API key the inference routes require; unset = open")
+    metrics_need_key: bool = Field(False, description="GET /metrics also requires the API key (when one is set)")
     # Comma-separated in the environment: MIEN_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider (or cuda,cpu).
     providers: Annotated[tuple[str, ...], NoDecode] = Field(DEFAULT_PROVIDERS, min_length=1)
     threads: int = Field(
@@ -106,3 +110,19 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be blank")
         return value.strip()
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_no_key(cls, value: Any) -> Any:
+        # MIEN_API_KEY= (set but empty) leaves the service open, as unset does; the docs say so.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_API_KEY_LENGTH} characters (a guessable key is no protection); "
+                'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        return value

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # Codes for errors raised by FastAPI/Starlette themselves (unknown route, wrong method, bad multipart).
 _DEFAULT_CODES = {
     400: "bad_request",
+    401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",

@@ -306,6 +306,26 @@ def test_a_server_error_shows_its_message(open_page, twin_server, astronaut_rgb)
     assert error.is_hidden()
 
 
+def test_a_service_with_an_api_key_asks_for_it_and_then_answers(open_page, chromium_path, astronaut_rgb):
+    from service.config import Settings
+    from service.main import create_app
+
+    key = "page-test-key-0123456789"
+    settings = Settings(model_dir=BUNDLED_MODELS, providers=CPU, threads=1, api_key=key)
+    with LiveServer(create_app(settings)) as server:
+        page = open_page(server.url)  # the model list is open: no key needed for it
+        assert page.locator("[data-testid=key-field]").is_hidden()
+        upload(page, "astronaut.jpg", jpeg(astronaut_rgb))
+        error = page.locator("[data-testid=error]")
+        error.wait_for(state="visible")
+        assert "API key" in error.inner_text()
+        page.locator("[data-testid=key-field]").wait_for(state="visible")
+        page.fill("[data-testid=api-key]", key)
+        page.dispatch_event("[data-testid=api-key]", "change")  # re-sends the photo with the key
+        page.wait_for_selector("[data-testid=face-card]")
+        assert error.is_hidden()
+
+
 def test_the_camera_sends_frames_one_at_a_time_and_draws_boxes(open_page, bundled_server):
     page = open_page(bundled_server)
     button = page.locator("[data-testid=camera-button]")

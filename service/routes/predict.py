@@ -14,6 +14,7 @@ from service.errors import NotReady, TooLarge
 from service.imaging import SUPPORTED, check_media_type, decode_image
 from service.pipeline import Prediction, StageTimer, predict_faces
 from service.schemas import Box, Face, ImageSize, PredictResponse, Timings, error_responses
+from service.security import ApiKey
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["predict"])
@@ -40,9 +41,9 @@ def _faces(prediction: Prediction) -> list[Face]:
 @router.post(
     "/predict",
     response_model=PredictResponse,
-    responses=error_responses(400, 404, 413, 414, 415, 503, 504),
+    responses=error_responses(400, 401, 404, 413, 414, 415, 503, 504),
     summary="Find every face in a photo and classify its expression",
-    dependencies=[Depends(one_upload)],
+    dependencies=[ApiKey, Depends(one_upload)],
 )
 def predict(
     file: Annotated[UploadFile, File(description=f"the photo: a {SUPPORTED} image")],

@@ -46,6 +46,7 @@ from mien.runtime import OnnxClassifier
 from service.errors import ModelNotFound, ServiceError
 from service.registry import LoadedModel, ModelRegistry
 from service.schemas import error_responses
+from service.security import ApiKey
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -315,7 +316,8 @@ async def _infer_route(request: Request, model_id: str, version: str | None) -> 
 
 _INFER_DOC = {
     "summary": "Inference on a batch of preprocessed face tensors",
-    "responses": error_responses(400, 404, 413),
+    "responses": error_responses(400, 401, 404, 413, 414, 503, 504),
+    "dependencies": [ApiKey],
     "openapi_extra": {
         "requestBody": {
             "required": True,

@@ -9,6 +9,8 @@
 
   const $ = (id) => document.getElementById(id);
   const modelSelect = $("model-select");
+  const keyField = $("key-field");
+  const keyInput = $("api-key");
   const fileInput = $("file-input");
   const dropZone = $("drop-zone");
   const cameraButton = $("camera-button");
@@ -76,6 +78,16 @@
     }
   }
 
+  // The API key (only when the service sets MIEN_API_KEY): asked for after a 401, kept in this page only.
+  function askForKey() {
+    keyField.hidden = false;
+    keyInput.focus();
+  }
+
+  keyInput.addEventListener("change", () => {
+    if (state.mode === "photo" && state.file) sendPhoto(state.file);
+  });
+
   modelSelect.addEventListener("change", () => {
     if (state.mode === "photo" && state.file) sendPhoto(state.file);
     // camera mode: the next frame goes to the new model by itself
@@ -106,9 +118,11 @@
     stats.maxInFlight = Math.max(stats.maxInFlight, state.inFlight);
     const started = performance.now();
     try {
-      const response = await fetch(url, { method: "POST", body: form });
+      const headers = keyInput.value ? { "X-API-Key": keyInput.value } : {};
+      const response = await fetch(url, { method: "POST", body: form, headers });
       const body = await readJson(response);
       const roundTripMs = performance.now() - started;
+      if (response.status === 401) askForKey();
       if (!response.ok) return { ok: false, message: errorMessage(body, response), roundTripMs };
       return { ok: true, body, roundTripMs };
     } catch (err) {
