@@ -1,4 +1,4 @@
-"""The ``mien`` command: ``train``, ``pretrain-sr``, ``export``, ``ensemble``, ``eval`` and ``serve``.
+"""The ``mien`` command: ``train``, ``recipe``, ``pretrain-sr``, ``export``, ``ensemble``, ``eval`` and ``serve``.
 
 Heavy imports (torch, onnx, uvicorn) happen inside each subcommand so that ``mien serve`` works in
 an environment without the ``train`` extra and ``--help`` is instant.
@@ -40,88 +40,162 @@ def _json_object(text: str) -> dict:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    # Every option defaults to "not given" so that a recipe's values stand unless a flag overrides them;
+    # the defaults shown are TrainConfig's (training/train.py).
     p = sub.add_parser("train", help="train a model on FER2013 (resumes from <out>/last.pt)",
+                       argument_default=argparse.SUPPRESS,
                        description="Train a registered model on the train split, keep the best checkpoint by "
-                       "validation (PublicTest) accuracy. Rerun the same command to resume.")  # fmt: skip
-    p.add_argument("--data", default="../shared/data/fer2013.npz", help="fer2013.csv, fer2013.npz or image-folder root")
-    p.add_argument("--model", default="mini_xception", help="model id (see `mien train --list-models`)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<model>)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam peak learning rate (cosine schedule)")
-    p.add_argument("--warmup-epochs", type=int, default=2)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.05)
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="public_test")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--no-channels-last", action="store_true", help="train in NCHW instead of channels-last")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N training images (smoke tests)")
+                       "validation (PublicTest) accuracy. Rerun the same command to resume. Runs unchanged under "
+                       "torchrun (one process per CPU socket or GPU).")  # fmt: skip
+    p.add_argument("--config", default="", help="a recipe, e.g. configs/mini_xception.toml: every training choice "
+                   "of a bundled model; flags given beside it override its values")  # fmt: skip
+    p.add_argument("--data", help="fer2013.csv, fer2013.npz or image-folder root (default ../shared/data/fer2013.npz)")
+    p.add_argument("--model", help="model id (default mini_xception; see `mien train --list-models`)")
+    p.add_argument("--out", help="run folder (default runs/<model>)")
+    p.add_argument("--epochs", type=int, help="default 100")
+    p.add_argument("--batch-size", type=int, help="the global batch, over all torchrun processes (default 64)")
+    p.add_argument("--lr", type=float, help="Adam peak learning rate (default 2e-3)")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up before the schedule (default 2)")
+    p.add_argument("--weight-decay", type=float, help="default 1e-4")
+    p.add_argument("--label-smoothing", type=float, help="default 0.05")
+    p.add_argument("--train-split", help="default train")
+    p.add_argument("--val-split", help="default public_test")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default 0 = torch's default)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels-last memory layout (default on; NCHW where torch 2.13 CPU crashes)")  # fmt: skip
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"),
+                   help="mixed precision: bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (GPU only); "
+                   "default none (see docs/training.md for what bf16 does on a CPU)")  # fmt: skip
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: this rank's GPU if any")
+    p.add_argument("--limit", type=int, help="use only the first N training images (smoke tests)")
+    s = p.add_argument_group("schedule, early stopping, clipping (training/schedule.py)")
+    s.add_argument("--schedule", choices=("cosine", "step", "plateau"), help="after warm-up (default cosine)")
+    s.add_argument("--lr-step-epochs", type=int, help="step: epochs between cuts (default 30)")
+    s.add_argument("--lr-step-gamma", type=float, help="step: the cut (default 0.1)")
+    s.add_argument("--plateau-patience", type=int, help="plateau: epochs without a better val_acc (default 5)")
+    s.add_argument("--plateau-factor", type=float, help="plateau: the cut (default 0.5)")
+    s.add_argument("--early-stop", type=int, help="stop after N epochs without a better val_acc (default 0 = never)")
+    s.add_argument("--grad-clip", type=float, help="max global L2 norm of the gradients (default 0 = off)")
     p.add_argument(
         "--labels",
         type=_label_list,
-        default=None,
         help="train on these classes only, in this output order, e.g. angry,sad,happy,fear,neutral",
     )
     p.add_argument(
         "--label-map",
         type=_label_map,
-        default={},
         help="rename or merge classes before --labels picks, e.g. surprise=happy",
     )
-    p.add_argument("--label-source", default="fer2013", choices=("fer2013", "ferplus", "ferplus7"),
-                   help="FER2013's labels, or the FER+ votes: 8 FER+ classes (ferplus) or FER2013's 7 (ferplus7, "
-                   "contempt votes dropped); see training/ferplus.py")  # fmt: skip
-    p.add_argument("--ferplus-votes", default="", help="FER+ votes csv (default: ferplus_votes.csv beside --data)")
-    p.add_argument("--ferplus-target", default="majority", choices=("majority", "soft"),
-                   help="train on the majority label or on the distribution of the votes")  # fmt: skip
+    p.add_argument("--label-source", choices=("fer2013", "ferplus", "ferplus7"),
+                   help="FER2013's labels (default), or the FER+ votes: 8 FER+ classes (ferplus) or FER2013's 7 "
+                   "(ferplus7, contempt votes dropped); see training/ferplus.py")  # fmt: skip
+    p.add_argument("--ferplus-votes", help="FER+ votes csv (default: ferplus_votes.csv beside --data)")
+    p.add_argument("--ferplus-target", choices=("majority", "soft"),
+                   help="train on the majority label (default) or on the distribution of the votes")  # fmt: skip
     p.add_argument(
         "--model-kwargs",
         type=_json_object,
-        default={},
         help='builder options as JSON, e.g. \'{"sr_kwargs": {"num_blocks": 16, "features": 128}}\'',
     )
-    p.add_argument("--sr-init", default="", help="SR front end weights from `mien pretrain-sr` (sr_cnn, stn_sr_cnn)")
+    p.add_argument("--sr-init", help="SR front end weights from `mien pretrain-sr` (sr_cnn, stn_sr_cnn)")
     p.add_argument("--freeze-sr", action="store_true", help="keep the --sr-init front end fixed (recommended)")
-    p.add_argument("--init", default="", help="warm start from a best.pt: copy its layers that match by name and "
+    p.add_argument("--init", help="warm start from a best.pt: copy its layers that match by name and "
                    "shape (e.g. base_cnn's classifier into sr_cnn)")  # fmt: skip
     g = p.add_argument_group("objective options (see training/objectives.py)")
-    g.add_argument("--triplet-weight", type=float, default=1.0, help="λ of the triplet loss (stn_resnet10_triplet)")
-    g.add_argument("--triplet-margin", type=float, default=0.2)
-    g.add_argument("--triplet-per-class", type=int, default=8, help="K faces per class in a balanced batch")
-    g.add_argument("--occlusion-prob", type=float, default=0.5, help="share of training faces given a grey patch")
-    g.add_argument("--occlusion-area", type=float, default=0.25, help="the patch's share of the face area")
-    g.add_argument("--sgan-unsupervised-weight", type=float, default=1.0, help="real-vs-fake loss weight (sgan)")
-    p.add_argument("--list-models", action="store_true", help="print the registered model ids and exit")
+    g.add_argument("--triplet-weight", type=float, help="λ of the triplet loss (stn_resnet10_triplet; default 1)")
+    g.add_argument("--triplet-margin", type=float, help="default 0.2")
+    g.add_argument("--triplet-per-class", type=int, help="K faces per class in a balanced batch (default 8)")
+    g.add_argument("--occlusion-prob", type=float, help="share of training faces given a grey patch (default 0.5)")
+    g.add_argument("--occlusion-area", type=float, help="the patch's share of the face area (default 0.25)")
+    g.add_argument("--sgan-unsupervised-weight", type=float, help="real-vs-fake loss weight (sgan; default 1)")
+    p.add_argument("--list-models", action="store_true", default=False, help="print the registered model ids and exit")
     p.set_defaults(func=_run_train)
+
+
+_OBJECTIVE_FLAGS = ("triplet_weight", "triplet_margin", "triplet_per_class", "occlusion_prob", "occlusion_area",
+                    "sgan_unsupervised_weight")  # fmt: skip
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """(TrainConfig, recipe path): TrainConfig's defaults, then the recipe's values, then the flags given."""
+    from training.recipe import config_from_dict, load_recipe
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "list_models")}
+    objective = {k: given.pop(k) for k in _OBJECTIVE_FLAGS if k in given}
+    if objective:
+        given["objective"] = objective
+    recipe = load_recipe(args.config) if args.config else {}
+    cfg = config_from_dict(given, base=config_from_dict(recipe))
+    if "out" not in given and "out" not in recipe:
+        cfg.out = f"runs/{cfg.model}"
+    return cfg, args.config
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from training.models import list_models
-    from training.objectives import ObjectiveConfig
-    from training.train import TrainConfig, train
+    from training.train import train
 
     if args.list_models:
         print("\n".join(list_models()))
         return 0
-    cfg = TrainConfig(
-        data=args.data, model=args.model, out=args.out or f"runs/{args.model}", epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, train_split=args.train_split, val_split=args.val_split,
-        seed=args.seed, threads=args.threads, channels_last=not args.no_channels_last, limit=args.limit,
-        labels=args.labels, label_map=args.label_map, model_kwargs=args.model_kwargs, sr_init=args.sr_init,
-        freeze_sr=args.freeze_sr, init=args.init, label_source=args.label_source, ferplus_votes=args.ferplus_votes,
-        ferplus_target=args.ferplus_target,
-        objective=ObjectiveConfig(
-            triplet_weight=args.triplet_weight, triplet_margin=args.triplet_margin,
-            triplet_per_class=args.triplet_per_class, occlusion_prob=args.occlusion_prob,
-            occlusion_area=args.occlusion_area, sgan_unsupervised_weight=args.sgan_unsupervised_weight,
-        ),
-    )  # fmt: skip
-    best = train(cfg)
+    cfg, recipe = train_config_from_args(args)
+    best = train(cfg, recipe=recipe)
     print(f"best {cfg.val_split} accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; checkpoint {cfg.out}/best.pt")
     return 0
+
+
+def _add_recipe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipe", help="training recipes (configs/<model>.toml) made from model cards",
+                       description="Make and check the recipe of a bundled model. `sync` is the one command to run "
+                       "after a model is retrained and exported: it rewrites configs/<model id>.toml from the card "
+                       "and points the card at it.")  # fmt: skip
+    rsub = p.add_subparsers(dest="recipe_command", required=True)
+    f = rsub.add_parser("from-card", help="print the TOML recipe of a card's training.config")
+    f.add_argument("card")
+    k = rsub.add_parser("link", help="set a card's training.recipe after checking the recipe gives its config")
+    k.add_argument("card")
+    k.add_argument("recipe")
+    y = rsub.add_parser("sync", help="write configs/<model id>.toml from each card and link the card to it")
+    y.add_argument("cards", nargs="*", help="model cards (default: every card in --model-dir)")
+    y.add_argument("--model-dir", default="models")
+    y.add_argument("--configs", default="configs")
+    c = rsub.add_parser("check", help="exit 1 when a card's training.config differs from what its recipe gives")
+    c.add_argument("cards", nargs="*", help="model cards (default: every card in --model-dir)")
+    c.add_argument("--model-dir", default="models")
+    p.set_defaults(func=_run_recipe)
+
+
+def _run_recipe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.recipe import link_card, load_recipe, recipe_differences, recipe_text, sync
+
+    if args.recipe_command == "from-card":
+        sys.stdout.write(recipe_text(json.loads(Path(args.card).read_text()), args.card))
+        return 0
+    if args.recipe_command == "link":
+        link_card(args.card, args.recipe)
+        print(f"{args.card}: training.recipe = {args.recipe}")
+        return 0
+    cards = args.cards or sorted(str(p) for p in Path(args.model_dir).glob("*.card.json"))
+    if args.recipe_command == "sync":
+        for recipe in sync(cards, args.configs):
+            print(f"wrote {recipe}")
+        return 0
+    failed = 0
+    for card_path in cards:
+        training = json.loads(Path(card_path).read_text()).get("training") or {}
+        if not training.get("config"):
+            continue
+        if not training.get("recipe"):
+            print(f"{card_path}: no training.recipe (run `mien recipe sync {card_path}`)")
+            failed += 1
+            continue
+        diffs = recipe_differences(training["config"], load_recipe(training["recipe"]))
+        print(f"{card_path}: " + ("; ".join(diffs) if diffs else f"matches {training['recipe']}"))
+        failed += bool(diffs)
+    return 1 if failed else 0
 
 
 def _add_pretrain_sr(sub: argparse._SubParsersAction) -> None:
@@ -222,9 +296,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     report = evaluate_path(
         args.model, args.data, args.split, args.out, args.batch_size, args.label_source, args.ferplus_votes
     )
-    print(f"{args.split} ({args.label_source} labels, {len(report['labels'])} classes): "
-          f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
-          f"({report['num_images']} images) -> {report['report_path']}")  # fmt: skip
+    print(f"{args.split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+          f"({report['num_images']} images, {args.label_source} labels, {len(report['labels'])} classes) "
+          f"-> {report['report_path']}")  # fmt: skip
     return 0
 
 
@@ -313,7 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mien", description="Facial expression recognition: train, export, eval, serve."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_pretrain_sr, _add_export, _add_ensemble, _add_eval, _add_results, _add_serve):
+    for add in (
+        _add_train,
+        _add_recipe,
+        _add_pretrain_sr,
+        _add_export,
+        _add_ensemble,
+        _add_eval,
+        _add_results,
+        _add_serve,
+    ):
         add(sub)
     return parser
 

@@ -1,0 +1,100 @@
+"""Recipes (configs/<model>.toml): every bundled model has one, it gives exactly its card's training config,
+`mien train --config` trains from it with flags on top, and the exported card points back to it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mien.cli import build_parser, main, train_config_from_args
+from training.recipe import config_from_dict, link_card, load_recipe, recipe_differences, recipe_text, sync
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED_CARDS = sorted(
+    p for p in (ROOT / "models").glob("*.card.json") if (json.loads(p.read_text()).get("training") or {}).get("config")
+)
+
+
+@pytest.mark.parametrize("card_path", TRAINED_CARDS, ids=lambda p: p.name.removesuffix(".card.json"))
+def test_every_bundled_card_points_to_a_recipe_that_gives_its_config(card_path):
+    card = json.loads(card_path.read_text())
+    recipe = card["training"]["recipe"]
+    assert recipe == f"configs/{card['model_id']}.toml"
+    assert recipe_differences(card["training"]["config"], load_recipe(ROOT / recipe)) == []
+
+
+def test_train_config_is_defaults_then_recipe_then_flags(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = build_parser().parse_args(["train", "--config", "configs/sr_cnn.toml", "--epochs", "1", "--amp", "bf16"])
+    cfg, recipe = train_config_from_args(args)
+    assert recipe == "configs/sr_cnn.toml"
+    assert (cfg.model, cfg.lr, cfg.freeze_sr, cfg.out) == ("sr_cnn", 5e-4, True, "runs/sr_cnn")  # from the recipe
+    assert (cfg.epochs, cfg.amp) == (1, "bf16")  # flags win
+    assert cfg.model_kwargs == {"widths": [16, 32, 64, 128], "hidden": 128}
+    args = build_parser().parse_args(["train", "--model", "dcnn", "--triplet-weight", "0.5"])
+    cfg, recipe = train_config_from_args(args)  # no recipe: TrainConfig's defaults
+    assert (cfg.out, cfg.epochs, cfg.objective.triplet_weight, cfg.channels_last, recipe) == (
+        "runs/dcnn", 100, 0.5, True, ""
+    )  # fmt: skip
+
+
+def test_a_recipe_with_an_unknown_option_is_refused(tmp_path):
+    (tmp_path / "bad.toml").write_text('model = "base_cnn"\nlearning_rate = 0.1\n')
+    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['learning_rate'\]"):
+        load_recipe(tmp_path / "bad.toml")
+    (tmp_path / "bad2.toml").write_text("[augment]\nflip = true\nblur = 1\n")
+    with pytest.raises(ValueError, match=r"unknown augment option\(s\) \['blur'\]"):
+        load_recipe(tmp_path / "bad2.toml")
+
+
+def test_sync_writes_the_recipe_and_links_the_card_and_link_refuses_a_drifted_recipe(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    card_path = models / "base_cnn.card.json"
+    card = json.loads((ROOT / "models" / "base_cnn.card.json").read_text())
+    del card["training"]["recipe"]
+    card["training"]["config"]["epochs"] = 33  # a retrained model: its card changed
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    shutil.copy(ROOT / "models" / "ensemble.card.json", models)  # nothing trained: no recipe
+
+    written = sync(sorted(models.glob("*.card.json")), tmp_path / "configs")
+    assert written == [tmp_path / "configs" / "base_cnn.toml"]
+    linked = json.loads(card_path.read_text())
+    assert linked["training"]["recipe"] == str(tmp_path / "configs" / "base_cnn.toml")
+    assert list(linked["training"])[:2] == ["command", "recipe"]
+    assert load_recipe(written[0])["epochs"] == 33
+
+    written[0].write_text(written[0].read_text().replace("epochs = 33", "epochs = 34"))
+    with pytest.raises(ValueError, match="epochs: card 33, recipe 34"):
+        link_card(card_path, written[0])
+
+
+def test_recipe_text_round_trips_a_card_config():
+    card = json.loads((ROOT / "models" / "stn_sr_cnn.card.json").read_text())
+    text = recipe_text(card, "models/stn_sr_cnn.card.json")
+    assert text.startswith("# Training recipe of stn_sr_cnn") and "mien recipe sync" in text
+    import tomllib
+
+    values = tomllib.loads(text)
+    assert "labels" not in values  # null in the card: left to the default
+    assert recipe_differences(card["training"]["config"], values) == []
+    assert config_from_dict(values).init == "runs/stn_cnn/best.pt"
+
+
+def test_training_from_a_recipe_is_recorded_in_the_exported_card(tmp_path, tiny_npz, monkeypatch):
+    from export.onnx_export import ExportConfig, export_checkpoint
+
+    recipe = tmp_path / "configs" / "mini_xception.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(f'data = "{tiny_npz}"\nmodel = "mini_xception"\nepochs = 1\nbatch_size = 32\nthreads = 1\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "configs/mini_xception.toml", "--out", "run"]) == 0
+    export_checkpoint(ExportConfig(checkpoint="run/best.pt", out="m/mini_xception.onnx", data=str(tiny_npz),
+                                   parity_faces=256))  # fmt: skip
+    card = json.loads(Path("m/mini_xception.card.json").read_text())
+    assert card["training"]["recipe"] == "configs/mini_xception.toml"
+    assert card["training"]["config"]["out"] == "run"  # the flag given beside the recipe
+    assert recipe_differences(card["training"]["config"], {**load_recipe(recipe), "out": "run"}) == []
