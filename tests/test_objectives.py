@@ -106,6 +106,25 @@ def test_sgan_losses_match_the_k_plus_one_softmax():
     torch.testing.assert_close(sgan_discriminator_loss(real, fake, y, 0.0, 1.0), expected)
 
 
+def test_sgan_generated_batches_leave_the_running_statistics_alone():
+    from training.models.sgan import real_stats_only
+
+    disc = create_model("sgan", num_classes=3, widths=(4, 8)).train()
+    norm = next(m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = norm.running_mean.clone()
+    with real_stats_only(disc):
+        disc.discriminate(torch.randn(4, 1, 48, 48) + 3.0)
+    torch.testing.assert_close(norm.running_mean, before)  # a generated batch: statistics untouched
+    assert norm.momentum == 0.1  # and the momentum is back
+    disc.discriminate(torch.randn(4, 1, 48, 48) + 3.0)
+    assert not torch.allclose(norm.running_mean, before)  # a real batch moves them
+
+
+def test_sgan_discriminator_refuses_an_unknown_norm():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        create_model("sgan", norm="layer")
+
+
 def test_sgan_resume_is_exact(tmp_path, small_npz, monkeypatch):
     cfg = dict(model="sgan", epochs=2, limit=28)
     train(_cfg(small_npz, tmp_path / "straight", **cfg))

@@ -305,7 +305,9 @@ class SGANObjective(CrossEntropy):
     notes = "served model = SGAN discriminator's K real-class logits; the generator is kept in last.pt only"
 
     def __init__(self, cfg, spec: PreprocessSpec, model: nn.Module, generator: torch.Generator) -> None:
-        from training.models.sgan import sgan_generator
+        from training.models.sgan import real_stats_only, sgan_generator
+
+        self.real_stats_only = real_stats_only
 
         super().__init__(cfg, spec, model, generator)
         self.gen = sgan_generator(out_channels=spec.channels)
@@ -325,7 +327,8 @@ class SGANObjective(CrossEntropy):
         x = self.inputs(images)
         self.gen.train()
         real = model.discriminate(x)
-        fake = model.discriminate(self._fake(len(x)).detach())
+        with self.real_stats_only(model):
+            fake = model.discriminate(self._fake(len(x)).detach())
         loss = sgan_discriminator_loss(
             real, fake, y, self.cfg.label_smoothing, self.cfg.objective.sgan_unsupervised_weight
         )
@@ -335,9 +338,10 @@ class SGANObjective(CrossEntropy):
 
         for group in self.gen_optimizer.param_groups:
             group["lr"] = optimizer.param_groups[0]["lr"]
-        with torch.no_grad():
+        with torch.no_grad(), self.real_stats_only(model):
             real_features = model.features(x)
-        g_loss = feature_matching_loss(real_features, model.features(self._fake(len(x))))
+        with self.real_stats_only(model):
+            g_loss = feature_matching_loss(real_features, model.features(self._fake(len(x))))
         self.gen_optimizer.zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
         g_loss.backward()  # also fills the discriminator's grads; its next step zeroes them first
