@@ -1,65 +1,98 @@
-"""Training throughput of a registered model on this CPU: NCHW vs channels-last, fp32 vs bf16 autocast.
+"""Training throughput on this CPU: NCHW vs channels-last, fp32 vs bf16 autocast, for several models.
 
-    .venv/bin/python benchmarks/bench_train_step.py --model mini_xception --threads 2
+    .venv/bin/python benchmarks/bench_train_step.py --models mini_xception,base_cnn,se_sepconv --threads 1
 
-Prints seconds per FER2013 epoch (28,709 images) estimated from timed optimiser steps on random
-input. A benchmark, not a test: its figures go to docs/training.md.
+Each model is built with the model kwargs of its recipe (configs/<id>.toml) when there is one, i.e. the
+bundled network. A step is what ``mien train`` does (the objective's CrossEntropy train_step: forward and
+loss under the run's autocast, backward, Adam) on random input. The four set-ups are timed in interleaved
+rounds and the median round is reported, so a machine shared with other work slows them alike.
+Channels-last is skipped (and said so) for a model where torch 2.13 CPU would crash in it. Prints a
+Markdown table of images per second, seconds per FER2013 epoch (28,709 images) and the speed-up over
+NCHW fp32. A benchmark, not a test: its figures go to docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from mien.machine import describe_cpu
+from training.hardware import channels_last_hazards
 from training.models import create_model, default_spec
+from training.objectives import CrossEntropy, StepContext
+from training.recipe import config_from_dict, load_recipe
 
 FER2013_TRAIN_IMAGES = 28_709
+SETUPS = [("NCHW", "none"), ("NCHW", "bf16"), ("channels-last", "none"), ("channels-last", "bf16")]
 
 
-def seconds_per_epoch(model_id: str, batch: int, channels_last: bool, bf16: bool, steps: int) -> float:
+def bundled_kwargs(model_id: str) -> dict:
+    """The model kwargs of the bundled model (its recipe), or the builder's defaults."""
+    recipe = Path("configs") / f"{model_id}.toml"
+    return load_recipe(recipe).get("model_kwargs", {}) if recipe.is_file() else {}
+
+
+def make_step(model_id: str, batch: int, layout: str, amp: str):
+    """A closure running one optimiser step of ``model_id`` as the training loop does."""
+    kwargs = bundled_kwargs(model_id)
     spec = default_spec(model_id)
-    model = create_model(model_id, num_classes=spec.num_classes)
-    x = torch.randn(batch, spec.channels, *spec.input_size)
+    torch.manual_seed(0)
+    model = create_model(model_id, num_classes=spec.num_classes, **kwargs).train()
+    channels_last = layout == "channels-last"
+    cfg = config_from_dict({"model": model_id, "channels_last": channels_last, "batch_size": batch})
     if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, spec.num_classes, (batch,))
-    optimizer = torch.optim.Adam(model.parameters())
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(3):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps * FER2013_TRAIN_IMAGES / batch
+        model = model.to(memory_format=torch.channels_last)
+    objective = CrossEntropy(cfg, spec, model, torch.Generator().manual_seed(0))
+    objective.set_context(StepContext(amp=amp))
+    optimizer = objective.build_optimizer(model)
+    images = torch.randint(0, 256, (batch, 48, 48), dtype=torch.uint8)
+    labels = torch.randint(0, spec.num_classes, (batch,))
+    return lambda: objective.train_step(model, optimizer, images, labels)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mini_xception")
+    parser.add_argument("--models", default="mini_xception", help="comma-separated model ids")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per set-up per round")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{args.model}, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| layout | precision | s/epoch |\n|---|---|---|")
-    for channels_last in (False, True):
-        for bf16 in (False, True):
-            s = seconds_per_epoch(args.model, args.batch_size, channels_last, bf16, args.steps)
+    print(f"batch {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {describe_cpu()}; "
+          f"median of {args.rounds} interleaved rounds of {args.steps} steps")  # fmt: skip
+    print("\n| model | layout | precision | images/s | s/epoch | speed-up vs NCHW fp32 |\n|---|---|---|---|---|---|")
+    for model_id in args.models.split(","):
+        spec = default_spec(model_id)
+        model = create_model(model_id, num_classes=spec.num_classes, **bundled_kwargs(model_id))
+        hazards = channels_last_hazards(model, (spec.channels, *spec.input_size))
+        setups = [s for s in SETUPS if not (hazards and s[0] == "channels-last")]
+        steps = {s: make_step(model_id, args.batch_size, *s) for s in setups}
+        for step in steps.values():  # warm-up: oneDNN primitive creation, allocator
+            for _ in range(2):
+                step()
+        times: dict[tuple[str, str], list[float]] = {s: [] for s in setups}
+        for _ in range(args.rounds):
+            for setup, step in steps.items():
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                times[setup].append((time.perf_counter() - start) / args.steps)
+        base = statistics.median(times[SETUPS[0]])
+        for (layout, amp), samples in times.items():
+            t = statistics.median(samples)
+            epoch = t * FER2013_TRAIN_IMAGES / args.batch_size
+            precision = "bf16 autocast" if amp == "bf16" else "fp32"
             print(
-                f"| {'channels-last' if channels_last else 'NCHW'} | {'bf16 autocast' if bf16 else 'fp32'} | {s:.0f} |"
+                f"| {model_id} | {layout} | {precision} | {args.batch_size / t:.0f} | {epoch:.0f} | {base / t:.2f}× |"
             )
+        if hazards:
+            print(f"| {model_id} | channels-last | — | skipped: would crash ({', '.join(hazards)}) | | |")
 
 
 if __name__ == "__main__":
