@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 
@@ -141,7 +142,9 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     cfg, recipe = train_config_from_args(args)
     best = train(cfg, recipe=recipe)
-    print(f"best {cfg.val_split} accuracy {best['val_acc']:.4f} at epoch {best['epoch']}; checkpoint {cfg.out}/best.pt")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        where = f"at epoch {best['epoch']}; checkpoint {cfg.out}/best.pt"
+        print(f"best {cfg.val_split} accuracy {best['val_acc']:.4f} {where}")
     return 0
 
 
