@@ -51,6 +51,7 @@ class SessionConfig:
     inter_op_threads: int = 1
     optimization: str = "all"
     spinning: bool = False
+    memory_arena: bool = True
 
     def __post_init__(self) -> None:
         if self.optimization not in OPTIMIZATION_LEVELS:
@@ -74,7 +75,7 @@ class SessionConfig:
         # CPU arena: freed tensors go back to onnxruntime's arena instead of malloc/free on every run. It
         # grows to the largest batch seen and does not shrink, so memory is bounded by the largest batch
         # (the micro-batcher caps it) rather than growing with the number of requests (the soak checks).
-        options.enable_cpu_mem_arena = True
+        options.enable_cpu_mem_arena = self.memory_arena
         options.log_severity_level = 3  # CUDA load failures on CPU-only machines are expected, not errors
         return options
 

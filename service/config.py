@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,6 +65,10 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(
         False, description="let onnxruntime's threads busy-wait between operators (faster alone, costly when shared)"
     )
+    ort_memory_arena: bool = Field(True, description="onnxruntime CPU memory arena (see mien.runtime.SessionConfig)")
+    detect_concurrency: int = Field(
+        0, ge=0, le=1024, description="ONNX face detections run at once (memory bound); 0 = one per CPU core"
+    )
     # Dynamic micro-batching (service/batching.py): faces of concurrent /predict requests share one call.
     batching: bool = Field(True, description="merge faces of concurrent requests into shared classifier calls")
     batch_max_size: int = Field(32, ge=1, le=1024, description="most faces in one classifier call")
@@ -81,9 +86,15 @@ class Settings(BaseSettings):
         0.9, gt=0.0, lt=1.0, description="detector score a face needs (onnx only; the threshold default)"
     )
 
+    def detect_slots(self) -> int:
+        """How many ONNX face detections may run at once (``detect_concurrency``, 0 meaning one per core)."""
+        return self.detect_concurrency or os.cpu_count() or 1
+
     def session_config(self) -> SessionConfig:
         """The onnxruntime session options these settings ask for (every model and the detector)."""
-        return SessionConfig(self.threads, self.inter_op_threads, self.graph_optimization, self.ort_spinning)
+        return SessionConfig(
+            self.threads, self.inter_op_threads, self.graph_optimization, self.ort_spinning, self.ort_memory_arena
+        )
 
     @field_validator("providers", mode="before")
     @classmethod

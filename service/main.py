@@ -29,15 +29,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     folder = detector_dir(settings.detector_dir, settings.model_dir)
     session = settings.session_config()
-    app.state.detectors = load_detectors(settings.detector, folder, settings.providers, session,
-                                         settings.min_face, settings.face_threshold)  # fmt: skip
+    app.state.detectors = load_detectors(settings.detector, folder, settings.providers, session, settings.min_face,
+                                         settings.face_threshold, settings.detect_slots())  # fmt: skip
     log.info("face detectors %s (default %s, from %s)", sorted(app.state.detectors), settings.detector, folder)
     models = ModelRegistry.load(settings.model_dir, settings.default_model, settings.providers, session)
     app.state.models = models  # /ready answers 503 until the warm-up below is done
     app.state.metrics.observe_models(models)
     log.info("serving models %s (default %s)", models.ids, settings.default_model)
     warm_up_detectors(app.state.detectors)
-    warmup_ms = models.warm_up((1, settings.batch_max_size) if settings.batching else (1,))
+    # One face per model: a warm-up at the largest batch would make every model's memory arena hold that
+    # batch's activations from the start (~400 MB for the bundled models), used or not.
+    warmup_ms = models.warm_up((1,))
     log.info("warm-up ms per model: %s", ", ".join(f"{m}={ms:.0f}" for m, ms in sorted(warmup_ms.items())))
     if settings.batching:
         batch_size = app.state.metrics.batch_size

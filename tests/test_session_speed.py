@@ -1,7 +1,11 @@
-"""onnxruntime session options (mien.runtime.SessionConfig), the IO-binding path, and warm-up at start-up."""
+"""onnxruntime session options (mien.runtime.SessionConfig), the IO-binding path, warm-up at start-up, and the
+bound on ONNX face detections running at once."""
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ from tests.conftest import make_client
 
 CPU = ("CPUExecutionProvider",)
 MINI = Path(__file__).resolve().parents[1] / "models" / "mini_xception.onnx"
+BUNDLED_DETECTOR = MINI.parent / "detector"
 
 
 def test_session_options_are_the_ones_asked_for():
@@ -96,8 +101,8 @@ def test_start_up_warms_every_model_and_the_detector_before_any_request(model_di
     monkeypatch.setattr(OnnxClassifier, "__call__", spy)
     monkeypatch.setattr(MtcnnDetector, "warm_up", lambda self: detector_warmups.append(self) or original_warm(self))
     with make_client(model_dir, batch_max_size=8) as client:
-        # Nothing has been posted: these runs are the warm-up's, at batch 1 and at the largest batch.
-        assert batches == [("mini_xception", 1), ("mini_xception", 8)]
+        # Nothing has been posted: this run is the warm-up's, one face.
+        assert batches == [("mini_xception", 1)]
         assert len(detector_warmups) == 1
         models = client.app.state.models
         assert models.warm and set(models.warmup_ms) == {"mini_xception"}
@@ -117,3 +122,50 @@ def test_registry_is_ready_only_once_warm(model_dir):
     assert not registry.ready and "warming up" in registry.not_ready_reason()
     assert set(registry.warm_up()) == {"mini_xception"}
     assert registry.ready
+
+
+# --- detections at once ---------------------------------------------------------------------------
+
+
+class GatedSession:
+    """Wraps P-Net's session: counts the runs in progress and holds them until ``release`` is set."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.active = 0
+        self.most = 0
+
+    def run(self, *args, **kwargs):
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            self.release.wait()
+            return self.session.run(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_onnx_detections_at_once_are_bounded():
+    detector = MtcnnDetector.from_dir(BUNDLED_DETECTOR, CPU, 1, max_concurrent=2)
+    gate = GatedSession(detector.pnet)
+    detector.pnet = gate
+    image = np.full((96, 96, 3), 128, np.uint8)
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(detector.detect, image) for _ in range(6)]
+        for _ in range(6000):  # wait (a guard against hanging, not a timing assertion) for two runs to be in
+            if gate.active == 2:
+                break
+            threading.Event().wait(0.01)
+        gate.release.set()
+        assert all(len(f.result()) == 0 for f in futures)  # a flat grey square has no face
+    assert gate.most == 2  # two ran together, never more
+
+
+def test_detect_concurrency_setting_reaches_the_detector(model_dir):
+    assert Settings(detect_concurrency=0).detect_slots() == (os.cpu_count() or 1)
+    with make_client(model_dir, detect_concurrency=3) as client:
+        assert client.app.state.detectors["onnx"].max_concurrent == 3

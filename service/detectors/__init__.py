@@ -31,15 +31,18 @@ def load_detectors(
     threads: int | SessionConfig = 0,
     min_face: int = 20,
     threshold: float = 0.9,
+    max_concurrent: int = 0,
 ) -> dict[str, FaceDetector]:
     """Every detector that can load, by name, so a request can pick either without a reload.
 
     The default detector must load (start-up fails otherwise); the ONNX one is optional only when
-    Haar is the default.
+    Haar is the default. ``max_concurrent`` bounds the ONNX detections running at once (0: none).
     """
     detectors: dict[str, FaceDetector] = {"haar": HaarFaceDetector()}
     try:
-        detectors["onnx"] = MtcnnDetector.from_dir(folder, providers, threads, min_face=min_face, threshold=threshold)
+        detectors["onnx"] = MtcnnDetector.from_dir(
+            folder, providers, threads, min_face=min_face, threshold=threshold, max_concurrent=max_concurrent
+        )
     except FileNotFoundError:
         if default == "onnx":
             raise

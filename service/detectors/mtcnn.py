@@ -7,6 +7,8 @@ decoding) is here, so the ONNX files stay plain convolutional nets.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import cv2
@@ -81,6 +83,11 @@ class MtcnnDetector:
     ``threshold`` is the final O-Net score a face must reach (per call, the ``threshold`` query parameter).
     ``max_side`` caps the longest side of the first pyramid level: on photos over max_side × min_face / 12
     pixels the smallest face searched grows with the photo instead of the cost.
+
+    ``max_concurrent`` bounds the detections that run at once (0: no bound). Every run holds its pyramid's
+    activations (tens of MB on a large photo) and onnxruntime already spreads one run over the cores, so
+    detections beyond one or two per core add memory (kept by the allocators afterwards), not throughput;
+    the other requests wait for a slot.
     """
 
     def __init__(
@@ -93,8 +100,11 @@ class MtcnnDetector:
         stage_thresholds: tuple[float, float] = (0.6, 0.7),
         factor: float = 0.709,
         max_side: int = 1280,
+        max_concurrent: int = 0,
     ) -> None:
         self.pnet, self.rnet, self.onet = pnet, rnet, onet
+        self.max_concurrent = max_concurrent
+        self._slots = threading.BoundedSemaphore(max_concurrent) if max_concurrent > 0 else contextlib.nullcontext()
         self.min_face = min_face
         self.threshold = threshold
         self.stage_thresholds = stage_thresholds
@@ -132,15 +142,13 @@ class MtcnnDetector:
 
     def detect(self, image: np.ndarray, min_face: int | None = None, threshold: float | None = None) -> Detections:
         """Faces in a BGR (or gray) uint8 image, largest first, with scores and landmarks."""
-        if image.ndim == 2:
-            rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-        else:
-            rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         min_face = self.min_face if min_face is None else min_face
         threshold = self.threshold if threshold is None else threshold
-        boxes = self._proposals(rgb, min_face)
-        boxes = self._refine(rgb, boxes)
-        boxes, landmarks = self._output(rgb, boxes, threshold)
+        with self._slots:
+            rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
+            boxes = self._proposals(rgb, min_face)
+            boxes = self._refine(rgb, boxes)
+            boxes, landmarks = self._output(rgb, boxes, threshold)
         xywh = to_xywh(boxes, rgb.shape)
         # P-Net also fires on faces somewhat smaller than its window at the first scale: min_face is a promise.
         keep = (xywh[:, 2] > 0) & (xywh[:, 3] > 0) & (np.maximum(xywh[:, 2], xywh[:, 3]) >= min_face)
