@@ -77,9 +77,30 @@ def _where(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "request"
 
 
+def _framework_message(request: Request, exc: StarletteHTTPException, message: str) -> tuple[str | None, str]:
+    """A code and a message a person can act on for the errors FastAPI/Starlette raise with a bare phrase."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and message == "Not Found":
+        return None, f"there is no {where}; the API is listed at /docs (GET /models, POST /predict, /v2/...)"
+    if exc.status_code == 405:
+        allowed = next((value for key, value in (exc.headers or {}).items() if key.lower() == "allow"), "")
+        return None, f"{where} is not allowed; this path answers {allowed or 'other methods'} (see /docs)"
+    content_type = request.headers.get("content-type", "")
+    if exc.status_code == 400 and content_type.lower().startswith("multipart/"):
+        # Starlette's multipart parser: missing boundary, malformed parts, too many files or fields.
+        return "bad_multipart", (
+            f"the multipart/form-data body could not be read ({message.rstrip('.')}); let the HTTP client build "
+            "it, e.g. curl -F file=@photo.jpg http://host:port/predict"
+        )
+    return None, message
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = getattr(exc, "code", None) or _DEFAULT_CODES.get(exc.status_code, "http_error")
+    code = getattr(exc, "code", None)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if code is None:  # raised by the framework, not by mien: add what to do
+        code, message = _framework_message(request, exc, message)
+    code = code or _DEFAULT_CODES.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 

@@ -131,7 +131,7 @@ class RequestLimitsMiddleware:
         got = f"the request body is {size} bytes" if size is not None else "the request body is too large"
         return (
             f"{got}, over the limit of {self.max_body_bytes} bytes (MIEN_MAX_UPLOAD_BYTES={self.max_upload_bytes} "
-            "plus room for the multipart envelope); send a smaller image"
+            "plus room for the multipart envelope); send a smaller image, or fewer faces per /v2 request"
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -199,7 +199,10 @@ def _parse_infer(body: bytes, classifier: OnnxClassifier) -> tuple[np.ndarray, s
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise BadInferRequest(f"the request body is not valid JSON: {exc}") from None
+        raise BadInferRequest(
+            f"the request body is not valid JSON: {exc}; v2 inference takes preprocessed face tensors as JSON "
+            "(GET /v2/models/<id> describes them); send photos to POST /predict"
+        ) from None
     if not isinstance(payload, dict):
         raise BadInferRequest("the request body must be a JSON object with an 'inputs' list")
     request_id = payload.get("id")
