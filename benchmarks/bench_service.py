@@ -1,0 +1,331 @@
+"""Speed of the service as a user meets it: classifiers, /predict under load, a soak, and the `fer` package.
+
+    .venv/bin/python benchmarks/bench_service.py [--out docs/performance-run.md] [--soak 10000] [--quick]
+
+Prints markdown tables (and writes them with ``--out``):
+
+1. classifier ms per face at batch 1 and 32 for every bundled model (``models/*.onnx``) and ensemble,
+   through ``predict_crops`` on real face crops (resize and normalisation included);
+2. POST /predict latency p50/p95/p99 and requests per second at concurrency 1, 8 and 32, on real photos
+   (the package photos of ``benchmarks/detect_photos.py``: astronaut, Grace Hopper, camera, a five-face
+   group, coffee with no face), against the real server (``mien serve`` in a subprocess) with an httpx
+   client, micro-batching on and, at the highest concurrency, off for comparison;
+3. a soak (10,000 requests at concurrency 32 by default): the count of 5xx answers (must be 0) and the
+   growth of the server's resident memory, VmRSS from /proc/<pid>/status (must stay under 50 MB);
+4. with the optional ``bench`` extra and ``pip install --no-deps fer``: the same photos through the
+   ``fer`` package (its Haar cascade passed explicitly) and mien's pipeline in-process, and the time ratio.
+
+A benchmark, not a test: it exits non-zero only when the soak breaks its two promises. Never downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.detect_photos import FACE_BOXES, group, real_photo  # noqa: E402
+from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier  # noqa: E402
+from mien.machine import describe_cpu  # noqa: E402
+from service.config import Settings  # noqa: E402
+
+PHOTOS = ("astronaut", "grace_hopper", "camera", "group", "coffee")
+MAX_RSS_GROWTH_MB = 50.0
+
+
+def photos() -> list[tuple[str, np.ndarray]]:
+    """The benchmark photos as BGR images: three real faces, a five-face group and a photo with none."""
+    return [(name, group().image if name == "group" else real_photo(name)) for name in PHOTOS]
+
+
+def face_crops() -> list[np.ndarray]:
+    """The real faces of the package photos, cut by their hand-drawn boxes."""
+    crops = []
+    for name, boxes in FACE_BOXES.items():
+        image = real_photo(name)
+        crops += [image[y : y + h, x : x + w] for x, y, w, h in boxes]
+    return crops
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(samples)
+
+
+def percentile(sorted_ms: list[float], q: float) -> float:
+    return sorted_ms[min(len(sorted_ms) - 1, int(round(q / 100 * (len(sorted_ms) - 1))))]
+
+
+# --- 1. classifiers ----------------------------------------------------------------------------------
+
+
+def bench_classifiers(model_dir: Path, settings: Settings, quick: bool) -> list[str]:
+    paths = sorted(model_dir.glob("*.onnx")) + sorted(model_dir.glob(f"*{ENSEMBLE_SUFFIX}"))
+    crops = face_crops()
+    batch32 = [crops[i % len(crops)] for i in range(32)]
+    lines = ["| model | provider | ms/face, batch 1 | ms/face, batch 32 |", "|---|---|---:|---:|"]
+    for path in tqdm(paths, desc="classifiers", leave=False):
+        classifier = load_classifier(path, settings.providers, settings.session_config())
+        one = median_ms(lambda c=classifier: c.predict_crops(crops[:1]), 20 if quick else 200)
+        many = median_ms(lambda c=classifier: c.predict_crops(batch32), 5 if quick else 40) / 32
+        lines.append(f"| {classifier.model_id} | {classifier.provider} | {one:.2f} | {many:.2f} |")
+    return lines
+
+
+# --- 4. the fer package, in-process ----------------------------------------------------------------
+
+
+def bench_fer(model_dir: Path, settings: Settings, repeats: int) -> list[str]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        from importlib.resources import files
+
+        from fer.fer import FER
+    except ImportError as exc:
+        return [f"`fer` is not installed ({exc}): `pip install -e '.[bench]'` then `pip install --no-deps fer`."]
+    from mien.runtime import OnnxClassifier
+    from service.detect import HaarFaceDetector
+    from service.detectors import BUNDLED_DIR
+    from service.detectors.mtcnn import MtcnnDetector
+    from service.pipeline import StageTimer, predict_faces
+
+    cascade = files("fer") / "data" / "haarcascade_frontalface_default.xml"  # fer's own copy, passed explicitly
+    fer = FER(cascade_file=str(cascade), mtcnn=False)
+    session = settings.session_config()
+    classifier = OnnxClassifier.from_path(model_dir / f"{settings.default_model}.onnx", settings.providers, session)
+    mtcnn = MtcnnDetector.from_dir(BUNDLED_DIR, settings.providers, session)
+    haar = HaarFaceDetector()
+    runners = {
+        "fer (Haar + its TFLite CNN)": lambda image: len(fer.detect_emotions(image)),
+        f"mien (MTCNN + {classifier.model_id})": lambda image: len(
+            predict_faces(image, classifier, mtcnn, StageTimer()).boxes
+        ),
+        f"mien (Haar + {classifier.model_id})": lambda image: len(
+            predict_faces(image, classifier, haar, StageTimer()).boxes
+        ),
+    }
+    images = photos()
+    totals, faces = {}, {}
+    for name, run in tqdm(runners.items(), desc="fer comparison", leave=False):
+        faces[name] = [run(image) for _, image in images]
+        totals[name] = sum(median_ms(lambda r=run, i=image: r(i), repeats) for _, image in images) / len(images)
+    fer_name = next(iter(runners))
+    lines = [
+        f"| pipeline (in-process, decoded photo) | ms per photo (mean of per-photo medians, {repeats} runs) "
+        f"| faces found ({', '.join(PHOTOS)}) | fer time ÷ this |",
+        "|---|---:|---|---:|",
+    ]
+    for name in runners:
+        ratio = totals[fer_name] / totals[name]
+        lines.append(f"| {name} | {totals[name]:.1f} | {', '.join(map(str, faces[name]))} | {ratio:.2f}× |")
+    return lines
+
+
+# --- 2 and 3. the real server under load -----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(model_dir: Path, log_path: Path, **env: str) -> Iterator[tuple[str, int]]:
+    """``mien serve`` in a subprocess; yields (base URL, pid) once /ready answers 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "mien.cli", "serve", "--port", str(port),
+               "--model-dir", str(model_dir)]  # fmt: skip
+    environment = os.environ | {f"MIEN_{key.upper()}": value for key, value in env.items()}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}; see {log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not ready within 10 minutes; see {log_path}")
+            time.sleep(0.2)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def load(url: str, bodies: list[tuple[str, bytes]], concurrency: int, total: int, pid: int | None = None,
+               desc: str = "") -> dict:  # fmt: skip
+    """``total`` POST /predict requests, ``concurrency`` at a time, photos in turn; latencies and statuses."""
+    latencies: list[float] = []
+    statuses: dict[int | str, int] = {}
+    rss: list[float] = []
+    issued = 0
+    bar = tqdm(total=total, desc=desc, leave=False, mininterval=1.0)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < total:
+                name, body = bodies[issued % len(bodies)]
+                issued += 1
+                start = time.perf_counter()
+                try:
+                    response = await client.post("/predict", files={"file": (f"{name}.jpg", body, "image/jpeg")})
+                    key: int | str = response.status_code
+                except httpx.HTTPError as exc:
+                    key = type(exc).__name__
+                latencies.append((time.perf_counter() - start) * 1000.0)
+                statuses[key] = statuses.get(key, 0) + 1
+                bar.update()
+                if pid is not None and len(latencies) % 250 == 0:
+                    rss.append(rss_mb(pid))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    bar.close()
+    return {"latencies": sorted(latencies), "statuses": statuses, "wall": wall, "rss": rss}
+
+
+def latency_row(label: str, result: dict) -> str:
+    ms = result["latencies"]
+    ok = result["statuses"].get(200, 0)
+    others = {k: v for k, v in result["statuses"].items() if k != 200}
+    return (f"| {label} | {len(ms)} | {percentile(ms, 50):.1f} | {percentile(ms, 95):.1f} | {percentile(ms, 99):.1f} "
+            f"| {len(ms) / result['wall']:.1f} | {ok}{' ' + str(others) if others else ''} |")  # fmt: skip
+
+
+def bench_server(model_dir: Path, levels: list[int], per_level: int, soak: int, compare: bool, log: Path) -> tuple:
+    bodies = [
+        (name, cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()) for name, image in photos()
+    ]
+    header = [
+        "| run | requests | p50 ms | p95 ms | p99 ms | requests/s | 200s (others) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    rows, soak_lines, soak_ok = list(header), [], True
+    with server(model_dir, log) as (url, pid):
+        for concurrency in levels:
+            result = asyncio.run(
+                load(url, bodies, concurrency, max(per_level, 4 * concurrency), desc=f"c={concurrency}")
+            )
+            rows.append(latency_row(f"concurrency {concurrency}, micro-batching on", result))
+        if soak:
+            concurrency = max(levels)
+            before = rss_mb(pid)
+            result = asyncio.run(load(url, bodies, concurrency, soak, pid=pid, desc=f"soak c={concurrency}"))
+            after = rss_mb(pid)
+            server_errors = sum(n for k, n in result["statuses"].items() if isinstance(k, int) and k >= 500)
+            failed = sum(n for k, n in result["statuses"].items() if not isinstance(k, int))
+            growth = after - before
+            peak = max([after, *result["rss"]])
+            soak_ok = server_errors == 0 and failed == 0 and growth < MAX_RSS_GROWTH_MB
+            soak_lines = [
+                "| soak | value |", "|---|---|",
+                f"| requests | {soak} at concurrency {concurrency} ({', '.join(PHOTOS)} in turn) |",
+                f"| statuses | {dict(sorted(result['statuses'].items(), key=str))} |",
+                f"| 5xx answers | {server_errors} (must be 0) |",
+                f"| failed connections | {failed} |",
+                f"| server VmRSS before → after (peak) | {before:.1f} → {after:.1f} MB ({peak:.1f} MB) |",
+                f"| resident memory growth | {growth:+.1f} MB (must stay under {MAX_RSS_GROWTH_MB:.0f} MB) |",
+                f"| p50 / p99 latency, throughput | {percentile(result['latencies'], 50):.1f} / "
+                f"{percentile(result['latencies'], 99):.1f} ms, {soak / result['wall']:.1f} requests/s |",
+                f"| verdict | {'PASS' if soak_ok else 'FAIL'} |",
+            ]  # fmt: skip
+    if compare:
+        concurrency = max(levels)
+        with server(model_dir, log, batching="false") as (url, _):
+            result = asyncio.run(load(url, bodies, concurrency, max(per_level, 4 * concurrency), desc="no batching"))
+            rows.append(latency_row(f"concurrency {concurrency}, micro-batching off", result))
+    return rows, soak_lines, soak_ok
+
+
+def machine() -> str:
+    load1, load5, _ = os.getloadavg()
+    return (f"{describe_cpu()}; Python {platform.python_version()}, onnxruntime {ort.__version__} "
+            f"({ort.get_device()} build); load average at start {load1:.2f} (1 min), {load5:.2f} (5 min)")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--levels", default="1,8,32", help="client concurrency levels")
+    parser.add_argument("--requests", type=int, default=400, help="requests per level (at least 4 × concurrency)")
+    parser.add_argument("--soak", type=int, default=10_000, help="soak requests at the highest level; 0 = none")
+    parser.add_argument("--fer-repeats", type=int, default=20)
+    parser.add_argument("--no-compare", action="store_true", help="skip the run with micro-batching off")
+    parser.add_argument("--quick", action="store_true", help="few repeats everywhere (a smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
+    parser.add_argument("--server-log", type=Path, default=Path("/tmp/mien-bench-server.log"))
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.soak, args.fer_repeats = 40, min(args.soak, 500), 3
+    settings = Settings(model_dir=args.models)  # the service's own defaults (and MIEN_* overrides)
+    levels = [int(n) for n in args.levels.split(",")]
+
+    sections = [f"Machine: {machine()}", ""]
+    print(sections[0], flush=True)
+
+    def section(title: str, lines: list[str]) -> None:
+        text = [f"### {title}", "", *lines, ""]
+        print("\n".join(text), flush=True)
+        sections.extend(text)
+
+    section("Classifiers: ms per face (predict_crops on real face crops; resize and normalise included)",
+            bench_classifiers(args.models, settings, args.quick))  # fmt: skip
+    section("The fer package and mien on the same photos", bench_fer(args.models, settings, args.fer_repeats))
+    rows, soak_lines, soak_ok = bench_server(args.models, levels, args.requests, args.soak, not args.no_compare,
+                                             args.server_log)  # fmt: skip
+    section(f"POST /predict on the real server (model {settings.default_model}, detector {settings.detector}, "
+            f"photos {', '.join(PHOTOS)} in turn; httpx client on the same machine)", rows)  # fmt: skip
+    if soak_lines:
+        section("Soak", soak_lines)
+    load1, load5, _ = os.getloadavg()
+    sections.append(f"Load average at the end: {load1:.2f} (1 min), {load5:.2f} (5 min).")
+    print(sections[-1])
+    if args.out:
+        args.out.write_text("\n".join(sections) + "\n", encoding="utf-8")
+    return 0 if soak_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
