@@ -98,3 +98,15 @@ def test_training_from_a_recipe_is_recorded_in_the_exported_card(tmp_path, tiny_
     assert card["training"]["recipe"] == "configs/mini_xception.toml"
     assert card["training"]["config"]["out"] == "run"  # the flag given beside the recipe
     assert recipe_differences(card["training"]["config"], {**load_recipe(recipe), "out": "run"}) == []
+
+
+def test_recipe_check_command_passes_on_the_bundled_models_and_fails_on_drift(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["recipe", "check"]) == 0
+    assert "models/mini_xception.card.json: matches configs/mini_xception.toml" in capsys.readouterr().out
+    card = json.loads((ROOT / "models" / "base_cnn.card.json").read_text())
+    card["training"]["config"]["lr"] = 0.1  # a card retrained without re-syncing its recipe
+    drifted = tmp_path / "base_cnn.card.json"
+    drifted.write_text(json.dumps(card))
+    assert main(["recipe", "check", str(drifted)]) == 1
+    assert "lr: card 0.1, recipe 0.002" in capsys.readouterr().out

@@ -5,7 +5,9 @@ folder holds ``last.pt`` (resumable: weights, optimiser, scheduler, RNG, history
 (selected by validation accuracy), ``history.jsonl`` (one line per epoch), ``curves.png`` and
 ``train.log``. Rerunning the same command on the same folder resumes where it stopped. What a step
 means for each model (loss, batch composition, extra augmentation, validation protocol) lives in
-``training/objectives.py``; this loop is the same for all of them.
+``training/objectives.py``; this loop is the same for all of them. The same loop runs as one process
+or under torchrun (``training/hardware.py``: DDP, rank 0 writes), in fp32 or mixed precision, on
+FER2013's or FER+'s labels (``training/ferplus.py``), with the schedules of ``training/schedule.py``.
 """
 
 from __future__ import annotations
