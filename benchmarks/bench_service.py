@@ -13,7 +13,9 @@ Prints markdown tables (and writes them with ``--out``):
 3. a soak (10,000 requests at concurrency 32 by default): the count of 5xx answers (must be 0) and the
    growth of the server's resident memory, VmRSS from /proc/<pid>/status (must stay under 50 MB);
 4. with the optional ``bench`` extra and ``pip install --no-deps fer``: the same photos through the
-   ``fer`` package (its Haar cascade passed explicitly) and mien's pipeline in-process, and the time ratio.
+   ``fer`` package (its Haar cascade passed explicitly) and mien's pipeline in-process, and the time ratio;
+5. micro-batching on and off in alternating rounds on fresh servers (``--ab-rounds``; ``--ab-only`` runs
+   just this), so that a shared machine's changing load falls on both alike.
 
 A benchmark, not a test: it exits non-zero only when the soak breaks its two promises. Never downloads.
 """
@@ -279,6 +281,31 @@ def bench_server(model_dir: Path, levels: list[int], per_level: int, soak: int, 
     return rows, soak_lines, soak_ok
 
 
+def bench_batching_ab(model_dir: Path, concurrency: int, per_run: int, rounds: int, log: Path) -> list[str]:
+    """Micro-batching on and off in alternating rounds, each on a fresh server, so that a change in the
+    machine's background load hits both alike; medians over the rounds."""
+    bodies = [
+        (name, cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()) for name, image in photos()
+    ]
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    for round_ in range(rounds):
+        for mode in ("on", "off"):
+            with server(model_dir, log, batching="true" if mode == "on" else "false") as (url, _):
+                result = asyncio.run(load(url, bodies, concurrency, per_run, desc=f"A/B {round_ + 1} {mode}"))
+            runs[mode].append(result)
+    lines = [
+        "| micro-batching | rounds × requests | median p50 ms | median p95 ms | median requests/s | non-200 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, results in runs.items():
+        p50 = statistics.median(percentile(r["latencies"], 50) for r in results)
+        p95 = statistics.median(percentile(r["latencies"], 95) for r in results)
+        rps = statistics.median(len(r["latencies"]) / r["wall"] for r in results)
+        bad = sum(n for r in results for k, n in r["statuses"].items() if k != 200)
+        lines.append(f"| {mode} | {rounds} × {per_run} | {p50:.1f} | {p95:.1f} | {rps:.1f} | {bad} |")
+    return lines
+
+
 def machine() -> str:
     load1, load5, _ = os.getloadavg()
     return (f"{describe_cpu()}; Python {platform.python_version()}, onnxruntime {ort.__version__} "
@@ -293,6 +320,8 @@ def main() -> int:
     parser.add_argument("--soak", type=int, default=10_000, help="soak requests at the highest level; 0 = none")
     parser.add_argument("--fer-repeats", type=int, default=20)
     parser.add_argument("--no-compare", action="store_true", help="skip the run with micro-batching off")
+    parser.add_argument("--ab-rounds", type=int, default=3, help="alternating batching on/off rounds; 0 = none")
+    parser.add_argument("--ab-only", action="store_true", help="run only the batching on/off rounds")
     parser.add_argument("--quick", action="store_true", help="few repeats everywhere (a smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/mien-bench-server.log"))
@@ -310,15 +339,20 @@ def main() -> int:
         print("\n".join(text), flush=True)
         sections.extend(text)
 
-    section("Classifiers: ms per face (predict_crops on real face crops; resize and normalise included)",
-            bench_classifiers(args.models, settings, args.quick))  # fmt: skip
-    section("The fer package and mien on the same photos", bench_fer(args.models, settings, args.fer_repeats))
-    rows, soak_lines, soak_ok = bench_server(args.models, levels, args.requests, args.soak, not args.no_compare,
-                                             args.server_log)  # fmt: skip
-    section(f"POST /predict on the real server (model {settings.default_model}, detector {settings.detector}, "
-            f"photos {', '.join(PHOTOS)} in turn; httpx client on the same machine)", rows)  # fmt: skip
-    if soak_lines:
-        section("Soak", soak_lines)
+    soak_ok = True
+    if not args.ab_only:
+        section("Classifiers: ms per face (predict_crops on real face crops; resize and normalise included)",
+                bench_classifiers(args.models, settings, args.quick))  # fmt: skip
+        section("The fer package and mien on the same photos", bench_fer(args.models, settings, args.fer_repeats))
+        rows, soak_lines, soak_ok = bench_server(args.models, levels, args.requests, args.soak, not args.no_compare,
+                                                 args.server_log)  # fmt: skip
+        section(f"POST /predict on the real server (model {settings.default_model}, detector {settings.detector}, "
+                f"photos {', '.join(PHOTOS)} in turn; httpx client on the same machine)", rows)  # fmt: skip
+        if soak_lines:
+            section("Soak", soak_lines)
+    if args.ab_rounds:
+        ab = bench_batching_ab(args.models, max(levels), args.requests, args.ab_rounds, args.server_log)
+        section(f"Micro-batching on and off, alternating rounds at concurrency {max(levels)}", ab)
     load1, load5, _ = os.getloadavg()
     sections.append(f"Load average at the end: {load1:.2f} (1 min), {load5:.2f} (5 min).")
     print(sections[-1])
