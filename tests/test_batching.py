@@ -130,7 +130,7 @@ def test_batches_never_exceed_the_maximum_size():
     hold = threading.Event()
     stub = StubClassifier(hold=hold)
     batcher = MicroBatcher(stub, max_size=4, max_wait_ms=0)
-    sizes = [3, 2, 2, 1, 3, 4]
+    sizes = [2, 1, 2, 1, 2, 2]  # any two neighbours in the queue fit in one batch, whatever order they queue in
     values = iter(range(1, 100))
     requests = [[crop(next(values)) for _ in range(n)] for n in sizes]
     try:
@@ -146,7 +146,7 @@ def test_batches_never_exceed_the_maximum_size():
         batcher.close()
     later = stub.calls[1:]
     assert all(n <= 4 for n in later) and sum(later) == sum(sizes)
-    assert len(later) < len(requests)  # queued requests were merged, up to the cap
+    assert len(later) <= (len(requests) + 1) // 2  # every batch but maybe the last merged two or more requests
     for crops, answer in zip(requests, answers, strict=True):
         assert answer[:, 0].tolist() == [float(c.mean()) for c in crops]
 
