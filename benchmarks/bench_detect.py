@@ -21,20 +21,11 @@ import cv2
 import numpy as np
 from detect_photos import FACE_BOXES, Photo, all_photos, match, real_photo
 
+from mien.machine import median_ms
 from service.detect import HaarFaceDetector, detect_faces
 from service.detectors.mtcnn import MtcnnDetector
 
 CPU = ("CPUExecutionProvider",)
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: first runs allocate
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(samples)
 
 
 def photo_640x480() -> Photo:
@@ -55,8 +46,8 @@ def run(detectors: dict, photos: list[Photo], repeats: int, min_face: int, thres
         for name, detector in detectors.items():
             found = detect_faces(detector, photo.image, min_face=min_face, threshold=threshold)
             hits, false = match(found.boxes, photo.faces)
-            ms = median_ms(lambda d=detector, im=photo.image: detect_faces(d, im, min_face=min_face,
-                                                                            threshold=threshold), repeats)  # fmt: skip
+            call = lambda d=detector, im=photo.image: detect_faces(d, im, min_face=min_face, threshold=threshold)  # noqa: E731
+            ms = median_ms(call, repeats, warmup=1)
             row[name] = {"found": hits, "false": false, "ms": round(ms, 1)}
             if draw is not None:
                 _draw(photo, found, draw / f"{name}-{photo.name.replace(' ', '_')}.jpg")
@@ -121,7 +112,7 @@ def main() -> None:
     rows = run(detectors, all_photos(), args.repeats, args.min_face, threshold, Path(args.draw) if args.draw else None)
     frame = photo_640x480()
     per_frame = {n: round(median_ms(lambda d=d: detect_faces(d, frame.image, min_face=args.min_face,
-                                                              threshold=threshold), 20), 1)
+                                                              threshold=threshold), 20, warmup=1), 1)
                  for n, d in detectors.items()}  # fmt: skip
     print(table(rows, list(detectors)))
     threads = args.threads or "default"

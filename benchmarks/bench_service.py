@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.detect_photos import FACE_BOXES, group, real_photo  # noqa: E402
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier  # noqa: E402
-from mien.machine import describe_cpu  # noqa: E402
+from mien.machine import describe_cpu, median_ms  # noqa: E402
 from service.config import Settings  # noqa: E402
 
 PHOTOS = ("astronaut", "grace_hopper", "camera", "group", "coffee")
@@ -65,17 +65,6 @@ def face_crops() -> list[np.ndarray]:
         image = real_photo(name)
         crops += [image[y : y + h, x : x + w] for x, y, w, h in boxes]
     return crops
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(samples)
 
 
 def percentile(sorted_ms: list[float], q: float) -> float:

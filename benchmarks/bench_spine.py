@@ -13,25 +13,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from mien.machine import describe_cpu
+from mien.machine import describe_cpu, timed
 from mien.runtime import OnnxClassifier
-
-
-def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
 
 
 def bench_classifier(path: Path, providers: tuple[str, ...]) -> dict:

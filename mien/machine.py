@@ -1,9 +1,13 @@
-"""What machine a measurement ran on, for the figures that benchmarks and `mien results` write."""
+"""What machine a measurement ran on, and how benchmarks time a call, for the figures that benchmarks and
+`mien results` write."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -18,3 +22,20 @@ def describe_cpu() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores"
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls (first runs allocate)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000.0)
+    return samples
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """The median of :func:`timed`."""
+    return statistics.median(timed(fn, repeats, warmup))
