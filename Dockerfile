@@ -34,13 +34,15 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/mien
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# Only what serving imports: the shared package, the service, and export (for `mien export triton`).
+# The whole distribution (one wheel, one import name: mien, mien.service, mien.export, mien.training), without
+# the train extra: training/ is copied because the wheel lists its packages, but with no torch it never imports.
 COPY mien ./mien
 COPY service ./service
 COPY export ./export
+COPY training ./training
 RUN /opt/mien/bin/pip install --no-cache-dir . \
     && /opt/mien/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in image'" \
-    && /opt/mien/bin/python -c "import onnxruntime, service.main; print('onnxruntime', onnxruntime.__version__)"
+    && /opt/mien/bin/python -c "import onnxruntime, mien.service.main; print('onnxruntime', onnxruntime.__version__)"
 
 # ---- runtime: python3, the virtual environment, the bundled models, a non-root user ----
 FROM python AS runtime
@@ -64,4 +66,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('MIEN_PORT', '8000') + '/health', timeout=4)"]
 # Each uvicorn worker is a process with its own copy of the models (and its own CUDA context on a GPU).
-CMD ["sh", "-c", "exec uvicorn service.main:create_app --factory --host \"$MIEN_HOST\" --port \"$MIEN_PORT\" --workers \"$MIEN_WORKERS\""]
+CMD ["sh", "-c", "exec uvicorn mien.service.main:create_app --factory --host \"$MIEN_HOST\" --port \"$MIEN_PORT\" --workers \"$MIEN_WORKERS\""]

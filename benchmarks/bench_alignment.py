@@ -6,7 +6,7 @@
 
 Each PublicTest face is upscaled ×3, rotated by each angle and pasted at a random place into a 320×320
 noisy grey photo. The ONNX detector finds it; the classifier then sees either the detector's box grown
-by the model's crop margin (no alignment) or the aligned crop (``service.align``). Faces the detector
+by the model's crop margin (no alignment) or the aligned crop (``mien.service.align``). Faces the detector
 misses count as wrong for both; the accuracy on the untouched 48×48 faces is printed for reference.
 
 ``--fit-template`` measures FER2013's framing (``FER2013_TEMPLATE``) on *Training* faces instead, so
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face
+from mien.service.detectors.mtcnn import MtcnnDetector
+from mien.service.pipeline import crop_faces
 
 from mien.runtime import OnnxClassifier
-from service.align import FER2013_TEMPLATE, FaceTemplate, align_face
-from service.detectors.mtcnn import MtcnnDetector
-from service.pipeline import crop_faces
 
 CPU = ("CPUExecutionProvider",)
 UPSCALE = 3

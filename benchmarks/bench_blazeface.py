@@ -25,8 +25,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 from detect_photos import all_photos, match
-
-from service.detectors.nms import nms
+from mien.service.detectors.nms import nms
 
 # Input side, and per feature-map stride the anchors per cell (MediaPipe's SSD anchor layout for each model).
 LAYOUTS = {"short": (128, {8: 2, 16: 6}), "full": (192, {4: 1})}

@@ -20,10 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 from detect_photos import FACE_BOXES, Photo, all_photos, match, real_photo
+from mien.service.detect import HaarFaceDetector, detect_faces
+from mien.service.detectors.mtcnn import MtcnnDetector
 
 from mien.machine import median_ms
-from service.detect import HaarFaceDetector, detect_faces
-from service.detectors.mtcnn import MtcnnDetector
 
 CPU = ("CPUExecutionProvider",)
 

@@ -16,9 +16,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from mien.training.evaluate import split_for_labels
 
 from mien.runtime import OnnxClassifier
-from training.evaluate import split_for_labels
 
 
 def main() -> None:

@@ -13,9 +13,10 @@ import logging
 import time
 from pathlib import Path
 
+from mien.service.registry import read_card
+from mien.training.evaluate import classification_report, split_for_labels
+
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
-from service.registry import read_card
-from training.evaluate import classification_report, split_for_labels
 
 log = logging.getLogger("mien.export")
 

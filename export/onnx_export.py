@@ -18,11 +18,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from mien.training.checkpoint import load_model
+from mien.training.evaluate import classification_report, split_for_labels
 
 from mien.preprocess import to_model_input
 from mien.runtime import MODEL_ID_KEY, MODEL_VERSION_KEY, OnnxClassifier, make_session
-from training.checkpoint import load_model
-from training.evaluate import classification_report, split_for_labels
 
 log = logging.getLogger("mien.export")
 

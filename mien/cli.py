@@ -120,7 +120,7 @@ _OBJECTIVE_FLAGS = ("triplet_weight", "triplet_margin", "triplet_per_class", "oc
 
 def train_config_from_args(args: argparse.Namespace):
     """(TrainConfig, recipe path): TrainConfig's defaults, then the recipe's values, then the flags given."""
-    from training.recipe import config_from_dict, load_recipe
+    from mien.training.recipe import config_from_dict, load_recipe
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "list_models")}
     objective = {k: given.pop(k) for k in _OBJECTIVE_FLAGS if k in given}
@@ -134,8 +134,8 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from training.models import list_models
-    from training.train import train
+    from mien.training.models import list_models
+    from mien.training.train import train
 
     if args.list_models:
         print("\n".join(list_models()))
@@ -172,7 +172,7 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
 def _run_recipe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from training.recipe import link_card, load_recipe, recipe_differences, recipe_text, sync
+    from mien.training.recipe import link_card, load_recipe, recipe_differences, recipe_text, sync
 
     if args.recipe_command == "from-card":
         sys.stdout.write(recipe_text(json.loads(Path(args.card).read_text()), args.card))
@@ -218,7 +218,7 @@ def _add_pretrain_sr(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain_sr(args: argparse.Namespace) -> int:
-    from training.sr_pretrain import SRPretrainConfig, pretrain_sr
+    from mien.training.sr_pretrain import SRPretrainConfig, pretrain_sr
 
     cfg = SRPretrainConfig(data=args.data, out=args.out, sr_kwargs=args.sr_kwargs, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
@@ -258,18 +258,18 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     if args.checkpoint == "detector":
-        from export.detector_export import DEFAULT_OUT, export_detector
+        from mien.export.detector_export import DEFAULT_OUT, export_detector
 
         return 0 if export_detector(args.out or DEFAULT_OUT, opset=args.opset, atol=args.atol).passed else 1
     if args.checkpoint == "triton":
-        from export.triton import DEFAULT_REPO, export_triton
+        from mien.export.triton import DEFAULT_REPO, export_triton
 
         result = export_triton(args.out or DEFAULT_REPO, args.model_dir, args.max_batch_size)
         for name, why in result.refused.items():
             print(f"left out {name}: {why}", file=sys.stderr)
         print(f"wrote {len(result.exported)} model(s) to {result.repo}: {', '.join(result.exported) or 'none'}")
         return 0 if result.exported and not result.refused else 1
-    from export.onnx_export import ExportConfig, export_checkpoint
+    from mien.export.onnx_export import ExportConfig, export_checkpoint
 
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,
                        parity_faces=args.parity_faces, atol=args.atol, opset=args.opset,
@@ -294,7 +294,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_path
+    from mien.training.evaluate import evaluate_path
 
     report = evaluate_path(
         args.model, args.data, args.split, args.out, args.batch_size, args.label_source, args.ferplus_votes
@@ -319,7 +319,7 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ensemble(args: argparse.Namespace) -> int:
-    from export.ensemble import write_ensemble
+    from mien.export.ensemble import write_ensemble
 
     card = write_ensemble(list(args.members), args.model_dir, args.model_id, args.flip, args.data, args.split)
     print(f"{card['model_id']}: {args.split} accuracy {card['metrics']['accuracy']:.4f}  "
@@ -343,7 +343,7 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_results(args: argparse.Namespace) -> int:
-    from training.results import ResultsConfig, write_results
+    from mien.training.results import ResultsConfig, write_results
 
     cfg = ResultsConfig(model_dir=args.model_dir, data=args.data, split=args.split, out=args.out,
                         figures=args.figures, threads=args.threads, repeats=args.repeats)  # fmt: skip
@@ -370,8 +370,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from service.config import Settings
-    from service.main import create_app
+    from mien.service.config import Settings
+    from mien.service.main import create_app
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_dir": args.model_dir,
                                    "default_model": args.default_model}.items() if v is not None}  # fmt: skip

@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e .
+# lenient: maps service/ to mien.service (see scripts/test.sh and pyproject.toml)
+.venv/bin/pip install -q -e . --config-settings editable_mode=lenient
 exec .venv/bin/mien serve "$@"

@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch first and pinned: 2.13.0 is a CPU build on this project's machines; an unpinned torch pulls a 5 GB CUDA build.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[train,dev]"
+# lenient (setuptools' default, named so a new default cannot change it): the editable install maps training/,
+# export/ and service/ to mien.training, mien.export and mien.service, and finds modules added later without a
+# reinstall. strict does not work here: the checkout's own mien/ would shadow the mapped packages (pyproject.toml).
+.venv/bin/pip install -q -e ".[train,dev]" --config-settings editable_mode=lenient
 # The face detector's weights (for `mien export detector` and its reproducibility test). --no-deps: the
 # package pins torch<2.3 and needs torchvision; the export reads only its weight files and never imports it.
 .venv/bin/pip install -q --no-deps facenet-pytorch==2.6.0

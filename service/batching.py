@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from mien.service.errors import NotReady
 
 from mien.spec import PreprocessSpec
-from service.errors import NotReady
 
 log = logging.getLogger(__name__)
 

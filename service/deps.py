@@ -9,13 +9,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from mien.service.config import Settings
+from mien.service.detect import FaceDetector
+from mien.service.errors import NotReady, ServiceError
+from mien.service.metrics import ServiceMetrics
+from mien.service.registry import ModelRegistry
 from starlette.datastructures import UploadFile
-
-from service.config import Settings
-from service.detect import FaceDetector
-from service.errors import NotReady, ServiceError
-from service.metrics import ServiceMetrics
-from service.registry import ModelRegistry
 
 
 def get_settings(request: Request) -> Settings:

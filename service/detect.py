@@ -1,4 +1,4 @@
-"""Face detection behind a small interface: the ONNX detector (``service.detectors``) or the Haar cascade.
+"""Face detection behind a small interface: the ONNX detector (``mien.service.detectors``) or the Haar cascade.
 
 A detector is any callable ``detector(bgr_image) -> np.ndarray`` of shape N×4 (int32 x, y, width,
 height), largest face first; no face is an empty 0×4 array, never ``None``. Detectors that know more

@@ -10,8 +10,7 @@ import struct
 
 import cv2
 import numpy as np
-
-from service.errors import BadImage, TooLarge, UnsupportedMediaType
+from mien.service.errors import BadImage, TooLarge, UnsupportedMediaType
 
 #: Media types a client may declare for the uploaded part; octet-stream and none are sniffed instead.
 ACCEPTED_MEDIA_TYPES = {

@@ -1,4 +1,4 @@
-"""Every request limit, set from :class:`~service.config.Settings` and applied before a route does any work.
+"""Every request limit, set from :class:`~mien.service.config.Settings` and applied before a route does any work.
 
 One pure ASGI middleware, :class:`RequestLimitsMiddleware`, answers in the service's error shape:
 
@@ -13,7 +13,7 @@ limit (setting)         applies to                            answer
 ======================  ====================================  ======================================
 
 The two limits that need the image itself are applied where the image is read, from the same settings:
-``max_pixels`` by :func:`service.imaging.decode_image` from the file header before decoding (413
+``max_pixels`` by :func:`mien.service.imaging.decode_image` from the file header before decoding (413
 ``too_many_pixels``), ``max_faces`` by the pipeline (faces beyond it are counted in ``faces_omitted``).
 
 A declared ``Content-Length`` over the body limit is answered with 413 before a byte of the body is read;
@@ -36,12 +36,11 @@ import logging
 import sys
 
 from fastapi import FastAPI
+from mien.service.config import Settings
+from mien.service.errors import TooLarge, error_response
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.config import Settings
-from service.errors import TooLarge, error_response
 
 log = logging.getLogger(__name__)
 

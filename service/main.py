@@ -1,7 +1,7 @@
 """Wiring only: settings, error handlers, middleware, routers, and a lifespan that loads models once.
 
 ``mien serve`` calls ``create_app(Settings(...))`` and hands the app to uvicorn; for uvicorn directly:
-``uvicorn service.main:create_app --factory``.
+``uvicorn mien.service.main:create_app --factory``.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from mien.service.config import Settings
+from mien.service.detectors import detector_dir, load_detectors, warm_up_detectors
+from mien.service.errors import install_error_handlers
+from mien.service.limits import install_limits
+from mien.service.metrics import PredictMetricsMiddleware, ServiceMetrics
+from mien.service.registry import ModelRegistry
+from mien.service.routes import health, metrics, models, predict, v2, web
 
 from mien import __version__
-from service.config import Settings
-from service.detectors import detector_dir, load_detectors, warm_up_detectors
-from service.errors import install_error_handlers
-from service.limits import install_limits
-from service.metrics import PredictMetricsMiddleware, ServiceMetrics
-from service.registry import ModelRegistry
-from service.routes import health, metrics, models, predict, v2, web
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qs
 
+from mien.service.registry import ModelRegistry
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.registry import ModelRegistry
 
 UNKNOWN_MODEL = "unknown"  # label for requests that name no loaded model: bounded label values
 FACE_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)

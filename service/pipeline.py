@@ -11,13 +11,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from mien.service.align import align_face
+from mien.service.batching import MicroBatcher
+from mien.service.detect import Detections, FaceDetector, detect_faces
 
 from mien.ensemble import EnsembleClassifier
 from mien.preprocess import expand_box
 from mien.runtime import OnnxClassifier
-from service.align import align_face
-from service.batching import MicroBatcher
-from service.detect import Detections, FaceDetector, detect_faces
 
 
 class StageTimer:
@@ -75,7 +75,7 @@ def predict_faces(
     requests when ``classifier`` is a :class:`MicroBatcher`).
 
     With ``detect=False`` the whole image is taken to be one face crop. Faces with landmarks are aligned
-    (``service.align``) when ``align`` is true; the others are cropped with the spec's margin, as in training.
+    (``mien.service.align``) when ``align`` is true; the others are cropped with the spec's margin, as in training.
     """
     height, width = image.shape[:2]
     with timer.stage("detect"):

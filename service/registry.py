@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mien.service.batching import MicroBatcher
+from mien.service.errors import ModelNotFound
 
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
 from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
-from service.batching import MicroBatcher
-from service.errors import ModelNotFound
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ from typing import Annotated
 
 from fastapi import Depends, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-
-from service.deps import SettingsDep
-from service.errors import ServiceError
+from mien.service.deps import SettingsDep
+from mien.service.errors import ServiceError
 
 API_KEY_HEADER = "X-API-Key"
 

@@ -45,7 +45,7 @@ def tiny_npz(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_npz) -> Path:
     """A run folder from `train()` on the tiny data: best.pt, last.pt, history, curves."""
-    from training.train import TrainConfig, train
+    from mien.training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")
     train(TrainConfig(data=str(tiny_npz), out=str(out), epochs=3, batch_size=32, lr=2e-3, warmup_epochs=1, threads=1))
@@ -55,7 +55,7 @@ def tiny_run(tmp_path_factory, tiny_npz) -> Path:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tiny_run, tiny_npz) -> Path:
     """A model folder holding mini_xception.onnx + card, made by the project's export."""
-    from export.onnx_export import ExportConfig, export_checkpoint
+    from mien.export.onnx_export import ExportConfig, export_checkpoint
 
     folder = tmp_path_factory.mktemp("models")
     result = export_checkpoint(
@@ -76,9 +76,8 @@ CPU = ("CPUExecutionProvider",)
 def make_client(model_dir: Path, **overrides):
     """A TestClient of a fresh app serving ``model_dir`` on the CPU provider unless told otherwise."""
     from fastapi.testclient import TestClient
-
-    from service.config import Settings
-    from service.main import create_app
+    from mien.service.config import Settings
+    from mien.service.main import create_app
 
     return TestClient(create_app(Settings(model_dir=model_dir, providers=overrides.pop("providers", CPU), **overrides)))
 

@@ -392,8 +392,8 @@ def _post_raw(app, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> t
 
 
 def _limited_app(model_dir: Path):
-    from service.config import Settings
-    from service.main import create_app
+    from mien.service.config import Settings
+    from mien.service.main import create_app
 
     return create_app(Settings(model_dir=model_dir, providers=CPU, max_upload_bytes=1000))
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mien.service.batching import MicroBatcher
+from mien.service.errors import NotReady
 
 from mien.ensemble import load_classifier
 from mien.runtime import OnnxClassifier
 from mien.spec import FER2013_LABELS
-from service.batching import MicroBatcher
-from service.errors import NotReady
 from tests.conftest import make_client
 
 CPU = ("CPUExecutionProvider",)

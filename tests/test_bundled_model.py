@@ -9,11 +9,11 @@ from pathlib import Path
 import cv2
 import pytest
 from fastapi.testclient import TestClient
+from mien.service.config import Settings
+from mien.service.main import create_app
 from skimage import data
 
 from mien.runtime import OnnxClassifier
-from service.config import Settings
-from service.main import create_app
 from tests.conftest import SHARED_DATA
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -48,7 +48,7 @@ def test_card_matches_the_file_and_records_how_it_was_made():
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="FER2013 (../shared/data) is not beside this checkout")
 def test_card_accuracy_is_what_eval_measures_on_publictest(tmp_path):
-    from training.evaluate import evaluate_path
+    from mien.training.evaluate import evaluate_path
 
     report = evaluate_path(str(BUNDLED), str(SHARED_DATA), "public_test", str(tmp_path))
     card = json.loads(CARD.read_text())
@@ -106,7 +106,7 @@ def test_every_bundled_model_has_a_true_card_from_the_project_commands(model_id)
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="FER2013 (../shared/data) is not beside this checkout")
 @pytest.mark.parametrize("name", [f"{m}.onnx" for m in ONNX_MODELS] + [f"{e}.ensemble.json" for e in ENSEMBLES])
 def test_every_card_accuracy_is_what_eval_measures(name, tmp_path):
-    from training.evaluate import evaluate_path
+    from mien.training.evaluate import evaluate_path
 
     report = evaluate_path(str(MODELS / name), str(SHARED_DATA), "public_test", str(tmp_path))
     card = json.loads((MODELS / (name.removesuffix(".onnx").removesuffix(".ensemble.json") + ".card.json")).read_text())

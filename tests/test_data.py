@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
+from mien.training.data import DataError, load_fer2013
 
 from mien.spec import FER2013_LABELS
 from tests.conftest import SHARED_DATA
-from training.data import DataError, load_fer2013
 
 
 def _csv(path, rows, header="emotion,pixels,Usage"):

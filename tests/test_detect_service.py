@@ -7,12 +7,12 @@ import re
 
 import numpy as np
 import pytest
+from mien.service.align import align_face
+from mien.service.config import Settings
+from mien.service.detect import Detections
+from mien.service.pipeline import StageTimer, crop_faces, predict_faces
 
 from benchmarks.detect_photos import group
-from service.align import align_face
-from service.config import Settings
-from service.detect import Detections
-from service.pipeline import StageTimer, crop_faces, predict_faces
 from tests.conftest import CPU, make_client
 from tests.test_service_api import assert_error, astronaut, encode, upload
 

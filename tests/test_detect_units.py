@@ -8,11 +8,10 @@ import math
 import cv2
 import numpy as np
 import pytest
-
-from service.align import FER2013_TEMPLATE, FaceTemplate, align_face, alignment_matrix, eye_angle, transform_points
-from service.detect import Detections, detect_faces
-from service.detectors.mtcnn import CELL, crop_patches, normalise, pnet_boxes, pyramid_scales
-from service.detectors.nms import apply_regression, nms, square, to_xywh
+from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face, alignment_matrix, eye_angle, transform_points
+from mien.service.detect import Detections, detect_faces
+from mien.service.detectors.mtcnn import CELL, crop_patches, normalise, pnet_boxes, pyramid_scales
+from mien.service.detectors.nms import apply_regression, nms, square, to_xywh
 
 # --- NMS ----------------------------------------------------------------------------------------
 

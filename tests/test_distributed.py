@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from mien.training.hardware import Process
+from mien.training.models import create_model, default_spec
+from mien.training.objectives import build_objective
+from mien.training.train import TrainConfig, check_supported
 
 from tests.conftest import write_npz
-from training.hardware import Process
-from training.models import create_model, default_spec
-from training.objectives import build_objective
-from training.train import TrainConfig, check_supported
 
 ROOT = Path(__file__).resolve().parents[1]
 # row_lstm without dropout and with no batch norm: a step is then a pure function of the global batch, so

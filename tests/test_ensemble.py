@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from mien.export.ensemble import write_ensemble
+from mien.training.evaluate import evaluate_path
 
-from export.ensemble import write_ensemble
 from mien.ensemble import EnsembleClassifier, EnsembleError, load_classifier, read_ensemble_config
 from mien.runtime import MODEL_ID_KEY, OnnxClassifier
 from tests.conftest import CPU, make_client
-from training.evaluate import evaluate_path
 
 
 def relabel(src: Path, dst: Path, model_id: str, **metadata: str) -> None:

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from mien.export.onnx_export import ExportConfig, export_checkpoint
+from mien.training.evaluate import classification_report, evaluate_path
 
-from export.onnx_export import ExportConfig, export_checkpoint
 from mien.runtime import OnnxClassifier
 from mien.spec import PreprocessSpec
-from training.evaluate import classification_report, evaluate_path
 
 
 def test_onnx_carries_spec_identity_and_a_dynamic_batch(model_dir):
@@ -66,7 +66,7 @@ def test_classification_report_by_hand():
 
 
 def test_export_fails_loudly_when_onnx_disagrees(tiny_run, tiny_npz, tmp_path, monkeypatch):
-    import export.onnx_export as ex
+    import mien.export.onnx_export as ex
 
     real_to_onnx = ex.to_onnx
 
@@ -104,7 +104,7 @@ def test_export_refuses_too_few_parity_faces(tiny_run, tiny_npz, tmp_path):
 
 
 def test_flip_tta_export_averages_a_face_and_its_mirror(tiny_run, tiny_npz, tmp_path):
-    from training.checkpoint import load_model
+    from mien.training.checkpoint import load_model
 
     result = export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "t.onnx"),
                                             data=str(tiny_npz), parity_faces=256, flip_tta=True))  # fmt: skip

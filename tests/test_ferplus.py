@@ -7,15 +7,15 @@ import csv
 import numpy as np
 import pytest
 import torch
+from mien.training.checkpoint import load_model
+from mien.training.data import DataError, load_dataset
+from mien.training.evaluate import evaluate_path
+from mien.training.ferplus import FERPLUS_LABELS, VOTE_COLUMNS, ferplus_dataset, vote_targets
+from mien.training.train import TrainConfig, train
 
 from mien.cli import build_parser
 from mien.spec import FER2013_LABELS
 from tests.conftest import write_npz
-from training.checkpoint import load_model
-from training.data import DataError, load_dataset
-from training.evaluate import evaluate_path
-from training.ferplus import FERPLUS_LABELS, VOTE_COLUMNS, ferplus_dataset, vote_targets
-from training.train import TrainConfig, train
 
 # FER2013 label index → the FER+ vote column of the same emotion
 FER_TO_VOTE = [

@@ -30,8 +30,8 @@ EXAMPLES_PER_OPERATION = 30
 
 def _openapi() -> dict:
     """The schema the service publishes at /openapi.json; building it loads no model."""
-    from service.config import Settings
-    from service.main import create_app
+    from mien.service.config import Settings
+    from mien.service.main import create_app
 
     return create_app(Settings()).openapi()
 

@@ -7,13 +7,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from mien.training.checkpoint import load_model
+from mien.training.data import CKPLUS_FOLDERS, CKPLUS_LABELS, DataError, load_dataset, select_labels
+from mien.training.train import TrainConfig, train
 
 from mien.cli import build_parser
 from mien.spec import FER2013_LABELS
 from tests.conftest import write_npz
-from training.checkpoint import load_model
-from training.data import CKPLUS_FOLDERS, CKPLUS_LABELS, DataError, load_dataset, select_labels
-from training.train import TrainConfig, train
 
 FIVE = ("angry", "sad", "happy", "fear", "neutral")  # the DCNN paper's 5-class setup, in its order
 
@@ -70,7 +70,7 @@ def test_five_class_training_gives_a_five_label_spec_and_model(tmp_path, small_n
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 48, 48)).shape == (2, 5)
     # Evaluation scores it on the faces of its five classes only, in its own label order.
-    from training.evaluate import evaluate_path
+    from mien.training.evaluate import evaluate_path
 
     report = evaluate_path(str(tmp_path / "best.pt"), str(small_npz), "public_test", str(tmp_path / "eval"))
     _, val_y = select_labels(load_dataset(small_npz), FIVE).subset("public_test")

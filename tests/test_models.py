@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from training.models import create_model, default_spec, list_models
+from mien.training.models import create_model, default_spec, list_models
 
 
 def test_unknown_model_lists_known_ids():

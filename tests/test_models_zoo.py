@@ -11,13 +11,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-
-from export.onnx_export import INPUT_NAME, OUTPUT_NAME, to_onnx
-from training.layers import EDSR, EDSR_PAPER, SpatialTransformer, SqueezeExcite
-from training.losses import batch_hard_triplet_loss
-from training.models import create_model, default_spec, list_models
-from training.occlusion import random_occlusion
-from training.tencrop import random_ten_crop, ten_crop, ten_crop_logits
+from mien.export.onnx_export import INPUT_NAME, OUTPUT_NAME, to_onnx
+from mien.training.layers import EDSR, EDSR_PAPER, SpatialTransformer, SqueezeExcite
+from mien.training.losses import batch_hard_triplet_loss
+from mien.training.models import create_model, default_spec, list_models
+from mien.training.occlusion import random_occlusion
+from mien.training.tencrop import random_ten_crop, ten_crop, ten_crop_logits
 
 
 def _perturb_stns(model: nn.Module) -> None:
@@ -142,7 +141,7 @@ def test_the_ablation_shares_one_classifier():
 
 
 def test_sgan_discriminator_has_a_fake_class_and_a_generator():
-    from training.models.sgan import sgan_generator
+    from mien.training.models.sgan import sgan_generator
 
     disc = create_model("sgan", num_classes=5).eval()
     fake = sgan_generator(noise_dim=16).eval().sample(3, generator=torch.Generator().manual_seed(0))

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 
+import mien.training.train as train_module
 import pytest
 import torch
 import torch.nn.functional as F
-
-import training.train as train_module
-from tests.conftest import write_npz
-from training.checkpoint import load_model
-from training.data import load_dataset
-from training.layers import EDSR
-from training.models import create_model, default_spec, list_models
-from training.objectives import (
+from mien.training.checkpoint import load_model
+from mien.training.data import load_dataset
+from mien.training.layers import EDSR
+from mien.training.models import create_model, default_spec, list_models
+from mien.training.objectives import (
     OBJECTIVES,
     CrossEntropy,
     ObjectiveConfig,
@@ -25,9 +23,11 @@ from training.objectives import (
     build_objective,
     sgan_discriminator_loss,
 )
-from training.sr_pretrain import SRPretrainConfig, downscale, pretrain_sr, sr_l1
-from training.train import TrainConfig, train
-from training.transforms import normalize
+from mien.training.sr_pretrain import SRPretrainConfig, downscale, pretrain_sr, sr_l1
+from mien.training.train import TrainConfig, train
+from mien.training.transforms import normalize
+
+from tests.conftest import write_npz
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_sgan_losses_match_the_k_plus_one_softmax():
 
 
 def test_sgan_generated_batches_leave_the_running_statistics_alone():
-    from training.models.sgan import real_stats_only
+    from mien.training.models.sgan import real_stats_only
 
     disc = create_model("sgan", num_classes=3, widths=(4, 8)).train()
     norm = next(m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from mien.training.recipe import config_from_dict, link_card, load_recipe, recipe_differences, recipe_text, sync
 
 from mien.cli import build_parser, main, train_config_from_args
-from training.recipe import config_from_dict, link_card, load_recipe, recipe_differences, recipe_text, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_CARDS = sorted(
@@ -85,7 +85,7 @@ def test_recipe_text_round_trips_a_card_config():
 
 
 def test_training_from_a_recipe_is_recorded_in_the_exported_card(tmp_path, tiny_npz, monkeypatch):
-    from export.onnx_export import ExportConfig, export_checkpoint
+    from mien.export.onnx_export import ExportConfig, export_checkpoint
 
     recipe = tmp_path / "configs" / "mini_xception.toml"
     recipe.parent.mkdir()

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mien.export.ensemble import write_ensemble
+from mien.export.onnx_export import ExportConfig, export_checkpoint
+from mien.training.evaluate import evaluate_path
+from mien.training.models import create_model, default_spec
+from mien.training.results import ResultsConfig, intermediate, node_tensor, occlude, write_results
 
-from export.ensemble import write_ensemble
-from export.onnx_export import ExportConfig, export_checkpoint
 from mien.preprocess import to_model_input
 from mien.runtime import OnnxClassifier
 from tests.conftest import CPU
-from training.evaluate import evaluate_path
-from training.models import create_model, default_spec
-from training.results import ResultsConfig, intermediate, node_tensor, occlude, write_results
 
 TRIPLET_KWARGS = {"num_classes": 7, "widths": [8, 16, 16, 32]}
 

@@ -12,12 +12,12 @@ import cv2
 import onnx
 import pytest
 from fastapi.testclient import TestClient
+from mien.service.config import Settings
+from mien.service.main import create_app
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
 from mien.spec import METADATA_KEY, PreprocessSpec
-from service.config import Settings
-from service.main import create_app
 from tests.conftest import make_client
 
 
@@ -115,7 +115,7 @@ def test_default_model_not_loaded_is_not_ready(model_dir):
 def test_model_without_spec_is_refused_and_the_others_served(model_dir, tmp_path, caplog):
     copy_model(model_dir, tmp_path)
     write_without_spec(model_dir, tmp_path)
-    with caplog.at_level("ERROR", logger="service.registry"), make_client(tmp_path) as c:
+    with caplog.at_level("ERROR", logger="mien.service.registry"), make_client(tmp_path) as c:
         assert [m["id"] for m in c.get("/models").json()["models"]] == ["mini_xception"]
         ready = c.get("/ready").json()
         assert METADATA_KEY in ready["refused"]["nospec.onnx"]
@@ -231,11 +231,12 @@ def test_service_never_imports_torch_or_training(model_dir):
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
-        "from service.config import Settings\n"
-        "from service.main import create_app\n"
+        "from mien.service.config import Settings\n"
+        "from mien.service.main import create_app\n"
         f"with TestClient(create_app(Settings(model_dir={str(model_dir)!r}, providers='cpu'))) as c:\n"
         "    assert c.get('/ready').status_code == 200\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export'))\n"
+        "parts = ('mien.training', 'mien.export')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or '.'.join(m.split('.')[:2]) in parts)\n"
         "assert not bad, bad\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

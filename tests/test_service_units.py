@@ -7,14 +7,13 @@ import io
 import cv2
 import numpy as np
 import pytest
+from mien.service import imaging
+from mien.service.config import Settings
+from mien.service.detect import HaarFaceDetector, sort_by_area
+from mien.service.errors import BadImage, TooLarge, UnsupportedMediaType
+from mien.service.pipeline import StageTimer, predict_faces
 from pydantic import ValidationError
 from skimage import data
-
-from service import imaging
-from service.config import Settings
-from service.detect import HaarFaceDetector, sort_by_area
-from service.errors import BadImage, TooLarge, UnsupportedMediaType
-from service.pipeline import StageTimer, predict_faces
 
 
 def astronaut() -> np.ndarray:

@@ -1,12 +1,11 @@
 import json
 
+import mien.training.train as train_module
 import pytest
 import torch
-
-import training.train as train_module
-from training.checkpoint import load_model
-from training.train import TrainConfig, train
-from training.transforms import AugmentConfig, build_transforms, random_affine
+from mien.training.checkpoint import load_model
+from mien.training.train import TrainConfig, train
+from mien.training.transforms import AugmentConfig, build_transforms, random_affine
 
 
 def _cfg(data, out, **kw):
@@ -63,7 +62,7 @@ def test_same_seed_same_weights_and_resume_is_exact(tmp_path, tiny_npz, monkeypa
 
 
 def test_augmentation_changes_images_but_keeps_shape_and_range():
-    from training.models import default_spec
+    from mien.training.models import default_spec
 
     spec = default_spec("mini_xception")
     images = torch.randint(0, 256, (16, 48, 48), dtype=torch.uint8)
@@ -81,15 +80,15 @@ def test_affine_with_no_jitter_and_no_flip_is_identity():
 
 
 def test_unknown_split_is_a_clear_error(tmp_path, tiny_npz):
-    from training.data import DataError
+    from mien.training.data import DataError
 
     with pytest.raises(DataError, match="no images in split 'nope'"):
         train(TrainConfig(data=str(tiny_npz), out=str(tmp_path), epochs=1, val_split="nope"))
 
 
 def test_warm_start_copies_the_shared_classifier_and_keeps_new_front_ends(tmp_path):
-    from training.models import create_model
-    from training.train import warm_start
+    from mien.training.models import create_model
+    from mien.training.train import warm_start
 
     kwargs = {"widths": (8, 16, 32, 64), "hidden": 16}
     base = create_model("base_cnn", **kwargs)

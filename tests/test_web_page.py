@@ -114,8 +114,8 @@ def browser(chromium_path, camera_video):
 
 
 def serve(model_dir: Path) -> LiveServer:
-    from service.config import Settings
-    from service.main import create_app
+    from mien.service.config import Settings
+    from mien.service.main import create_app
 
     return LiveServer(create_app(Settings(model_dir=model_dir, providers=CPU, threads=1)))
 
@@ -307,8 +307,8 @@ def test_a_server_error_shows_its_message(open_page, twin_server, astronaut_rgb)
 
 
 def test_a_service_with_an_api_key_asks_for_it_and_then_answers(open_page, chromium_path, astronaut_rgb):
-    from service.config import Settings
-    from service.main import create_app
+    from mien.service.config import Settings
+    from mien.service.main import create_app
 
     key = "page-test-key-0123456789"
     settings = Settings(model_dir=BUNDLED_MODELS, providers=CPU, threads=1, api_key=key)

@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from mien.training.data import DataError, FaceDataset, load_dataset, select_labels
 
 from mien.spec import PreprocessSpec
-from training.data import DataError, FaceDataset, load_dataset, select_labels
 
 log = logging.getLogger("mien.eval")
 
@@ -86,10 +86,9 @@ def checkpoint_probabilities(
     path: str | Path, images: np.ndarray, batch_size: int = 256
 ) -> tuple[np.ndarray, PreprocessSpec]:
     import torch
-
-    from training.checkpoint import load_model
-    from training.train import predict_logits
-    from training.transforms import build_transforms
+    from mien.training.checkpoint import load_model
+    from mien.training.train import predict_logits
+    from mien.training.transforms import build_transforms
 
     model, spec, _ = load_model(path)
     logits = predict_logits(model, torch.from_numpy(images), build_transforms(spec, train=False), batch_size)
@@ -113,7 +112,7 @@ def labelled_dataset(data: str | Path, label_source: str = "fer2013", votes: str
     dataset = load_dataset(data)
     if label_source == "fer2013":
         return dataset
-    from training.ferplus import default_votes_path, ferplus_dataset
+    from mien.training.ferplus import default_votes_path, ferplus_dataset
 
     return ferplus_dataset(dataset, votes or default_votes_path(data), label_source)[0]
 
@@ -146,7 +145,7 @@ def model_spec(model_path: Path) -> PreprocessSpec:
         from mien.ensemble import load_classifier
 
         return load_classifier(model_path, providers=("CPUExecutionProvider",)).spec
-    from training.checkpoint import load_model
+    from mien.training.checkpoint import load_model
 
     return load_model(model_path)[1]
 

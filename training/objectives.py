@@ -26,12 +26,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mien.training.losses import batch_hard_triplet_loss
+from mien.training.occlusion import random_occlusion
+from mien.training.tencrop import random_ten_crop, ten_crop_logits
+from mien.training.transforms import build_transforms
 
 from mien.spec import PreprocessSpec
-from training.losses import batch_hard_triplet_loss
-from training.occlusion import random_occlusion
-from training.tencrop import random_ten_crop, ten_crop_logits
-from training.transforms import build_transforms
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ class SGANObjective(CrossEntropy):
     notes = "served model = SGAN discriminator's K real-class logits; the generator is kept in last.pt only"
 
     def __init__(self, cfg, spec: PreprocessSpec, model: nn.Module, generator: torch.Generator) -> None:
-        from training.models.sgan import real_stats_only, sgan_generator
+        from mien.training.models.sgan import real_stats_only, sgan_generator
 
         self.real_stats_only = real_stats_only
 

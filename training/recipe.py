@@ -1,6 +1,6 @@
 """Training recipes: every training choice of a model in one TOML file, ``configs/<model id>.toml``.
 
-A recipe holds :class:`~training.train.TrainConfig` fields by name (nested options as tables:
+A recipe holds :class:`~mien.training.train.TrainConfig` fields by name (nested options as tables:
 ``[augment]``, ``[objective]``, ``[model_kwargs]``, ``[label_map]``); a field it leaves out keeps its
 default. ``mien train --config configs/x.toml`` trains from it (command-line flags override it), and
 the checkpoint, then the exported model card, name the recipe (``training.recipe``).
@@ -17,9 +17,9 @@ import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from training.objectives import ObjectiveConfig
-from training.train import TrainConfig
-from training.transforms import AugmentConfig
+from mien.training.objectives import ObjectiveConfig
+from mien.training.train import TrainConfig
+from mien.training.transforms import AugmentConfig
 
 _NESTED = {"augment": AugmentConfig, "objective": ObjectiveConfig}
 

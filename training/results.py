@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mien.service.registry import read_card
+from mien.training.evaluate import classification_report, plot_confusion, split_for_labels
 
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
 from mien.machine import describe_cpu
 from mien.preprocess import to_model_input
-from service.registry import read_card
-from training.evaluate import classification_report, plot_confusion, split_for_labels
 
 log = logging.getLogger("mien.results")
 
@@ -61,8 +61,7 @@ def model_files(model_dir: Path) -> list[Path]:
 def occlude(images: np.ndarray, area: float, seed: int) -> np.ndarray:
     """The faces with one mid-grey square over ``area`` of each, at a seeded random place."""
     import torch
-
-    from training.occlusion import random_occlusion
+    from mien.training.occlusion import random_occlusion
 
     generator = torch.Generator().manual_seed(seed)
     return random_occlusion(torch.from_numpy(images), area, 128.0, generator).numpy()
@@ -175,7 +174,7 @@ def plot_card_curves(card: dict, out: Path) -> bool:
     history = card.get("training", {}).get("history") or []
     if not history:
         return False
-    from training.train import plot_curves
+    from mien.training.train import plot_curves
 
     plot_curves(history, out)
     return True

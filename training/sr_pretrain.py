@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from training.data import load_dataset
-from training.layers import EDSR, EDSR_SMALL
-from training.models import default_spec
-from training.transforms import normalize
+from mien.training.data import load_dataset
+from mien.training.layers import EDSR, EDSR_SMALL
+from mien.training.models import default_spec
+from mien.training.transforms import normalize
 
 log = logging.getLogger("mien.sr_pretrain")
 

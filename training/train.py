@@ -24,12 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
-from training.data import FaceDataset, load_dataset, select_labels
-from training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
-from training.hardware import (
+from mien.training.data import FaceDataset, load_dataset, select_labels
+from mien.training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
+from mien.training.hardware import (
     Process,
     all_reduce_sum,
     check_amp,
@@ -37,11 +34,13 @@ from training.hardware import (
     init_distributed,
     use_channels_last,
 )
-from training.models import create_model, default_spec
-from training.objectives import CrossEntropy, ObjectiveConfig, StepContext, build_objective, predict_logits
-from training.schedule import SCHEDULES, epochs_without_improvement, get_lr
-from training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
-from training.transforms import AugmentConfig
+from mien.training.models import create_model, default_spec
+from mien.training.objectives import CrossEntropy, ObjectiveConfig, StepContext, build_objective, predict_logits
+from mien.training.schedule import SCHEDULES, epochs_without_improvement, get_lr
+from mien.training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
+from mien.training.transforms import AugmentConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 __all__ = ["TrainConfig", "get_lr", "predict_logits", "train", "train_one_epoch", "warm_start"]
 

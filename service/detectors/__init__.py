@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mien.service.detect import FaceDetector, HaarFaceDetector
+from mien.service.detectors.mtcnn import MtcnnDetector
+
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
-from service.detect import FaceDetector, HaarFaceDetector
-from service.detectors.mtcnn import MtcnnDetector
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnxruntime as ort
+from mien.service.detect import Detections
+from mien.service.detectors.nms import apply_regression, nms, square, to_xywh
 
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig, make_session
-from service.detect import Detections
-from service.detectors.nms import apply_regression, nms, square, to_xywh
 
 DEFAULT_DIR = Path("models/detector")
 CELL = 12  # P-Net's receptive field: it scores 12×12 windows ...

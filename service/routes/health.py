@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-
-from service.deps import ModelsDep
-from service.errors import NotReady
-from service.schemas import HealthResponse, ReadyResponse, error_responses
+from mien.service.deps import ModelsDep
+from mien.service.errors import NotReady
+from mien.service.schemas import HealthResponse, ReadyResponse, error_responses
 
 router = APIRouter(tags=["health"])
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from mien.service.deps import MetricsDep
+from mien.service.schemas import error_responses
+from mien.service.security import MetricsKey
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from service.deps import MetricsDep
-from service.schemas import error_responses
-from service.security import MetricsKey
 
 router = APIRouter(tags=["metrics"])
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-
-from service.deps import ModelsDep
-from service.schemas import ModelInfo, ModelsResponse, error_responses
+from mien.service.deps import ModelsDep
+from mien.service.schemas import ModelInfo, ModelsResponse, error_responses
 
 router = APIRouter(tags=["models"])
 

@@ -8,13 +8,12 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
-
-from service.deps import DetectorsDep, MetricsDep, ModelsDep, SettingsDep, one_upload, pick_detector
-from service.errors import NotReady, TooLarge
-from service.imaging import SUPPORTED, check_media_type, decode_image
-from service.pipeline import Prediction, StageTimer, predict_faces
-from service.schemas import Box, Face, ImageSize, PredictResponse, Timings, error_responses
-from service.security import ApiKey
+from mien.service.deps import DetectorsDep, MetricsDep, ModelsDep, SettingsDep, one_upload, pick_detector
+from mien.service.errors import NotReady, TooLarge
+from mien.service.imaging import SUPPORTED, check_media_type, decode_image
+from mien.service.pipeline import Prediction, StageTimer, predict_faces
+from mien.service.schemas import Box, Face, ImageSize, PredictResponse, Timings, error_responses
+from mien.service.security import ApiKey
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["predict"])

@@ -39,14 +39,14 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from mien.service.errors import ModelNotFound, ServiceError
+from mien.service.registry import LoadedModel, ModelRegistry
+from mien.service.schemas import error_responses
+from mien.service.security import ApiKey
 from starlette.concurrency import run_in_threadpool
 
 from mien import __version__
 from mien.runtime import OnnxClassifier
-from service.errors import ModelNotFound, ServiceError
-from service.registry import LoadedModel, ModelRegistry
-from service.schemas import error_responses
-from service.security import ApiKey
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 

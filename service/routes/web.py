@@ -12,8 +12,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
-
-from service.errors import ServiceError
+from mien.service.errors import ServiceError
 
 router = APIRouter(tags=["web"], include_in_schema=False)
 

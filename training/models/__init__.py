@@ -54,7 +54,7 @@ def create_model(model_id: str, num_classes: int = 7, **kwargs) -> nn.Module:
 
 
 # Importing the architecture modules registers them.
-from training.models import (  # noqa: E402,F401
+from mien.training.models import (  # noqa: E402,F401
     base_cnn,
     dcnn,
     mini_xception,
