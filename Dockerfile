@@ -40,9 +40,10 @@ COPY mien ./mien
 COPY service ./service
 COPY export ./export
 COPY training ./training
+# -P: import the installed mien, not the source tree in /src (whose mien/ has no service/ inside).
 RUN /opt/mien/bin/pip install --no-cache-dir . \
     && /opt/mien/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in image'" \
-    && /opt/mien/bin/python -c "import onnxruntime, mien.service.main; print('onnxruntime', onnxruntime.__version__)"
+    && /opt/mien/bin/python -P -c "import onnxruntime, mien.service.main; print('onnxruntime', onnxruntime.__version__)"
 
 # ---- runtime: python3, the virtual environment, the bundled models, a non-root user ----
 FROM python AS runtime
