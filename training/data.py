@@ -45,6 +45,10 @@ _CKPLUS_ALIASES = {**{k: v for k, v in FOLDER_ALIASES.items() if v != "neutral"}
 _CKPLUS_SUBJECT = re.compile(r"^(S\d+)_")  # CK+ file names start with the subject id, e.g. S010_004_00000017.png
 
 
+#: The validation split carved out of Training (see :func:`carve_validation`).
+CARVED_SPLIT = "val"
+
+
 class DataError(ValueError):
     """The data set on disk is missing or not in a format mien reads."""
 
@@ -288,3 +292,24 @@ def select_labels(
     new = lookup[data.labels]
     keep = new >= 0
     return FaceDataset(data.images[keep], new[keep], data.split[keep], chosen)
+
+
+def carve_validation(
+    data: FaceDataset, fraction: float, seed: int, source: str = "train", name: str = CARVED_SPLIT
+) -> FaceDataset:
+    """Move a stratified ``fraction`` of split ``source`` into a new split ``name``.
+
+    Each class gives round(fraction · its count) faces, drawn by a NumPy generator seeded with ``seed``
+    in label order, so the same data, fraction and seed give the same split on every run and machine.
+    The remaining ``source`` faces are what training fits; the two never overlap.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    split = data.split.astype(object)  # room for a name longer than the existing ones
+    for label in range(len(data.label_names)):
+        pool = np.flatnonzero((data.split == source) & (data.labels == label))
+        split[rng.permutation(pool)[: round(fraction * len(pool))]] = name
+    if not (split == name).any():
+        raise DataError(f"split {source!r} has no faces to carve a validation split from; splits: {data.splits}")
+    return FaceDataset(data.images, data.labels, split.astype(str), data.label_names)

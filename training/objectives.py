@@ -26,12 +26,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mien.spec import PreprocessSpec
 from mien.training.losses import batch_hard_triplet_loss
 from mien.training.occlusion import random_occlusion
 from mien.training.tencrop import random_ten_crop, ten_crop_logits
-from mien.training.transforms import build_transforms
-
-from mien.spec import PreprocessSpec
+from mien.training.transforms import build_transforms, mix_batch
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,17 @@ class StepContext:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, transform, batch_size: int = 512, channels_last: bool = False
+) -> torch.Tensor:
+    """fp32 logits of ``images`` (uint8) through ``transform``; ``channels_last`` feeds a channels-last
+    model its own layout (NCHW input makes every convolution convert, ~1.3x slower on CPU)."""
     model.eval()
     device = next(model.parameters()).device
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     return torch.cat(
         [
-            model(transform(images[i : i + batch_size]).to(device)).float().cpu()
+            model(transform(images[i : i + batch_size]).to(device).contiguous(memory_format=layout)).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
     )
@@ -149,7 +154,16 @@ class CrossEntropy:
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]  # frozen front ends stay out
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=True, weight_decay=self.cfg.weight_decay
+            )
         return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches are mixed (mixup/CutMix); only the plain cross-entropy objective supports it."""
+        return self.cfg.augment.mixup > 0 or self.cfg.augment.cutmix > 0
 
     def batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
         return shuffled_batches(len(labels), self.cfg.batch_size, self.generator)
@@ -167,9 +181,15 @@ class CrossEntropy:
     ) -> tuple[float, torch.Tensor]:
         """One optimiser step on this rank's share of the batch; returns (loss, that share's logits)."""
         ctx = self.context
-        x, y = ctx.shard(self.inputs(images)).to(ctx.device), ctx.shard(y).to(ctx.device)
+        x = self.inputs(images)
+        if self.mixes:  # mixed over the global batch, so every rank sees the same partners
+            x, order, lam = mix_batch(x, self.cfg.augment, self.generator)
+            y_mix = ctx.shard(y[order]).to(ctx.device)
+        x, y = ctx.shard(x).to(ctx.device), ctx.shard(y).to(ctx.device)
         with ctx.autocast():
             loss, logits = self.loss(model, x, y)
+            if self.mixes:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_mix, label_smoothing=self.cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         self.backward_and_step(loss, optimizer)
         return loss.item(), logits.detach().float().cpu()
@@ -186,7 +206,7 @@ class CrossEntropy:
 
     def validate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """``val_loss`` and ``val_acc`` (which selects best.pt), plus any objective-specific figures."""
-        logits = predict_logits(model, images, self.val_tf)
+        logits = predict_logits(model, images, self.val_tf, channels_last=self.cfg.channels_last)
         return {
             "val_loss": F.cross_entropy(logits, labels).item(),
             "val_acc": (logits.argmax(1) == labels).float().mean().item(),

@@ -24,7 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from mien.training.data import FaceDataset, load_dataset, select_labels
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from mien.training.data import CARVED_SPLIT, FaceDataset, carve_validation, load_dataset, select_labels
 from mien.training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
 from mien.training.hardware import (
     Process,
@@ -39,8 +43,6 @@ from mien.training.objectives import CrossEntropy, ObjectiveConfig, StepContext,
 from mien.training.schedule import SCHEDULES, epochs_without_improvement, get_lr
 from mien.training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
 from mien.training.transforms import AugmentConfig
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 __all__ = ["TrainConfig", "get_lr", "predict_logits", "train", "train_one_epoch", "warm_start"]
 
@@ -48,6 +50,7 @@ log = logging.getLogger("mien.train")
 
 #: Objectives whose loss takes a probability row per face (FER+ soft targets) as well as a class index.
 SOFT_TARGET_OBJECTIVES = ("cross_entropy", "ten_crop")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -57,12 +60,19 @@ class TrainConfig:
     out: str = "runs/mini_xception"
     epochs: int = 100
     batch_size: int = 64
-    lr: float = 2e-3  # Adam peak learning rate, reached after warm-up; then the schedule below
+    lr: float = 2e-3  # peak learning rate, reached after warm-up; then the schedule below
+    optimizer: str = "adam"  # adam | sgd (Nesterov momentum)
+    momentum: float = 0.9  # sgd only
+    ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.999); 0 = off
     warmup_epochs: int = 2
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     train_split: str = "train"
-    val_split: str = "public_test"
+    # "val" = a stratified share of train_split carved out once (val_fraction, val_seed), the same on every
+    # run; it selects checkpoints and stops early. PublicTest is the test set, scored after selection.
+    val_split: str = "val"
+    val_fraction: float = 0.1
+    val_seed: int = 2013  # fixed, not the run's seed: every run and every model sees the same carve
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     channels_last: bool = True  # ~1.8x faster on CPU for mini-Xception (docs/training.md); NCHW where it would crash
@@ -113,6 +123,8 @@ def load_labelled(cfg: TrainConfig) -> tuple[FaceDataset, np.ndarray | None]:
         raise ValueError("--labels/--label-map pick hard labels; with --ferplus-target soft use --label-source instead")
     if cfg.labels is not None or cfg.label_map:
         data = select_labels(data, cfg.labels, cfg.label_map)
+    if cfg.val_split == CARVED_SPLIT and CARVED_SPLIT not in data.splits:
+        data = carve_validation(data, cfg.val_fraction, cfg.val_seed, source=cfg.train_split)
     return data, soft
 
 
@@ -146,6 +158,7 @@ def train_one_epoch(
     targets: torch.Tensor | None = None,
     val_accs: list[float] = (),
     process: Process | None = None,
+    ema: AveragedModel | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the objective's batches; returns (mean loss, training accuracy, optimiser step).
 
@@ -164,6 +177,8 @@ def train_one_epoch(
         for group in optimizer.param_groups:
             group["lr"] = get_lr(cfg, step, steps_per_epoch, val_accs)
         loss, logits = objective.train_step(model, optimizer, images[idx], y if targets is None else targets[idx])
+        if ema is not None:
+            ema.update_parameters(model.module if isinstance(model, DDP) else model)
         step += 1
         y = objective.context.shard(y)  # the faces this rank stepped on
         total_loss += loss * len(y)
@@ -204,6 +219,14 @@ def check_supported(cfg: TrainConfig, objective: CrossEntropy, process: Process,
     if process.distributed and objective.name == "triplet":
         raise ValueError("the triplet objective calls the model's forward_both, which DistributedDataParallel does "
                          "not synchronise; train stn_resnet10_triplet in one process")  # fmt: skip
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    if objective.mixes and objective.name != "cross_entropy":
+        raise ValueError(f"mixup/CutMix mix the cross-entropy targets; {cfg.model} trains with the {objective.name} "
+                         "objective, which does not support them")  # fmt: skip
+    if cfg.ema and (objective.name == "sgan" or not 0.0 < cfg.ema < 1.0):
+        raise ValueError(f"--ema is a decay in (0, 1) for the cross-entropy, triplet and ten-crop objectives; "
+                         f"got {cfg.ema} for {objective.name}")  # fmt: skip
     if process.distributed and cfg.batch_size % process.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must divide evenly over "
                          f"{process.world_size} processes")  # fmt: skip
@@ -248,6 +271,13 @@ def _checkpoint(model, cfg, spec, model_kwargs, objective, history, best, extra=
     }
     ckpt.update(extra or {})
     return ckpt
+
+
+def _duration(seconds: float) -> str:
+    """3725 → '1h02m'; 95 → '1m35s'."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _save(obj: dict, path: Path) -> None:
@@ -316,6 +346,9 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
     check_supported(cfg, objective, process, soft_targets=train_t is not None)
     objective.set_context(StepContext(process.device, cfg.amp, cfg.grad_clip, process.rank, process.world_size))
     optimizer = objective.build_optimizer(model)
+    # The EMA copy is what validation scores and best.pt keeps (so export serves it); BN buffers ride along.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    served = ema.module if ema is not None else model
 
     history: list[dict] = []
     best: dict = {"val_acc": -1.0}
@@ -328,6 +361,8 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         objective.load_state_dict(state.get("objective_state", {}))
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         history, best, step = state["history"], state["metrics"], state["step"]
         start_epoch = history[-1]["epoch"] + 1 if history else 1
         log.info("resuming from %s at epoch %d", last, start_epoch)
@@ -340,7 +375,9 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         "channels-last" if cfg.channels_last else "NCHW", cfg.amp if cfg.amp != "none" else "fp32", asdict(cfg),
     )  # fmt: skip
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    epochs = tqdm(range(start_epoch, cfg.epochs + 1), desc=cfg.model, unit="epoch", initial=start_epoch - 1,
+                  total=cfg.epochs, dynamic_ncols=True, disable=not process.is_main)  # fmt: skip
+    for epoch in epochs:
         val_accs = [h["val_acc"] for h in history]
         if cfg.early_stop and epochs_without_improvement(val_accs) >= cfg.early_stop:
             log.info("early stop before epoch %d: no better %s accuracy for %d epochs (best %.4f at epoch %d)",
@@ -349,9 +386,9 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         started = time.perf_counter()
         train_loss, train_acc, step = train_one_epoch(
             stepped, optimizer, objective, train_x, train_y, cfg, step, f"epoch {epoch}/{cfg.epochs}", train_t,
-            val_accs, process,
+            val_accs, process, ema,
         )  # fmt: skip
-        metrics = validate(objective, model, val_x, val_y, process)
+        metrics = validate(objective, served, val_x, val_y, process)
         val_loss, val_acc = metrics["val_loss"], metrics["val_acc"]
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **metrics,
@@ -367,17 +404,19 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
             recipe_note = {"recipe": recipe} if recipe else {}
             if improved:
                 _save(
-                    _checkpoint(model, cfg, spec, model_kwargs, objective, history, best, recipe_note), out / "best.pt"
+                    _checkpoint(served, cfg, spec, model_kwargs, objective, history, best, recipe_note), out / "best.pt"
                 )
             extra = {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
                      "torch_rng": torch.get_rng_state(), "objective_state": objective.state_dict(),
-                     **recipe_note}  # fmt: skip
+                     **({"ema": ema.state_dict()} if ema is not None else {}), **recipe_note}  # fmt: skip
             _save(_checkpoint(model, cfg, spec, model_kwargs, objective, history, best, extra), last)
             plot_curves(history, out / "curves.png")
+        recent = [h["seconds"] for h in history[-5:]]
+        eta = (cfg.epochs - epoch) * sum(recent) / len(recent)
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f  %s loss %.4f acc %.4f  best %.4f (epoch %d)  %.0f s",
+            "epoch %d/%d  train loss %.4f acc %.4f  %s loss %.4f acc %.4f  best %.4f (epoch %d)  %.0f s  ETA %s",
             epoch, cfg.epochs, train_loss, train_acc, cfg.val_split, val_loss, val_acc,
-            best["val_acc"], best["epoch"], row["seconds"],
+            best["val_acc"], best["epoch"], row["seconds"], _duration(eta),
         )  # fmt: skip
     if handler is not None:
         log.removeHandler(handler)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +23,10 @@ class AugmentConfig:
     rotation_deg: float = 10.0  # uniform in ±rotation_deg
     shift: float = 0.1  # translation, fraction of the image size
     zoom: float = 0.1  # scale uniform in 1 ± zoom
+    crop: int = 0  # train on random crop×crop windows of the face at its own scale (0 = the whole face)
+    erasing: float = 0.0  # probability of random erasing (Zhong et al. 2020): a noise rectangle per face
+    mixup: float = 0.0  # Beta(α, α) of mixup (Zhang et al. 2018); 0 = off
+    cutmix: float = 0.0  # Beta(α, α) of CutMix (Yun et al. 2019); 0 = off; with both, each batch picks one
 
 
 def normalize(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
@@ -39,8 +44,13 @@ def normalize(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
 
 
 def random_affine(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random flip, rotation, shift and zoom of a float N×C×H×W batch (borders replicate edge pixels)."""
+    """Random flip, rotation, shift and zoom of a float N×C×H×W batch (borders replicate edge pixels).
+
+    With ``cfg.crop`` the output is crop×crop at the input's scale: a random window of the face.
+    """
     n = x.shape[0]
+    side = cfg.crop or x.shape[-1]
+    window = side / x.shape[-1]  # the output's share of the input, in grid units
 
     def uniform(low: float, high: float) -> torch.Tensor:
         return torch.rand(n, generator=generator) * (high - low) + low
@@ -49,10 +59,66 @@ def random_affine(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     scale = uniform(1 - cfg.zoom, 1 + cfg.zoom)
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
     tx, ty = uniform(-cfg.shift, cfg.shift) * 2, uniform(-cfg.shift, cfg.shift) * 2  # grid units span 2
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    cos, sin = torch.cos(angle) * window / scale, torch.sin(angle) * window / scale
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, [n, x.shape[1], side, side], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_erasing(
+    x: torch.Tensor,
+    prob: float,
+    generator: torch.Generator | None = None,
+    area: tuple[float, float] = (0.02, 0.25),
+    aspect: tuple[float, float] = (0.3, 3.3),
+) -> torch.Tensor:
+    """Random erasing of a normalised N×C×H×W batch: with probability ``prob`` a face gets one rectangle
+    of ``area`` share and ``aspect`` ratio (log-uniform) filled with unit Gaussian noise."""
+    n, _, height, width = x.shape
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    share = uniform(*area) * height * width
+    ratio = torch.exp(uniform(math.log(aspect[0]), math.log(aspect[1])))
+    h = (share * ratio).sqrt().round().clamp(1, height).long()
+    w = (share / ratio).sqrt().round().clamp(1, width).long()
+    top = (torch.rand(n, generator=generator) * (height - h + 1)).long()
+    left = (torch.rand(n, generator=generator) * (width - w + 1)).long()
+    rows = torch.arange(height)[None, :] - top[:, None]
+    cols = torch.arange(width)[None, :] - left[:, None]
+    mask = ((rows >= 0) & (rows < h[:, None]))[:, :, None] & ((cols >= 0) & (cols < w[:, None]))[:, None, :]
+    mask &= (torch.rand(n, generator=generator) < prob)[:, None, None]
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return torch.where(mask[:, None], noise, x)
+
+
+def mix_batch(
+    x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup or CutMix of a batch with a shuffled copy of itself: (mixed batch, partner order, λ).
+
+    The loss is λ·L(y) + (1-λ)·L(y[order]). With both α set, a fair coin picks one per batch; with
+    neither, the batch comes back unchanged with λ = 1.
+    """
+    kinds = [(kind, alpha) for kind, alpha in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if alpha > 0]
+    order = torch.randperm(len(x), generator=generator)
+    if not kinds:
+        return x, order, 1.0
+    kind, alpha = kinds[int(torch.randint(len(kinds), (1,), generator=generator))]
+    # λ ~ Beta(α, α) from numpy, seeded by the run's generator so a resumed run draws the same λ
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(alpha, alpha))
+    if kind == "mixup":
+        return lam * x + (1 - lam) * x[order], order, lam
+    height, width = x.shape[-2:]
+    cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+    cy, cx = (int(torch.randint(size, (1,), generator=generator)) for size in (height, width))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    mixed = x.clone()
+    mixed[..., top:bottom, left:right] = x[order][..., top:bottom, left:right]
+    lam = 1 - (bottom - top) * (right - left) / (height * width)  # the share actually kept
+    return mixed, order, lam
 
 
 def build_transforms(
@@ -63,6 +129,9 @@ def build_transforms(
 
     def transform(images: torch.Tensor) -> torch.Tensor:
         x = normalize(images, spec)
-        return random_affine(x, augment, generator) if train else x
+        if not train:
+            return x
+        x = random_affine(x, augment, generator)
+        return random_erasing(x, augment.erasing, generator) if augment.erasing > 0 else x
 
     return transform

@@ -58,8 +58,10 @@ from mien.training.models import (  # noqa: E402,F401
     base_cnn,
     dcnn,
     mini_xception,
+    resnet18_fer,
     row_lstm,
     se_sepconv,
     sgan,
     stn_resnet10_triplet,
+    vgg_fer,
 )
