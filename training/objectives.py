@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mien.spec import PreprocessSpec
+from mien.training.distill import distillation_loss, load_teachers, teacher_targets
 from mien.training.losses import batch_hard_triplet_loss
 from mien.training.occlusion import random_occlusion
 from mien.training.tencrop import random_ten_crop, ten_crop_logits
@@ -147,6 +148,7 @@ class CrossEntropy:
         self.train_tf = build_transforms(spec, train=True, augment=cfg.augment, generator=generator)
         self.val_tf = build_transforms(spec, train=False)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.teachers = load_teachers(cfg.teacher, spec, cfg.threads) if cfg.teacher else []
 
     def set_context(self, context: StepContext) -> None:
         self.context = context
@@ -180,16 +182,19 @@ class CrossEntropy:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, y: torch.Tensor
     ) -> tuple[float, torch.Tensor]:
         """One optimiser step on this rank's share of the batch; returns (loss, that share's logits)."""
-        ctx = self.context
+        ctx, cfg = self.context, self.cfg
         x = self.inputs(images)
         if self.mixes:  # mixed over the global batch, so every rank sees the same partners
-            x, order, lam = mix_batch(x, self.cfg.augment, self.generator)
+            x, order, lam = mix_batch(x, cfg.augment, self.generator)
             y_mix = ctx.shard(y[order]).to(ctx.device)
+        soft = ctx.shard(teacher_targets(self.teachers, x, cfg.distill_temperature)) if self.teachers else None
         x, y = ctx.shard(x).to(ctx.device), ctx.shard(y).to(ctx.device)
         with ctx.autocast():
             loss, logits = self.loss(model, x, y)
             if self.mixes:
-                loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_mix, label_smoothing=self.cfg.label_smoothing)
+                loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_mix, label_smoothing=cfg.label_smoothing)
+            if soft is not None:
+                loss = distillation_loss(logits, loss, soft, cfg.distill_temperature, cfg.distill_weight)
         optimizer.zero_grad(set_to_none=True)
         self.backward_and_step(loss, optimizer)
         return loss.item(), logits.detach().float().cpu()

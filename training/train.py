@@ -64,6 +64,9 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | sgd (Nesterov momentum)
     momentum: float = 0.9  # sgd only
     ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.999); 0 = off
+    teacher: str = ""  # distil from these frozen models: comma-separated .onnx files or best.pt (training/distill.py)
+    distill_temperature: float = 4.0  # T softening teachers and student in the KL term
+    distill_weight: float = 0.5  # α: loss = (1-α)·CE + α·T²·KL; 0 = plain cross-entropy
     warmup_epochs: int = 2
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
@@ -224,6 +227,11 @@ def check_supported(cfg: TrainConfig, objective: CrossEntropy, process: Process,
     if objective.mixes and objective.name != "cross_entropy":
         raise ValueError(f"mixup/CutMix mix the cross-entropy targets; {cfg.model} trains with the {objective.name} "
                          "objective, which does not support them")  # fmt: skip
+    if cfg.teacher and objective.name != "cross_entropy":
+        raise ValueError(f"distillation (--teacher) trains with the cross-entropy objective; {cfg.model} uses "
+                         f"the {objective.name} objective")  # fmt: skip
+    if not 0.0 <= cfg.distill_weight <= 1.0 or cfg.distill_temperature <= 0:
+        raise ValueError("--distill-weight must be in [0, 1] and --distill-temperature positive")
     if cfg.ema and (objective.name == "sgan" or not 0.0 < cfg.ema < 1.0):
         raise ValueError(f"--ema is a decay in (0, 1) for the cross-entropy, triplet and ten-crop objectives; "
                          f"got {cfg.ema} for {objective.name}")  # fmt: skip

@@ -1,0 +1,172 @@
+"""The accuracy recipe (issue 14): the validation split carved from Training, the new augmentations,
+weight EMA, SGD, distillation, and exact resume of a run that uses all of them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mien.training.train as train_module
+from tests.conftest import SHARED_DATA
+from mien.training.data import FaceDataset, carve_validation, load_dataset
+from mien.training.distill import distillation_loss, load_teachers, soften
+from mien.training.train import TrainConfig, load_labelled, train
+from mien.training.transforms import AugmentConfig, mix_batch, random_affine, random_erasing
+
+STRONG = {"flip": True, "rotation_deg": 10.0, "shift": 0.1, "zoom": 0.1, "crop": 40, "erasing": 0.5, "mixup": 0.2,
+          "cutmix": 0.5}  # fmt: skip
+
+
+def _strong_cfg(data, out, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model="vgg_fer", model_kwargs={"width": 8, "hidden": 16}, epochs=4,
+                batch_size=32, lr=0.05, optimizer="sgd", weight_decay=5e-4, warmup_epochs=1, ema=0.9, threads=1,
+                augment=AugmentConfig(**STRONG))  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _synthetic(n_per_class=(50, 7, 30, 90, 40, 20, 60)) -> FaceDataset:
+    labels = np.repeat(np.arange(7), n_per_class)
+    split = np.where(np.arange(len(labels)) % 5 == 0, "public_test", "train")
+    return FaceDataset(np.zeros((len(labels), 4, 4), np.uint8), labels, split)
+
+
+def test_validation_split_is_stratified_disjoint_and_the_same_every_run():
+    data = _synthetic()
+    carved = carve_validation(data, 0.1, seed=2013)
+    val, fit = carved.split == "val", carved.split == "train"
+    assert not (val & fit).any() and val.any()
+    assert (carved.split[data.split == "public_test"] == "public_test").all()  # PublicTest untouched
+    assert set(np.flatnonzero(val)) <= set(np.flatnonzero(data.split == "train"))
+    for label in range(7):
+        pool = (data.split == "train") & (data.labels == label)
+        assert (val & (data.labels == label)).sum() == round(0.1 * pool.sum())
+    assert (carve_validation(data, 0.1, seed=2013).split == carved.split).all()
+    assert (carve_validation(data, 0.1, seed=7).split != carved.split).any()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_file(), reason=f"FER2013 not at {SHARED_DATA}")
+def test_fer2013_validation_split_holds_a_tenth_of_each_class_of_training():
+    data, _ = load_labelled(TrainConfig(data=str(SHARED_DATA)))
+    raw = load_dataset(SHARED_DATA)
+    counts = {s: np.bincount(data.labels[data.split == s], minlength=7) for s in ("train", "val", "public_test")}
+    assert counts["train"].sum() + counts["val"].sum() == (raw.split == "train").sum() == 28_709
+    assert counts["val"].sum() == 2872 and (counts["public_test"] == [467, 56, 496, 895, 653, 415, 607]).all()
+    np.testing.assert_allclose(counts["val"] / (counts["val"] + counts["train"]), 0.1, atol=0.01)
+
+
+def test_crop_keeps_the_scale_and_erasing_and_mixing_do_what_they_say():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(48.0).repeat(48, 1)[None, None].repeat(4, 1, 1, 1)  # column index as the pixel value
+    crop = random_affine(x, AugmentConfig(flip=False, rotation_deg=0, shift=0, zoom=0, crop=40), gen)
+    assert crop.shape == (4, 1, 40, 40)
+    torch.testing.assert_close(crop[0, 0, 0], torch.arange(4.0, 44.0))  # the centre window, pixel for pixel
+
+    y = torch.zeros(64, 1, 40, 40)
+    assert torch.equal(random_erasing(y, 0.0, gen), y)
+    erased = random_erasing(y, 1.0, gen)
+    changed = (erased != 0).flatten(1).float().mean(1)
+    assert (changed > 0).all() and (changed <= 0.25 + 0.02).all()
+
+    same, _, lam = mix_batch(y, AugmentConfig(), gen)
+    assert same is y and lam == 1.0
+    images = torch.stack([torch.full((1, 8, 8), float(i)) for i in range(16)])
+    mixed, order, lam = mix_batch(images, AugmentConfig(mixup=0.4), gen)
+    assert 0 <= lam <= 1
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images[order])
+    cut, order, lam = mix_batch(images, AugmentConfig(cutmix=1.0), gen)
+    from_self = (cut == images).flatten(1).float().mean(1)
+    from_partner = (cut == images[order]).flatten(1).float().mean(1)
+    moved = order != torch.arange(16)
+    torch.testing.assert_close(from_self[moved], torch.full((int(moved.sum()),), lam))
+    assert torch.all(from_self[moved] + from_partner[moved] == 1)
+
+
+def test_two_half_runs_equal_one_full_run_with_the_whole_recipe(tmp_path, tiny_npz, monkeypatch):
+    straight = tmp_path / "straight"
+    train(_strong_cfg(tiny_npz, straight))
+    halves = tmp_path / "halves"
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def stop_after_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(_strong_cfg(tiny_npz, halves))
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    train(_strong_cfg(tiny_npz, halves))
+
+    a, b = (torch.load(run / "last.pt", weights_only=False) for run in (straight, halves))
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3, 4]
+    for part in ("state_dict",):
+        for key, tensor in a[part].items():
+            torch.testing.assert_close(tensor, b[part][key], rtol=0, atol=0, msg=key)
+    for key, tensor in a["ema"].items():
+        torch.testing.assert_close(tensor, b["ema"][key], rtol=0, atol=0, msg=f"ema {key}")
+    best_a, best_b = (torch.load(run / "best.pt", weights_only=False) for run in (straight, halves))
+    assert best_a["metrics"] == best_b["metrics"] and best_a["metrics"]["split"] == "val"
+    # best.pt serves the EMA weights, validated on the carved split
+    history = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
+    assert best_a["metrics"]["val_acc"] == max(h["val_acc"] for h in history)
+    ema_state = {k.removeprefix("module."): v for k, v in a["ema"].items() if k.startswith("module.")}
+    if best_a["metrics"]["epoch"] == 4:
+        for key, tensor in best_a["state_dict"].items():
+            torch.testing.assert_close(tensor, ema_state[key], rtol=0, atol=0)
+    assert history[-1]["val_acc"] > 0.5  # chance is 1/7 on the tiny data
+
+
+def test_distillation_with_zero_weight_is_cross_entropy():
+    logits, targets = torch.randn(8, 7), torch.softmax(torch.randn(8, 7), 1)
+    hard = F.cross_entropy(logits, torch.arange(8) % 7)
+    assert distillation_loss(logits, hard, targets, 4.0, 0.0) is hard
+    full = distillation_loss(logits, hard, targets, 2.0, 1.0)
+    expected = 4.0 * F.kl_div(F.log_softmax(logits / 2, 1), targets, reduction="batchmean")
+    torch.testing.assert_close(full, expected)
+
+
+def test_soften_is_softmax_of_the_logits_over_t():
+    z = torch.randn(5, 7) * 3
+    torch.testing.assert_close(soften(torch.softmax(z, 1), 3.0), torch.softmax(z / 3.0, 1), atol=1e-6, rtol=0)
+
+
+def test_student_learns_the_teachers_answers_and_teachers_stay_frozen(tmp_path, tiny_npz, tiny_run):
+    teacher_path = tiny_run / "best.pt"
+    before = torch.load(teacher_path, weights_only=False)["state_dict"]
+    student = tmp_path / "student"
+    # Hard labels play no part (α = 1): whatever the student learns comes from the teacher.
+    train(TrainConfig(data=str(tiny_npz), out=str(student), epochs=3, batch_size=32, lr=2e-3, warmup_epochs=1,
+                      threads=1, teacher=str(teacher_path), distill_weight=1.0, distill_temperature=2.0))  # fmt: skip
+    after = torch.load(teacher_path, weights_only=False)["state_dict"]
+    for key, tensor in before.items():
+        assert torch.equal(tensor, after[key]), key
+
+    from mien.training.checkpoint import load_model
+    from mien.training.transforms import build_transforms
+
+    teacher, spec, _ = load_model(teacher_path)
+    learner, _, _ = load_model(student / "best.pt")
+    data = load_dataset(tiny_npz)
+    x = build_transforms(spec, train=False)(torch.from_numpy(data.subset("public_test")[0]))
+    with torch.no_grad():
+        agree = (teacher(x).argmax(1) == learner(x).argmax(1)).float().mean().item()
+    assert agree > 0.8
+
+
+def test_a_teacher_that_reads_faces_differently_is_refused(tiny_run):
+    from dataclasses import replace
+
+    from mien.training.models import default_spec
+
+    rgb = replace(default_spec("mini_xception"), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ValueError, match="reads faces differently.*channels"):
+        load_teachers(str(tiny_run / "best.pt"), rgb)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_teachers("nowhere/best.pt", default_spec("mini_xception"))
