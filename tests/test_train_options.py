@@ -54,9 +54,7 @@ def test_plateau_cuts_the_rate_and_early_stopping_ends_the_run(tmp_path, tiny_np
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3] and best["epoch"] == 1
     assert [h["lr"] for h in history] == pytest.approx([1e-3, 1e-3, 5e-4])
-    assert (
-        "early stop before epoch 4: no better val accuracy for 2 epochs" in (tmp_path / "train.log").read_text()
-    )
+    assert "early stop before epoch 4: no better val accuracy for 2 epochs" in (tmp_path / "train.log").read_text()
 
 
 def _one_step(context: StepContext, model: nn.Module | None = None) -> tuple[nn.Module, torch.Tensor]:

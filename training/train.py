@@ -24,10 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
-
 from mien.training.data import CARVED_SPLIT, FaceDataset, carve_validation, load_dataset, select_labels
 from mien.training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
 from mien.training.hardware import (
@@ -43,6 +39,9 @@ from mien.training.objectives import CrossEntropy, ObjectiveConfig, StepContext,
 from mien.training.schedule import SCHEDULES, epochs_without_improvement, get_lr
 from mien.training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
 from mien.training.transforms import AugmentConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 __all__ = ["TrainConfig", "get_lr", "predict_logits", "train", "train_one_epoch", "warm_start"]
 
