@@ -40,7 +40,7 @@ from mien.training.schedule import SCHEDULES, epochs_without_improvement, get_lr
 from mien.training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
 from mien.training.transforms import AugmentConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 __all__ = ["TrainConfig", "get_lr", "predict_logits", "train", "train_one_epoch", "warm_start"]
@@ -280,6 +280,21 @@ def _checkpoint(model, cfg, spec, model_kwargs, objective, history, best, extra=
     return ckpt
 
 
+def weight_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and BN buffers, with the decay warmed up as
+    min(decay, (1 + n) / (10 + n)) after n updates (as timm's ModelEma and TF's ExponentialMovingAverage).
+
+    Without the warm-up a fixed 0.998 keeps 0.998^n of the initial values: after 1,200 steps 9% of a BN
+    running variance of 1.0 swamped a true variance of 0.006, and the averaged model predicted one class.
+    """
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return averaged * d + current * (1.0 - d)
+
+    return AveragedModel(model, avg_fn=average, use_buffers=True)
+
+
 def _duration(seconds: float) -> str:
     """3725 → '1h02m'; 95 → '1m35s'."""
     minutes, secs = divmod(int(seconds), 60)
@@ -354,7 +369,7 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
     objective.set_context(StepContext(process.device, cfg.amp, cfg.grad_clip, process.rank, process.world_size))
     optimizer = objective.build_optimizer(model)
     # The EMA copy is what validation scores and best.pt keeps (so export serves it); BN buffers ride along.
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    ema = weight_ema(model, cfg.ema) if cfg.ema else None
     served = ema.module if ema is not None else model
 
     history: list[dict] = []
