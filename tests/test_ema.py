@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
 from mien.training.train import weight_ema
 
 
