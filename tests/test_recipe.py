@@ -3,19 +3,27 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from mien.training.cli import add_commands, train_config_from_args
 from mien.training.recipe import config_from_dict, link_card, load_recipe, recipe_differences, recipe_text, sync
 
-from mien.cli import build_parser, main, train_config_from_args
+from mien.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_CARDS = sorted(
     p for p in (ROOT / "models").glob("*.card.json") if (json.loads(p.read_text()).get("training") or {}).get("config")
 )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mien")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
 
 
 @pytest.mark.parametrize("card_path", TRAINED_CARDS, ids=lambda p: p.name.removesuffix(".card.json"))

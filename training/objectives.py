@@ -27,22 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mien.training.distill import distillation_loss, load_teachers, teacher_targets
+from mien.training.hardware import in_layout
 from mien.training.losses import batch_hard_triplet_loss
 from mien.training.occlusion import random_occlusion
 from mien.training.tencrop import random_ten_crop, ten_crop_logits
 from mien.training.transforms import build_transforms, mix_batch
 
 from mien.spec import PreprocessSpec
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    triplet_weight: float = 1.0  # λ: weight of the triplet loss next to cross-entropy
-    triplet_margin: float = 0.2  # in chord distance between unit embeddings (range 0..2)
-    triplet_per_class: int = 8  # K: at least K faces of each class in a balanced batch
-    occlusion_prob: float = 0.5  # fraction of training faces that get a grey patch (triplet model)
-    occlusion_area: float = 0.25  # the patch's share of the face area
-    sgan_unsupervised_weight: float = 1.0  # weight of the real-vs-fake loss in the discriminator's loss
 
 
 @dataclass(frozen=True)
@@ -79,10 +70,9 @@ def predict_logits(
     model its own layout (NCHW input makes every convolution convert, ~1.3x slower on CPU)."""
     model.eval()
     device = next(model.parameters()).device
-    layout = torch.channels_last if channels_last else torch.contiguous_format
     return torch.cat(
         [
-            model(transform(images[i : i + batch_size]).to(device).contiguous(memory_format=layout)).float().cpu()
+            model(in_layout(transform(images[i : i + batch_size]).to(device), channels_last)).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
     )
@@ -172,7 +162,7 @@ class CrossEntropy:
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         x = self.train_tf(images)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        return in_layout(x, self.cfg.channels_last)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(x)
@@ -242,7 +232,7 @@ class TripletObjective(CrossEntropy):
             occluded = random_occlusion(x, ocfg.occlusion_area, grey, self.generator)
             pick = torch.rand(len(x), generator=self.generator) < ocfg.occlusion_prob
             x = torch.where(pick[:, None, None, None], occluded, x)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        return in_layout(x, self.cfg.channels_last)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, embedding = model.forward_both(x)
@@ -278,7 +268,7 @@ class TenCropObjective(CrossEntropy):
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         x = random_ten_crop(self.train_tf(images), self.crop, self.generator)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        return in_layout(x, self.cfg.channels_last)
 
     def validate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         metrics = super().validate(model, images, labels)
@@ -344,7 +334,7 @@ class SGANObjective(CrossEntropy):
 
     def _fake(self, n: int) -> torch.Tensor:
         fake = self.gen.sample(n, generator=self.generator)
-        return fake.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else fake
+        return in_layout(fake, self.cfg.channels_last)
 
     def train_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, y: torch.Tensor

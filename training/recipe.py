@@ -1,6 +1,6 @@
 """Training recipes: every training choice of a model in one TOML file, ``configs/<model id>.toml``.
 
-A recipe holds :class:`~mien.training.train.TrainConfig` fields by name (nested options as tables:
+A recipe holds :class:`~mien.training.config.TrainConfig` fields by name (nested options as tables:
 ``[augment]``, ``[objective]``, ``[model_kwargs]``, ``[label_map]``); a field it leaves out keeps its
 default. ``mien train --config configs/x.toml`` trains from it (command-line flags override it), and
 the checkpoint, then the exported model card, name the recipe (``training.recipe``).
@@ -14,38 +14,21 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
-from mien.training.objectives import ObjectiveConfig
-from mien.training.train import TrainConfig
-from mien.training.transforms import AugmentConfig
+from mien.training.config import config_from_dict
 
-_NESTED = {"augment": AugmentConfig, "objective": ObjectiveConfig}
-
-
-def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """A TrainConfig from ``base`` (default: the defaults) with ``values`` on top; unknown keys are an error."""
-    base = base or TrainConfig()
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-    merged = asdict(base)
-    for key, value in values.items():
-        if key in _NESTED and value is not None:
-            inner = {f.name for f in fields(_NESTED[key])}
-            bad = sorted(set(value) - inner)
-            if bad:
-                raise ValueError(f"unknown {key} option(s) {bad}; known: {sorted(inner)}")
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    for key, cls in _NESTED.items():
-        merged[key] = cls(**merged[key])
-    if merged["labels"] is not None:
-        merged["labels"] = tuple(merged["labels"])
-    return TrainConfig(**merged)
+__all__ = [
+    "check_card",
+    "config_from_dict",
+    "link_card",
+    "load_recipe",
+    "recipe_differences",
+    "recipe_from_card",
+    "recipe_text",
+    "sync",
+]
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -60,6 +43,14 @@ def load_recipe(path: str | Path) -> dict:
             raise ValueError(f"{path}: not valid TOML ({exc})") from None
     config_from_dict(values)  # fail now, naming the file's unknown keys
     return values
+
+
+def _read_card(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _write_card(path: str | Path, card: dict) -> None:
+    Path(path).write_text(json.dumps(card, indent=2) + "\n")
 
 
 def _plain(value):
@@ -94,10 +85,26 @@ def recipe_text(card: dict, card_path: str) -> str:
     return "\n".join(header) + "\n\n" + tomli_w.dumps(values)
 
 
+def recipe_from_card(card_path: str | Path) -> str:
+    """The TOML recipe of the card at ``card_path`` (``mien recipe from-card``)."""
+    return recipe_text(_read_card(card_path), str(card_path))
+
+
+def check_card(card_path: str | Path) -> tuple[str, bool] | None:
+    """(what to say, whether the card's recipe gives its training.config); None when nothing was trained."""
+    training = _read_card(card_path).get("training") or {}
+    if not training.get("config"):
+        return None
+    if not training.get("recipe"):
+        return f"no training.recipe (run `mien recipe sync {card_path}`)", False
+    diffs = recipe_differences(training["config"], load_recipe(training["recipe"]))
+    return ("; ".join(diffs) if diffs else f"matches {training['recipe']}"), not diffs
+
+
 def link_card(card_path: str | Path, recipe_path: str | Path) -> dict:
     """Point the card at its recipe (``training.recipe``) once the recipe is checked to give the card's config."""
     card_path = Path(card_path)
-    card = json.loads(card_path.read_text())
+    card = _read_card(card_path)
     diffs = recipe_differences(card["training"]["config"], load_recipe(recipe_path))
     if diffs:
         raise ValueError(f"{recipe_path} does not reproduce {card_path}: " + "; ".join(diffs))
@@ -110,7 +117,7 @@ def link_card(card_path: str | Path, recipe_path: str | Path) -> dict:
             ordered["recipe"] = str(recipe_path)
     ordered.setdefault("recipe", str(recipe_path))
     card["training"] = ordered
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    _write_card(card_path, card)
     return card
 
 
@@ -118,7 +125,7 @@ def sync(card_paths: list[str | Path], configs: str | Path = "configs") -> list[
     """Write ``<configs>/<model id>.toml`` from each card and link the card to it; returns the recipes written."""
     written = []
     for card_path in card_paths:
-        card = json.loads(Path(card_path).read_text())
+        card = _read_card(card_path)
         if not (card.get("training") or {}).get("config"):
             continue  # e.g. an ensemble: nothing was trained
         recipe_path = Path(configs) / f"{card['model_id']}.toml"

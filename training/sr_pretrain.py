@@ -19,33 +19,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mien.training.config import SRPretrainConfig
 from mien.training.data import load_dataset
 from mien.training.layers import EDSR, EDSR_SMALL
 from mien.training.models import default_spec
 from mien.training.transforms import normalize
 
 log = logging.getLogger("mien.sr_pretrain")
-
-
-@dataclass
-class SRPretrainConfig:
-    data: str = "../shared/data/fer2013.npz"
-    out: str = "runs/sr_pretrain/sr.pt"  # the checkpoint that TrainConfig.sr_init points at
-    sr_kwargs: dict = field(default_factory=dict)  # EDSR options over EDSR_SMALL, e.g. EDSR_PAPER
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 1e-3  # Adam, cosine decay to 0 over the run
-    train_split: str = "train"
-    val_split: str = "public_test"
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    limit: int = 0  # use only the first N training faces (0 = all); for smoke tests
 
 
 def downscale(hr: torch.Tensor) -> torch.Tensor:

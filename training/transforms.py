@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mien.training.config import AugmentConfig
 
 from mien.spec import PreprocessSpec
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    flip: bool = True  # horizontal mirror with probability 1/2
-    rotation_deg: float = 10.0  # uniform in ±rotation_deg
-    shift: float = 0.1  # translation, fraction of the image size
-    zoom: float = 0.1  # scale uniform in 1 ± zoom
-    crop: int = 0  # train on random crop×crop windows of the face at its own scale (0 = the whole face)
-    erasing: float = 0.0  # probability of random erasing (Zhong et al. 2020): a noise rectangle per face
-    mixup: float = 0.0  # Beta(α, α) of mixup (Zhang et al. 2018); 0 = off
-    cutmix: float = 0.0  # Beta(α, α) of CutMix (Yun et al. 2019); 0 = off; with both, each batch picks one
+__all__ = ["AugmentConfig", "build_transforms", "mix_batch", "normalize", "random_affine", "random_erasing"]
 
 
 def normalize(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:

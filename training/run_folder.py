@@ -1,0 +1,151 @@
+"""The run folder ``mien train`` writes, and how a run resumes from it.
+
+``last.pt`` holds what an interrupted run needs to continue exactly as if it had not stopped (weights,
+optimiser, the batch/augmentation generator, torch's RNG, the objective's own state, the EMA, the
+history); ``best.pt`` the served weights and what export needs to rebuild the model. Both also hold the
+model id and kwargs, spec, train config, objective, notes, command, history, best metrics and recipe.
+The key names are a file format: runs started by older code resume from their ``last.pt``, so a key is
+never renamed or dropped. ``history.jsonl`` gets one line per epoch, ``train.log`` the log, ``curves.png``
+the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from mien.training.config import TrainConfig
+from mien.training.curves import plot_curves
+from mien.training.objectives import CrossEntropy
+from torch.optim.swa_utils import AveragedModel
+
+from mien.spec import PreprocessSpec
+
+log = logging.getLogger("mien.train")
+
+
+@contextmanager
+def run_log(out: Path, is_main: bool) -> Iterator[None]:
+    """Log the run's progress to ``<out>/train.log``, from rank 0 only (the others log warnings alone)."""
+    handler = None
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    try:
+        yield
+    finally:
+        if handler is not None:  # also after an interrupted run, so a resume in this process logs each line once
+            log.removeHandler(handler)
+            handler.close()
+
+
+@dataclass
+class Progress:
+    """Where a run stands: every epoch's figures, the best epoch's metrics, the optimiser step."""
+
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0})
+    step: int = 0
+
+    @property
+    def start_epoch(self) -> int:
+        return self.history[-1]["epoch"] + 1 if self.history else 1
+
+    @property
+    def val_accs(self) -> list[float]:
+        return [h["val_acc"] for h in self.history]
+
+    def record(self, row: dict, metrics: dict, split: str) -> bool:
+        """Add an epoch's row; return whether its validation accuracy is the best so far."""
+        self.history.append(row)
+        improved = metrics["val_acc"] > self.best["val_acc"]
+        if improved:
+            self.best = {**metrics, "epoch": row["epoch"], "split": split}
+        return improved
+
+
+def save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # atomic: a run killed mid-save never leaves a broken checkpoint
+
+
+@dataclass
+class RunFolder:
+    """What a run's checkpoints are made of, and where they go."""
+
+    out: Path
+    cfg: TrainConfig
+    spec: PreprocessSpec
+    model_kwargs: dict
+    model: nn.Module
+    objective: CrossEntropy
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    ema: AveragedModel | None = None
+    recipe: str = ""  # the configs/<model>.toml the config came from; the exported card names it
+
+    @property
+    def served(self) -> nn.Module:
+        """The weights validation scores and best.pt keeps (so export serves them): the EMA copy if any."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def resume(self, device: torch.device) -> Progress:
+        """Load ``last.pt`` into the run's parts and return its progress; a fresh start when there is none."""
+        last = self.out / "last.pt"
+        if not last.exists():
+            return Progress()
+        state = torch.load(last, map_location=device, weights_only=False)
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.objective.load_state_dict(state.get("objective_state", {}))
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        progress = Progress(state["history"], state["metrics"], state["step"])
+        log.info("resuming from %s at epoch %d", last, progress.start_epoch)
+        return progress
+
+    def write_epoch(self, row: dict, improved: bool, progress: Progress) -> None:
+        """The epoch's line in history.jsonl, best.pt when it improved, last.pt and the curves."""
+        with (self.out / "history.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        recipe_note = {"recipe": self.recipe} if self.recipe else {}
+        if improved:
+            save(self.checkpoint(self.served, progress, recipe_note), self.out / "best.pt")
+        # read the RNG states now, after the epoch's last draw, so a resume continues from exactly here
+        resume_state = {
+            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "step": progress.step,
+            "torch_rng": torch.get_rng_state(), "objective_state": self.objective.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}), **recipe_note,
+        }  # fmt: skip
+        save(self.checkpoint(self.model, progress, resume_state), self.out / "last.pt")
+        plot_curves(progress.history, self.out / "curves.png")
+
+    def checkpoint(self, model: nn.Module, progress: Progress, extra: dict) -> dict:
+        """``model``'s weights with everything needed to rebuild it, and ``extra`` keys."""
+        return {
+            "model_id": self.cfg.model,
+            "model_kwargs": self.model_kwargs,
+            "spec": self.spec.to_dict(),
+            "state_dict": model.state_dict(),
+            "train_config": asdict(self.cfg),
+            "objective": self.objective.name,
+            "notes": self.objective.notes,
+            "command": "mien train " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else "",
+            "history": progress.history,
+            "metrics": progress.best,
+            **extra,
+        }
