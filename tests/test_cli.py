@@ -4,7 +4,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("command", ["train", "export", "eval", "serve"])
+@pytest.mark.parametrize("command", ["train", "recipe", "pretrain-sr", "export", "eval", "serve"])
 def test_every_subcommand_has_help(command):
     result = subprocess.run([sys.executable, "-m", "mien.cli", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

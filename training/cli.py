@@ -172,6 +172,8 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
 def _run_recipe(args: argparse.Namespace) -> int:
     from mien.training.recipe import check_card, link_card, recipe_from_card, sync
 
+    from mien.card import CARD_SUFFIX
+
     if args.recipe_command == "from-card":
         sys.stdout.write(recipe_from_card(args.card))
         return 0
@@ -179,7 +181,7 @@ def _run_recipe(args: argparse.Namespace) -> int:
         link_card(args.card, args.recipe)
         print(f"{args.card}: training.recipe = {args.recipe}")
         return 0
-    cards = args.cards or sorted(str(p) for p in Path(args.model_dir).glob("*.card.json"))
+    cards = args.cards or sorted(str(p) for p in Path(args.model_dir).glob("*" + CARD_SUFFIX))
     if args.recipe_command == "sync":
         for recipe in sync(cards, args.configs):
             print(f"wrote {recipe}")
