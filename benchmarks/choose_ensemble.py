@@ -8,6 +8,7 @@ k most accurate models for every k (greedy stops at the first step that does not
 can still). Prints each step; the chosen set then goes to `mien ensemble`, which measures it again
 through the served code path. Selection
 uses the validation split, so the ensemble's figure on that same split is optimistic by construction.
+The search itself is mien.export.ensemble_search; this script prints it.
 """
 
 from __future__ import annotations
@@ -15,44 +16,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-from mien.training.evaluate import split_for_labels
+from mien.export.ensemble_search import greedy_members, member_probabilities, top_k
 
-from mien.runtime import OnnxClassifier
+from mien.paths import DEFAULT_DATA
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="models")
     parser.add_argument("--models", default="", help="candidates (default: every models/*.onnx)")
-    parser.add_argument("--data", default="../shared/data/fer2013.npz")
+    parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--split", default="public_test")
     parser.add_argument("--flip", action="store_true")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else sorted(p.stem for p in Path(args.model_dir).glob("*.onnx"))
-    probs, labels = {}, None
-    for name in names:
-        clf = OnnxClassifier.from_path(Path(args.model_dir) / f"{name}.onnx", providers=("CPUExecutionProvider",))
-        images, labels = split_for_labels(args.data, args.split, clf.spec.labels)
-        p = clf.predict_crops(list(images))
-        if args.flip:
-            p = 0.5 * (p + clf.predict_crops([np.ascontiguousarray(im[:, ::-1]) for im in images]))
-        probs[name] = p
-        print(f"{name:24s} {np.mean(p.argmax(1) == labels):.4f}")
-    chosen, best = [], 0.0
-    while True:
-        scores = {n: np.mean(sum(probs[m] for m in [*chosen, n]).argmax(1) == labels) for n in names if n not in chosen}
-        if not scores:
-            break
-        name, score = max(scores.items(), key=lambda kv: kv[1])
-        if score <= best:
-            break
+    probs, truth = member_probabilities(
+        args.model_dir, names, args.data, args.split, args.flip, on_model=lambda n, acc: print(f"{n:24s} {acc:.4f}")
+    )
+    chosen: list[str] = []
+    best = 0.0
+    for name, score in greedy_members(probs, truth):
         chosen.append(name)
         best = score
         print(f"+ {name:22s} -> {score:.4f}  ({','.join(chosen)})")
     print("greedy members:", ",".join(chosen))
-    ranked = sorted(names, key=lambda n: -np.mean(probs[n].argmax(1) == labels))
-    top = {k: np.mean(sum(probs[m] for m in ranked[:k]).argmax(1) == labels) for k in range(2, len(ranked) + 1)}
+    ranked, top = top_k(probs, truth)
     for k, score in top.items():
         print(f"top {k}: {score:.4f}  ({','.join(ranked[:k])})")
     k = max(top, key=top.get)

@@ -13,10 +13,11 @@ import logging
 import time
 from pathlib import Path
 
-from mien.service.registry import read_card
-from mien.training.evaluate import classification_report, split_for_labels
+from mien.export.evaluate import score_classifier
 
+from mien.card import Card, CardError, card_for, card_path, write_card
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
+from mien.paths import DEFAULT_DATA
 
 log = logging.getLogger("mien.export")
 
@@ -26,10 +27,10 @@ def write_ensemble(
     model_dir: str | Path = "models",
     model_id: str = "ensemble",
     flip: bool = False,
-    data: str = "../shared/data/fer2013.npz",
+    data: str = DEFAULT_DATA,
     split: str = "public_test",
 ) -> dict:
-    """Write the ensemble file and its card into ``model_dir``; return the card."""
+    """Write the ensemble file and its card into ``model_dir``; return the card (as written)."""
     model_dir = Path(model_dir)
     path = model_dir / f"{model_id}{ENSEMBLE_SUFFIX}"
     config = {"model_id": model_id, "members": list(members), "flip": flip}
@@ -40,44 +41,63 @@ def write_ensemble(
     except Exception:
         path.unlink(missing_ok=True)  # never leave a file the service would refuse
         raise
-    images, labels = split_for_labels(data, split, ensemble.spec.labels)
-    report = classification_report(labels, ensemble.predict_crops(list(images)).argmax(1), ensemble.spec.labels)
-    cards = {m: read_card(model_dir / f"{m}.onnx") or {} for m in members}
+    report, _ = score_classifier(ensemble, data, split)
+    cards = {m: _member_card(model_dir / f"{m}.onnx") for m in members}
     views = 2 if flip else 1
-    card = {
-        "model_id": model_id,
-        "version": ensemble.version,
-        "file": path.name,
-        "kind": "ensemble",
-        "members": [
+    card = Card(
+        model_id=model_id,
+        version=ensemble.version,
+        file=path.name,
+        kind="ensemble",
+        members=[
             {
                 "model_id": m.model_id,
                 "version": m.version,
-                "accuracy": cards[m.model_id].get("metrics", {}).get("accuracy"),
+                "accuracy": cards[m.model_id].accuracy if cards[m.model_id] else None,
             }
             for m in ensemble.members
-        ],  # fmt: skip
-        "flip": flip,
-        "labels": list(ensemble.spec.labels),
-        "parameters": sum(cards[m].get("parameters", 0) for m in members),
-        "macs": views * sum(cards[m].get("macs", 0) for m in members),
-        "metrics": {
+        ],
+        flip=flip,
+        labels=list(ensemble.spec.labels),
+        # a member without a card counts 0: its size is unknown, not absent
+        parameters=sum(c.parameters or 0 for c in cards.values() if c),
+        macs=views * sum(c.macs or 0 for c in cards.values() if c),
+        metrics={
             "split": split,
+            "selected_on": members_selected_on(list(cards.values())),
             "accuracy": report["accuracy"],
             "macro_f1": report["macro_f1"],
             "num_images": report["num_images"],
             "per_class": report["per_class"],
             "measured_by": f"mien eval {path} --data {data} --split {split}",
         },
-        "export": {
+        export={
             "command": f"mien ensemble {','.join(members)} --model-dir {model_dir} --model-id {model_id}"
             + (" --flip" if flip else "")
             + f" --data {data} --split {split}",
             "date": time.strftime("%Y-%m-%d"),
         },  # fmt: skip
-    }
-    card_path = model_dir / f"{model_id}.card.json"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    )
+    write_card(card_path(path), card)
     log.info("%s (%s%s) on %s: accuracy %.4f; card %s", model_id, ", ".join(members), ", flip" if flip else "",
-             split, report["accuracy"], card_path)  # fmt: skip
-    return card
+             split, report["accuracy"], card_path(path))  # fmt: skip
+    return card.to_dict()
+
+
+def members_selected_on(cards: list[Card | None]) -> str | None:
+    """The split that selected the members' checkpoints, when every member's card names the same one.
+
+    None when a member's card does not say or they differ: the ensemble's figure is then only as clean as its
+    least clean member, and the member cards say which that is.
+    """
+    splits = {card.selected_on if card else None for card in cards}
+    return splits.pop() if len(splits) == 1 else None
+
+
+def _member_card(path: Path) -> Card | None:
+    """A member's card; a missing or broken one leaves its accuracy, size and selection unknown."""
+    try:
+        return card_for(path)
+    except CardError as exc:
+        log.warning("ignoring %s", exc)
+        return None

@@ -7,22 +7,24 @@ argmax, on real faces or on random input, the export fails and says by how much.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from mien.export.evaluate import eval_split, score_faces
 from mien.training.checkpoint import load_model
-from mien.training.evaluate import classification_report, split_for_labels
 
+from mien.card import Card, Parity, card_path, write_card
+from mien.paths import DEFAULT_DATA
 from mien.preprocess import to_model_input
 from mien.runtime import MODEL_ID_KEY, MODEL_VERSION_KEY, OnnxClassifier, make_session
+from mien.spec import PreprocessSpec
 
 log = logging.getLogger("mien.export")
 
@@ -33,23 +35,16 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 class ExportConfig:
     checkpoint: str
     out: str | None = None  # default models/<model id>.onnx
-    data: str = "../shared/data/fer2013.npz"
-    split: str = "public_test"
+    data: str = DEFAULT_DATA
+    split: str = "public_test"  # the split the card's accuracy is measured on: the test split
     parity_faces: int = 512
     atol: float = 1e-4
     opset: int = 20  # the legacy exporter supports affine_grid (STN models) from opset 20
     flip_tta: bool = False  # average the logits of each face and its mirror image inside the graph
 
 
-@dataclass
-class ParityResult:
-    real_faces: int
-    random_inputs: int
-    max_abs_diff: float
-    argmax_agreement: float
-    atol: float
-    passed: bool
-    batch_sizes: list[int] = field(default_factory=list)
+#: The parity verdict is the card's parity block, so the card records exactly what was checked.
+ParityResult = Parity
 
 
 class FlipAverage(torch.nn.Module):
@@ -132,11 +127,11 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
 
     trained = ckpt.get("train_config", {})  # a FER+ model is scored on the FER+ labels it learnt
     label_source = trained.get("label_source", "fer2013")
-    images, labels = split_for_labels(cfg.data, cfg.split, spec.labels, label_source, trained.get("ferplus_votes", ""))
-    pick = np.random.default_rng(0).permutation(len(images))[: cfg.parity_faces]
+    faces = eval_split(cfg.data, cfg.split, spec.labels, label_source, trained.get("ferplus_votes", ""))
+    pick = np.random.default_rng(0).permutation(len(faces.images))[: cfg.parity_faces]
     if len(pick) < 256:
         raise ValueError(f"split {cfg.split!r} has only {len(pick)} faces; parity needs at least 256")
-    real = to_model_input(list(images[pick]), spec)
+    real = to_model_input(list(faces.images[pick]), spec)
 
     version = weights_version(model)
     metadata = {**spec.to_metadata(), MODEL_ID_KEY: model_id, MODEL_VERSION_KEY: version,
@@ -151,19 +146,40 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
             "passed" if parity.passed else "FAILED", parity.max_abs_diff, parity.atol, parity.argmax_agreement,
             parity.real_faces, parity.random_inputs)  # fmt: skip
 
-    classifier = OnnxClassifier.from_path(out, providers=("CPUExecutionProvider",))
-    report = classification_report(labels, classifier.predict_crops(list(images)).argmax(1), spec.labels)
-    card = {
-        "model_id": model_id,
-        "version": version,
-        "file": out.name,
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-        "labels": list(spec.labels),
-        "spec": spec.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "macs": count_macs(model, torch.from_numpy(real[:1])),
-        "metrics": {
+    report = score_faces(OnnxClassifier.from_path(out, providers=("CPUExecutionProvider",)), faces)
+    macs = count_macs(model, torch.from_numpy(real[:1]))
+    card = model_card(cfg, out, ckpt, spec, version, sum(p.numel() for p in model.parameters()), macs, parity, report)
+    write_card(card_path(out), card)
+    log.info("%s accuracy of the ONNX file: %.4f; card %s", cfg.split, report["accuracy"], card_path(out))
+    return parity
+
+
+def model_card(
+    cfg: ExportConfig,
+    out: Path,
+    ckpt: dict,
+    spec: PreprocessSpec,
+    version: str,
+    parameters: int,
+    macs: int,
+    parity: Parity,
+    report: dict,
+) -> Card:
+    """The card of an exported file: its identity, what it was scored and selected on, how it was trained."""
+    label_source = ckpt.get("train_config", {}).get("label_source", "fer2013")
+    history = ckpt.get("history", [])
+    return Card(
+        model_id=ckpt["model_id"],
+        version=version,
+        file=out.name,
+        sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
+        labels=list(spec.labels),
+        spec=spec.to_dict(),
+        parameters=parameters,
+        macs=macs,
+        metrics={
             "split": cfg.split,
+            "selected_on": selection_split(ckpt),
             "accuracy": report["accuracy"],
             "macro_f1": report["macro_f1"],
             "num_images": report["num_images"],
@@ -172,20 +188,20 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
             "measured_by": f"mien eval {out} --data {cfg.data} --split {cfg.split}"
             + (f" --label-source {label_source}" if label_source != "fer2013" else ""),
         },  # fmt: skip
-        "training": {
+        training={
             "command": ckpt.get("command", ""),
             "recipe": ckpt.get("recipe", ""),  # configs/<model>.toml when trained with `mien train --config`
             "config": ckpt.get("train_config", {}),
             "best": ckpt.get("metrics", {}),
-            "epochs_run": len(ckpt.get("history", [])),
+            "epochs_run": len(history),
             "notes": ckpt.get("notes"),
-            "seconds_per_epoch_median": _median([h["seconds"] for h in ckpt.get("history", [])]),
+            "seconds_per_epoch_median": _median([h["seconds"] for h in history]),
             "history": [  # per-epoch figures, for the training curves in docs/results.md
-                {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in ckpt.get("history", [])
+                {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history
             ],
         },
-        "parity": asdict(parity),
-        "export": {
+        parity=parity,
+        export={
             "command": f"mien export {cfg.checkpoint} --out {out} --data {cfg.data} --split {cfg.split}"
             + (" --flip-tta" if cfg.flip_tta else ""),
             "opset": cfg.opset,
@@ -196,11 +212,13 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"),
         },  # fmt: skip
-    }
-    card_path = out.with_name(f"{out.stem}.card.json")
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    log.info("%s accuracy of the ONNX file: %.4f; card %s", cfg.split, report["accuracy"], card_path)
-    return parity
+    )
+
+
+def selection_split(ckpt: dict) -> str | None:
+    """The split that selected the checkpoint: the one its best metrics were measured on (``mien train``
+    records it), else the validation split of its training config (checkpoints written before it did)."""
+    return ckpt.get("metrics", {}).get("split") or ckpt.get("train_config", {}).get("val_split")
 
 
 def _median(values: list[float]) -> float | None:

@@ -59,7 +59,7 @@ class Metrics(_Block):
 class Training(_Block):
     """How the checkpoint was trained, copied from it by export."""
 
-    command: str = ""
+    command: str | None = None  # the `mien train` command line
     recipe: str | None = None  # configs/<model id>.toml when trained from a recipe
     config: dict[str, Any] = {}  # TrainConfig as a dict: training owns its fields
     best: dict[str, Any] = {}  # the checkpoint's metrics (val_acc, val_loss, epoch, split, ...)

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from mien.export.ensemble import write_ensemble
-from mien.training.evaluate import evaluate_path
+from mien.export.ensemble import members_selected_on, write_ensemble
+from mien.export.ensemble_search import accuracy, greedy_members, top_k
+from mien.export.evaluate import evaluate_path
 
+from mien.card import Card
 from mien.ensemble import EnsembleClassifier, EnsembleError, load_classifier, read_ensemble_config
 from mien.runtime import MODEL_ID_KEY, OnnxClassifier
 from tests.conftest import CPU, make_client
@@ -67,6 +69,7 @@ def test_write_ensemble_card_matches_mien_eval_and_is_served(two_models, tiny_np
     assert card["members"][0]["accuracy"] is not None and card["members"][1]["accuracy"] is None  # twin has no card
     member_card = json.loads((two_models / "mini_xception.card.json").read_text())
     assert card["macs"] == 2 * member_card["macs"]  # twin has no card: its MACs are unknown (0)
+    assert card["metrics"]["selected_on"] is None  # twin's card cannot say what selected it
     report = evaluate_path(str(two_models / "ensemble.ensemble.json"), str(tiny_npz), "public_test", str(tmp_path))
     assert report["accuracy"] == pytest.approx(card["metrics"]["accuracy"])
     assert 0.2 < report["accuracy"] <= 1.0
@@ -134,3 +137,27 @@ def test_load_classifier_picks_by_suffix(two_models):
         assert isinstance(load_classifier(two_models / "twin.onnx", providers=CPU), OnnxClassifier)
     finally:
         (two_models / "pair.ensemble.json").unlink()
+
+
+def test_an_ensemble_was_selected_where_all_its_members_were():
+    def card(selected_on):
+        metrics = {"split": "public_test", "accuracy": 0.6, "selected_on": selected_on}
+        return Card(model_id="m", version="v", file="m.onnx", labels=["a", "b"], metrics=metrics)
+
+    assert members_selected_on([card("val"), card("val")]) == "val"
+    assert members_selected_on([card("val"), card("public_test")]) is None
+    assert members_selected_on([card("val"), None]) is None
+
+
+def test_ensemble_search_greedy_and_top_k():
+    truth = np.array([0, 0, 1, 1])
+    # a is right on two faces, b on three, c on two; averaged, a and b are right on all four
+    probs = {
+        "a": np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.6, 0.4]]),
+        "b": np.array([[0.3, 0.7], [0.9, 0.1], [0.1, 0.9], [0.2, 0.8]]),
+        "c": np.array([[0.4, 0.6], [0.4, 0.6], [0.4, 0.6], [0.4, 0.6]]),
+    }
+    assert accuracy(probs, ["a"], truth) == 0.5 and accuracy(probs, ["b"], truth) == 0.75
+    assert greedy_members(probs, truth) == [("b", 0.75), ("a", 1.0)]
+    ranked, top = top_k(probs, truth)
+    assert ranked == ["b", "a", "c"] and top == {2: 1.0, 3: 1.0}

@@ -6,9 +6,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from mien.export.evaluate import classification_report, evaluate_path
 from mien.export.onnx_export import ExportConfig, export_checkpoint
-from mien.training.evaluate import classification_report, evaluate_path
 
+from mien.card import card_path, read_card
 from mien.runtime import OnnxClassifier
 from mien.spec import PreprocessSpec
 
@@ -39,6 +40,16 @@ def test_card_records_what_a_user_needs(model_dir, tiny_run):
     assert [h["epoch"] for h in card["training"]["history"]] == [1, 2, 3]
     assert card["training"]["history"][-1]["val_acc"] == pytest.approx(history[-1]["val_acc"], abs=1e-5)
     assert card["labels"] == list(PreprocessSpec().labels)
+
+
+def test_card_says_which_split_selected_and_which_tested(model_dir, tiny_run):
+    """The checkpoint was selected on the split its best metrics came from (now the carved validation split);
+    the card's figures are measured on the export's split. The card reads back through mien.card."""
+    best = torch.load(tiny_run / "best.pt", weights_only=False)["metrics"]
+    card = read_card(card_path(model_dir / "mini_xception.onnx"))
+    assert card.selected_on == best["split"] == "val"
+    assert card.tested_on == "public_test"
+    assert card.training.best == best and card.parity.passed
 
 
 def test_eval_of_checkpoint_and_of_its_onnx_agree(model_dir, tiny_run, tiny_npz, tmp_path):

@@ -70,7 +70,7 @@ def test_five_class_training_gives_a_five_label_spec_and_model(tmp_path, small_n
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 48, 48)).shape == (2, 5)
     # Evaluation scores it on the faces of its five classes only, in its own label order.
-    from mien.training.evaluate import evaluate_path
+    from mien.export.evaluate import evaluate_path
 
     report = evaluate_path(str(tmp_path / "best.pt"), str(small_npz), "public_test", str(tmp_path / "eval"))
     _, val_y = select_labels(load_dataset(small_npz), FIVE).subset("public_test")

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 from mien.export.ensemble import write_ensemble
+from mien.export.evaluate import evaluate_path
+from mien.export.figures import intermediate, node_tensor
 from mien.export.onnx_export import ExportConfig, export_checkpoint
-from mien.training.evaluate import evaluate_path
+from mien.export.results import ResultsConfig, occlude, write_results
 from mien.training.models import create_model, default_spec
-from mien.training.results import ResultsConfig, intermediate, node_tensor, occlude, write_results
 
 from mien.preprocess import to_model_input
 from mien.runtime import OnnxClassifier

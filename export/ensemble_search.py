@@ -1,0 +1,82 @@
+"""Which bundled models to average: greedy forward selection and the k most accurate, on one split.
+
+Every candidate is scored once (its probabilities for the split's faces, and with ``flip`` also for their
+mirror images); sets are then scored by averaging those probabilities, which is what
+:class:`mien.ensemble.EnsembleClassifier` serves. The chosen set goes to ``mien ensemble``, which measures it
+again through the served code path. Choose on a validation split: the figure of an ensemble on the split
+that chose it is optimistic by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from mien.export.evaluate import SplitFaces, eval_split
+
+from mien.runtime import OnnxClassifier
+
+Probabilities = dict[str, np.ndarray]  # model id -> (faces × scored classes)
+
+
+def member_probabilities(
+    model_dir: str | Path,
+    names: list[str],
+    data: str,
+    split: str,
+    flip: bool = False,
+    on_model: Callable[[str, float], None] | None = None,
+) -> tuple[Probabilities, np.ndarray]:
+    """Each model's probabilities for the faces of ``split`` (averaged with their mirrors' with ``flip``),
+    and the truth. ``on_model(name, accuracy)`` is called after each model."""
+    probs: Probabilities = {}
+    faces: dict[tuple[str, ...], SplitFaces] = {}  # one data load per label set, not per model
+    truth = np.zeros(0, np.int64)
+    for name in names:
+        clf = OnnxClassifier.from_path(Path(model_dir) / f"{name}.onnx", providers=("CPUExecutionProvider",))
+        labels = tuple(clf.spec.labels)
+        if labels not in faces:
+            faces[labels] = eval_split(data, split, labels)
+        images, truth, _, columns = faces[labels]
+        p = clf.predict_crops(list(images))
+        if flip:
+            p = 0.5 * (p + clf.predict_crops([np.ascontiguousarray(im[:, ::-1]) for im in images]))
+        probs[name] = p[:, columns]
+        if on_model:
+            on_model(name, accuracy(probs, [name], truth))
+    return probs, truth
+
+
+def accuracy(probs: Probabilities, members: list[str], truth: np.ndarray) -> float:
+    """Accuracy of the mean of the members' probabilities (the sum has the same argmax)."""
+    return float(np.mean(sum(probs[m] for m in members).argmax(1) == truth))
+
+
+def greedy_members(probs: Probabilities, truth: np.ndarray) -> list[tuple[str, float]]:
+    """Add, one at a time, the model that raises the ensemble's accuracy most, until none does;
+    each step's (model added, accuracy after)."""
+    chosen: list[str] = []
+    steps: list[tuple[str, float]] = []
+    best = 0.0
+    while True:
+        scores = {n: accuracy(probs, [*chosen, n], truth) for n in probs if n not in chosen}
+        if not scores:
+            break
+        name, score = max(scores.items(), key=lambda kv: kv[1])
+        if score <= best:
+            break
+        chosen.append(name)
+        steps.append((name, score))
+        best = score
+    return steps
+
+
+def top_k(probs: Probabilities, truth: np.ndarray) -> tuple[list[str], dict[int, float]]:
+    """The models ranked by their own accuracy, and the accuracy of the k best for every k ≥ 2.
+
+    Greedy selection stops at the first step that does not help; a larger set can still, so this is
+    scored too.
+    """
+    ranked = sorted(probs, key=lambda n: -accuracy(probs, [n], truth))
+    return ranked, {k: accuracy(probs, ranked[:k], truth) for k in range(2, len(ranked) + 1)}

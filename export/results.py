@@ -1,0 +1,269 @@
+"""`mien results`: every bundled model measured on one split, written to ``docs/results.md`` with figures.
+
+For each ``models/*.onnx`` and ``models/*.ensemble.json`` (through the same classes the service
+serves them with): accuracy and macro-F1 on the split, accuracy with a grey patch over 25% of each
+face at a random place (the same patches for every model), parameters and MACs (from the card),
+milliseconds per face on the onnxruntime CPU provider at batch 1 and 32 (preprocessing included),
+epochs and seconds per epoch (from the card). Figures: a confusion matrix and training curves per
+model, what each spatial transformer does to faces (its warp, read from the ONNX graph), and a
+t-SNE map of the triplet model's embeddings. Also the STN/SR ablation in the form of the paper's
+Table 2 and the targets of the issue next to the measured figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mien.export.evaluate import plot_confusion, score_classifier
+from mien.export.figures import has_op, plot_card_curves, plot_stn, plot_tsne
+
+from mien.card import Card, CardError, card_for
+from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
+from mien.machine import describe_cpu, median_ms
+from mien.paths import DEFAULT_DATA
+
+log = logging.getLogger("mien.results")
+
+#: The STN/SR paper's Table 2 (FER2013 test accuracy, %), for the ablation rows.
+PAPER_ABLATION = {"base_cnn": 66.5, "stn_cnn": 71.4, "sr_cnn": 72.7, "stn_sr_cnn": 73.4}
+ABLATION_ROWS = {"base_cnn": "Base", "stn_cnn": "+STN", "sr_cnn": "+SR", "stn_sr_cnn": "+STN+SR"}
+#: PublicTest accuracy targets set for the bundled models (issue 4), in %.
+TARGETS = {"mini_xception": 66.0, "se_sepconv": 65.2, "dcnn": 66.0, "stn_sr_cnn": 70.0, "ensemble": 74.0}
+BEST_SINGLE_TARGET = 72.0
+
+
+@dataclass
+class ResultsConfig:
+    model_dir: str = "models"
+    data: str = DEFAULT_DATA
+    split: str = "public_test"
+    out: str = "docs/results.md"
+    figures: str = "docs/figures/results"
+    occlusion_area: float = 0.25
+    seed: int = 0
+    threads: int = 1  # onnxruntime intra-op threads for the timing (1 = one core, comparable across machines)
+    repeats: int = 30  # timed calls per batch size; the median is reported
+    tsne_faces: int = 1500
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The servable files in ``model_dir``: ONNX models first (by name), then ensembles."""
+    return sorted(model_dir.glob("*.onnx")) + sorted(model_dir.glob(f"*{ENSEMBLE_SUFFIX}"))
+
+
+def occlude(images: np.ndarray, area: float, seed: int) -> np.ndarray:
+    """The faces with one mid-grey square over ``area`` of each, at a seeded random place."""
+    import torch
+    from mien.training.occlusion import random_occlusion
+
+    generator = torch.Generator().manual_seed(seed)
+    return random_occlusion(torch.from_numpy(images), area, 128.0, generator).numpy()
+
+
+def ms_per_face(classifier, faces: np.ndarray, batch: int, repeats: int) -> float:
+    """Median milliseconds per face of ``predict_crops`` on ``batch`` faces (after two warm-up calls)."""
+    crops = list(faces[:batch])
+    return median_ms(lambda: classifier.predict_crops(crops), repeats, warmup=2) / batch
+
+
+def _card(path: Path) -> Card | None:
+    """The model's card; a broken one is logged and treated as absent (its figures are then blank)."""
+    try:
+        return card_for(path)
+    except CardError as exc:
+        log.warning("ignoring %s", exc)
+        return None
+
+
+def measure(cfg: ResultsConfig) -> list[dict]:
+    """One row per servable model in ``cfg.model_dir``, with figures written to ``cfg.figures``."""
+    figures = Path(cfg.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    return [measure_model(path, cfg, figures) for path in model_files(Path(cfg.model_dir))]
+
+
+def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
+    """The row of one servable file: measured figures, the card's figures, and the figures drawn."""
+    classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.threads)
+    card = _card(path)
+    model_id = classifier.model_id
+    report, faces = score_classifier(classifier, cfg.data, cfg.split)
+    images, truth = faces.images, faces.truth
+    occluded = classifier.predict_crops(list(occlude(images, cfg.occlusion_area, cfg.seed)))
+    occluded_acc = float((occluded[:, faces.columns].argmax(1) == truth).mean())
+    plot_confusion(report, figures / f"{model_id}_confusion.png",
+                   f"{model_id} on {cfg.split}: accuracy {report['accuracy']:.3f}")  # fmt: skip
+    from_card = card_figures(card)
+    row = {  # in the key order results.json has always had
+        "model_id": model_id,
+        "file": path.name,
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "occluded_accuracy": occluded_acc,
+        "num_images": report["num_images"],
+        "parameters": from_card.pop("parameters"),
+        "macs": from_card.pop("macs"),
+        "ms_per_face_b1": ms_per_face(classifier, images, 1, cfg.repeats),
+        "ms_per_face_b32": ms_per_face(classifier, images, 32, max(5, cfg.repeats // 3)),
+        **from_card,
+        "figures": {"confusion": f"{model_id}_confusion.png"},
+    }
+    if plot_card_curves(card, figures / f"{model_id}_curves.png"):
+        row["figures"]["curves"] = f"{model_id}_curves.png"
+    if has_op(path, "GridSample"):
+        pick = np.random.default_rng(cfg.seed).permutation(len(images))[:10]
+        plot_stn(path, classifier, images[pick], figures / f"{model_id}_stn.png")
+        row["figures"]["stn"] = f"{model_id}_stn.png"
+    trained_as = card.training.config.get("model") if card and card.training else None
+    if trained_as == "stn_resnet10_triplet" or "triplet" in model_id:
+        pick = np.random.default_rng(cfg.seed).permutation(len(images))[: cfg.tsne_faces]
+        plot_tsne(path, classifier, images[pick], truth[pick], figures / f"{model_id}_tsne.png", cfg.seed)
+        row["figures"]["tsne"] = f"{model_id}_tsne.png"
+    log.info("%s: accuracy %.4f, occluded %.4f, %.2f ms/face", model_id, row["accuracy"], occluded_acc,
+             row["ms_per_face_b1"])  # fmt: skip
+    return row
+
+
+def card_figures(card: Card | None) -> dict:
+    """What a row takes from the card rather than measuring it: size, training cost, how it was made."""
+    training = card.training if card else None
+    export = card.export if card else None
+    return {
+        "parameters": card.parameters if card else None,
+        "macs": card.macs if card else None,
+        "epochs": training.epochs_run if training else None,
+        "seconds_per_epoch": training.seconds_per_epoch_median if training else None,
+        "train_command": training.command if training else None,
+        "notes": training.notes if training else None,
+        # an ONNX model's flip TTA is an export option; an ensemble's, its own "flip"
+        "flip_tta": export.flip_tta if export and export.flip_tta is not None else (card.flip if card else None),
+        "members": [m.model_id for m in card.members or []] or None if card else None,
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _count(value: int | None, unit: float, suffix: str) -> str:
+    return "" if not value else f"{value / unit:.2f} {suffix}"
+
+
+def machine() -> str:
+    import onnxruntime as ort
+
+    python = platform.python_version()
+    return f"{describe_cpu()}, onnxruntime {ort.__version__} CPU provider, Python {python}"
+
+
+def render(rows: list[dict], cfg: ResultsConfig, command: str) -> str:
+    """docs/results.md from the measured rows."""
+    figures_rel = Path(os.path.relpath(cfg.figures, Path(cfg.out).parent)).as_posix()
+    by_id = {r["model_id"]: r for r in rows}
+    lines = _summary(rows, cfg, command)
+    if all(m in by_id for m in ABLATION_ROWS):
+        lines += _ablation(by_id, cfg.split)
+    lines += _targets(rows)
+    lines += ["", "## How each model was trained", ""]
+    for r in rows:
+        extra = f"; members {', '.join(r['members'])}" if r["members"] else ""
+        flip = ", flip TTA" if r["flip_tta"] else ""
+        notes = f". {r['notes']}" if r["notes"] else ""
+        lines.append(f"- `{r['model_id']}` ({r['file']}{flip}{extra}): `{r['train_command'] or 'see its card'}`{notes}")
+    lines += ["", "## Figures", ""]
+    for r in rows:
+        lines.append(f"### `{r['model_id']}`")
+        lines.append("")
+        for kind, name in r["figures"].items():
+            lines.append(f"![{r['model_id']} {kind}]({figures_rel}/{name})")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _summary(rows: list[dict], cfg: ResultsConfig, command: str) -> list[str]:
+    """The title, how the figures were measured, and one table row per model, most accurate first."""
+    lines = [
+        "# Results: every bundled model on FER2013 " + cfg.split,
+        "",
+        f"Written by `{command}` on {time.strftime('%Y-%m-%d')}; do not edit by hand. Every figure below is",
+        f"measured by that command from the files in `{cfg.model_dir}/` (the ones the service serves), on the "
+        f"{rows[0]['num_images'] if rows else 0:,} faces of {cfg.split}, except parameters, MACs, epochs and",
+        "seconds per epoch, which come from each model's card (written by `mien train` / `mien export`).",
+        "",
+        f"Machine: {machine()}; timing with {cfg.threads} onnxruntime thread(s), preprocessing included, median "
+        f"of {cfg.repeats} calls.",
+        "",
+        "MACs: one forward pass as torch's FLOP counter sees it (twice for flip TTA); it does not count LSTM "
+        "cells, so `row_lstm`'s figure is its fully connected layer only. Epoch kept: the epoch of the "
+        "checkpoint selected on the split; s/epoch: median training seconds per epoch.",
+        "",
+        f"Occluded: accuracy when a mid-grey square covering {cfg.occlusion_area:.0%} of each face is pasted at a "
+        f"random place (seed {cfg.seed}; the same patches for every model).",
+        "",
+        "| model | accuracy % | macro-F1 % | occluded % | parameters | MACs / face | ms/face b1 | ms/face b32 "
+        "| epoch kept | s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: -r["accuracy"]):
+        lines.append(
+            f"| `{r['model_id']}` | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['occluded_accuracy'])} "
+            f"| {_count(r['parameters'], 1e6, 'M')} | {_count(r['macs'], 1e6, 'M')} | {r['ms_per_face_b1']:.2f} "
+            f"| {r['ms_per_face_b32']:.3f} | {r['epochs'] or ''} | {r['seconds_per_epoch'] or ''} |"
+        )
+    return lines
+
+
+def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
+    """The STN/SR rows beside the paper's Table 2."""
+    lines = [
+        "",
+        "## STN / SR ablation (the paper's Table 2)",
+        "",
+        "The same classifier (`base_cnn`) alone, with a spatial transformer, with the super-resolution front "
+        "end, and with both.",
+        "",
+        f"| | model | {split} accuracy % (ours) | paper, FER2013 test % | occluded % (ours) |",
+        "|---|---|---|---|---|",
+    ]
+    for model_id, name in ABLATION_ROWS.items():
+        r = by_id[model_id]
+        lines.append(f"| {name} | `{model_id}` | {_pct(r['accuracy'])} | {PAPER_ABLATION[model_id]} "
+                     f"| {_pct(r['occluded_accuracy'])} |")  # fmt: skip
+    return lines
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    """Each model's target met or not, and the best single model against the single-model target."""
+    by_id = {r["model_id"]: r for r in rows}
+    lines = ["", "## Targets", "", "| target | % | measured % | met |", "|---|---|---|---|"]
+    for model_id, target in TARGETS.items():
+        if model_id in by_id:
+            acc = 100 * by_id[model_id]["accuracy"]
+            lines.append(f"| `{model_id}` | {target} | {acc:.2f} | {'yes' if acc >= target else 'no'} |")
+    singles = [r for r in rows if not r["members"]]
+    if singles:
+        best = max(singles, key=lambda r: r["accuracy"])
+        acc = 100 * best["accuracy"]
+        lines.append(f"| best single model (`{best['model_id']}`) | {BEST_SINGLE_TARGET} | {acc:.2f} "
+                     f"| {'yes' if acc >= BEST_SINGLE_TARGET else 'no'} |")  # fmt: skip
+    return lines
+
+
+def write_results(cfg: ResultsConfig, command: str = "mien results") -> list[dict]:
+    """Measure every model, write the markdown and ``results.json`` (the rows) beside the figures."""
+    rows = measure(cfg)
+    if not rows:
+        raise FileNotFoundError(f"no .onnx or {ENSEMBLE_SUFFIX} file in {cfg.model_dir}")
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(rows, cfg, command))
+    (Path(cfg.figures) / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    log.info("wrote %s and %d figures in %s", out, sum(len(r["figures"]) for r in rows), cfg.figures)
+    return rows
