@@ -1,0 +1,158 @@
+"""Export's subcommands of ``mien``: ``export`` (a checkpoint, ``detector`` or ``triton``), ``ensemble``,
+``eval`` and ``results``. ``mien.cli`` only dispatches to :func:`add_commands`.
+
+Heavy imports (torch, onnx) happen inside each command, so that ``mien --help`` is instant and
+``mien serve`` works without the ``train`` extra; they also let tests replace a command's function
+(e.g. ``mien.export.onnx_export.export_checkpoint``) after this module is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from mien.paths import DEFAULT_DATA
+
+LABEL_SOURCES = ("fer2013", "ferplus", "ferplus7")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``export``, ``ensemble``, ``eval`` and ``results`` to the ``mien`` parser's subcommands."""
+    for add in (_add_export, _add_ensemble, _add_eval, _add_results):
+        add(sub)
+
+
+def _id_list(text: str) -> tuple[str, ...]:
+    """``mini_xception,stn_cnn`` → ('mini_xception', 'stn_cnn')."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least two comma-separated labels, got {text!r}")
+    return names
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check and a model card",
+                       description="Checkpoint -> ONNX (dynamic batch) -> onnx.checker -> parity against PyTorch "
+                       "on real faces and random input -> model card. Exits non-zero when parity fails.")  # fmt: skip
+    p.add_argument("checkpoint", help="a best.pt written by `mien train`, the word `detector` to export the "
+                   "MTCNN face detector from the installed facenet-pytorch wheel, or `triton` to write a Triton "
+                   "model repository of the bundled models")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default=None,
+        help="ONNX path (default models/<model id>.onnx); for `detector` a folder (default models/detector); "
+        "for `triton` the repository folder (default triton_repo)",
+    )
+    p.add_argument("--model-dir", default="models", help="`triton` only: the folder whose *.onnx are exported")
+    p.add_argument("--max-batch-size", type=int, default=64, help="`triton` only: max_batch_size of every model")
+    p.add_argument("--data", default=DEFAULT_DATA, help="FER2013 for parity faces and accuracy")
+    p.add_argument("--split", default="public_test", help="split whose faces drive parity and the card's accuracy")
+    p.add_argument("--parity-faces", type=int, default=512, help="real faces in the parity check (>= 256)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs difference allowed between PyTorch and ONNX")
+    p.add_argument("--opset", type=int, default=20)
+    p.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="average each face's logits with its mirror image's, inside the ONNX graph (2x compute)",
+    )
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    if args.checkpoint == "detector":
+        from mien.export.detector_export import DEFAULT_OUT, export_detector
+
+        return 0 if export_detector(args.out or DEFAULT_OUT, opset=args.opset, atol=args.atol).passed else 1
+    if args.checkpoint == "triton":
+        from mien.export.triton import DEFAULT_REPO, export_triton
+
+        result = export_triton(args.out or DEFAULT_REPO, args.model_dir, args.max_batch_size)
+        for name, why in result.refused.items():
+            print(f"left out {name}: {why}", file=sys.stderr)
+        print(f"wrote {len(result.exported)} model(s) to {result.repo}: {', '.join(result.exported) or 'none'}")
+        return 0 if result.exported and not result.refused else 1
+    from mien.export.onnx_export import ExportConfig, export_checkpoint
+
+    cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,
+                       parity_faces=args.parity_faces, atol=args.atol, opset=args.opset,
+                       flip_tta=args.flip_tta)  # fmt: skip
+    return 0 if export_checkpoint(cfg).passed else 1
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy, per-class P/R/F1 and a confusion matrix on a split",
+                       description="Evaluate a checkpoint (.pt) or an ONNX file on a split of FER2013; "
+                       "writes <out>/report.json and <out>/confusion.png.")  # fmt: skip
+    p.add_argument("model", help="a .pt checkpoint from `mien train` or an .onnx file from `mien export`")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--split", default="public_test")
+    p.add_argument("--out", default=None, help="report folder (default reports/<model file stem>-<split>)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--label-source", default="fer2013", choices=LABEL_SOURCES,
+                   help="truth labels: FER2013's, or the FER+ majority votes with 8 classes (ferplus) or FER2013's 7 "
+                   "(ferplus7); a model is scored on the classes it shares with the label set")  # fmt: skip
+    p.add_argument("--ferplus-votes", default="", help="FER+ votes csv (default: ferplus_votes.csv beside --data)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from mien.export.evaluate import evaluate_path
+
+    report = evaluate_path(
+        args.model, args.data, args.split, args.out, args.batch_size, args.label_source, args.ferplus_votes
+    )
+    print(f"{args.split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+          f"({report['num_images']} images, {args.label_source} labels, {len(report['labels'])} classes) "
+          f"-> {report['report_path']}")  # fmt: skip
+    return 0
+
+
+def _add_ensemble(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ensemble", help="define a served ensemble of bundled models and score it",
+                       description="Write <model-dir>/<id>.ensemble.json (served as model id <id>) and its card "
+                       "with the ensemble's accuracy on a split.")  # fmt: skip
+    p.add_argument("members", type=_id_list, help="comma-separated model ids of bundled .onnx files")
+    p.add_argument("--model-dir", default="models")
+    p.add_argument("--model-id", default="ensemble")
+    p.add_argument("--flip", action="store_true", help="also average over mirrored faces (test-time augmentation)")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--split", default="public_test")
+    p.set_defaults(func=_run_ensemble)
+
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    from mien.export.ensemble import write_ensemble
+
+    card = write_ensemble(list(args.members), args.model_dir, args.model_id, args.flip, args.data, args.split)
+    print(f"{card['model_id']}: {args.split} accuracy {card['metrics']['accuracy']:.4f}  "
+          f"macro-F1 {card['metrics']['macro_f1']:.4f}")  # fmt: skip
+    return 0
+
+
+def _add_results(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("results", help="measure every bundled model and write docs/results.md with figures",
+                       description="Accuracy, macro-F1, occluded accuracy, parameters, MACs and ms per face of "
+                       "every model in --model-dir, the STN/SR ablation, confusion matrices, training curves, "
+                       "STN warps and a t-SNE of the triplet embeddings.")  # fmt: skip
+    p.add_argument("--model-dir", default="models")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--split", default="public_test")
+    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--figures", default="docs/figures/results")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the timing")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per batch size (median reported)")
+    p.set_defaults(func=_run_results)
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    from mien.export.results import ResultsConfig, write_results
+
+    cfg = ResultsConfig(model_dir=args.model_dir, data=args.data, split=args.split, out=args.out,
+                        figures=args.figures, threads=args.threads, repeats=args.repeats)  # fmt: skip
+    rows = write_results(cfg, "mien " + shlex.join(sys.argv[1:]))
+    for row in sorted(rows, key=lambda r: -r["accuracy"]):
+        print(f"{row['model_id']:24s} accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "
+              f"occluded {row['occluded_accuracy']:.4f}  {row['ms_per_face_b1']:.2f} ms/face")  # fmt: skip
+    print(f"wrote {args.out}")
+    return 0
