@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mien.training.checkpoint import load_model
+from mien.training.config import ObjectiveConfig
 from mien.training.data import load_dataset
 from mien.training.layers import EDSR
 from mien.training.models import create_model, default_spec, list_models
 from mien.training.objectives import (
     OBJECTIVES,
     CrossEntropy,
-    ObjectiveConfig,
     TripletObjective,
     balanced_batches,
     build_objective,
