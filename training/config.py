@@ -21,6 +21,8 @@ from typing import Any
 from mien.training.ferplus import LABEL_SOURCES, TARGETS
 from mien.training.schedule import SCHEDULES
 
+from mien.paths import DEFAULT_DATA
+
 OPTIMIZERS = ("adam", "sgd")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -70,7 +72,7 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = option("../shared/data/fer2013.npz", "fer2013.csv, fer2013.npz or image-folder root")
+    data: str = option(DEFAULT_DATA, "fer2013.csv, fer2013.npz or image-folder root")
     model: str = option("mini_xception", "model id, see `mien train --list-models`")
     # `mien train` puts a run without --out or a recipe's `out` in runs/<model>, whatever the model
     out: str = option("runs/mini_xception", "run folder (default runs/<model>)", show_default=False)
@@ -148,7 +150,7 @@ class TrainConfig:
 
 @dataclass
 class SRPretrainConfig:
-    data: str = option("../shared/data/fer2013.npz", "fer2013.csv, fer2013.npz or image-folder root")
+    data: str = option(DEFAULT_DATA, "fer2013.csv, fer2013.npz or image-folder root")
     out: str = option("runs/sr_pretrain/sr.pt", "the checkpoint that `mien train --sr-init` points at")
     sr_kwargs: dict = option(help="EDSR options over EDSR_SMALL, e.g. '{\"num_blocks\": 16}'", factory=dict)
     epochs: int = option(5, "epochs to train")
