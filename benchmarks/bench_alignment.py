@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face
+from mien.service.detectors import BUNDLED_DIR
 from mien.service.detectors.mtcnn import MtcnnDetector
 from mien.service.pipeline import crop_faces
 
@@ -112,7 +113,7 @@ def evaluate(classifier: OnnxClassifier, detector: MtcnnDetector, faces: np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/mini_xception.onnx", help="a classifier from `mien export`")
-    parser.add_argument("--detector-dir", default="models/detector")
+    parser.add_argument("--detector-dir", type=Path, default=BUNDLED_DIR, help="default: the checkout's")
     parser.add_argument("--data", default="../shared/data/fer2013.npz")
     parser.add_argument("--limit", type=int, default=600, help="faces used (0 = all)")
     parser.add_argument("--angles", type=float, nargs="+", default=[-30, -15, 0, 15, 30])

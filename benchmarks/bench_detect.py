@@ -20,7 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from detect_photos import FACE_BOXES, Photo, all_photos, match, real_photo
-from mien.service.detect import HaarFaceDetector, detect_faces
+from mien.service.detectors import BUNDLED_DIR, FaceDetector
+from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
 
 from mien.machine import median_ms
@@ -38,15 +39,15 @@ def photo_640x480() -> Photo:
     return Photo("astronaut 640×480", canvas, [(80 + x * s, y * s, w * s, h * s)])
 
 
-def run(detectors: dict, photos: list[Photo], repeats: int, min_face: int, threshold: float,
+def run(detectors: dict[str, FaceDetector], photos: list[Photo], repeats: int, min_face: int, threshold: float,
         draw: Path | None) -> list[dict]:  # fmt: skip
     rows = []
     for photo in photos:
         row = {"photo": photo.name, "expected": len(photo.faces)}
         for name, detector in detectors.items():
-            found = detect_faces(detector, photo.image, min_face=min_face, threshold=threshold)
+            found = detector.detect(photo.image, min_face=min_face, threshold=threshold)
             hits, false = match(found.boxes, photo.faces)
-            call = lambda d=detector, im=photo.image: detect_faces(d, im, min_face=min_face, threshold=threshold)  # noqa: E731
+            call = lambda d=detector, im=photo.image: d.detect(im, min_face=min_face, threshold=threshold)  # noqa: E731
             ms = median_ms(call, repeats, warmup=1)
             row[name] = {"found": hits, "false": false, "ms": round(ms, 1)}
             if draw is not None:
@@ -95,7 +96,7 @@ def totals_of(rows: list[dict], names: list[str]) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--detector-dir", default="models/detector")
+    parser.add_argument("--detector-dir", type=Path, default=BUNDLED_DIR, help="default: the checkout's")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0 = its choice)")
     parser.add_argument("--threshold", type=float, default=None, help="final score (default: the detector's)")
     parser.add_argument("--min-face", type=int, default=20, help="smallest face searched, pixels")
@@ -108,11 +109,11 @@ def main() -> None:
     onnx = MtcnnDetector.from_dir(args.detector_dir, CPU, args.threads)
     threshold = onnx.threshold if args.threshold is None else args.threshold
     # Haar may search as small as the ONNX detector, so that the 24-pixel faces are a fair test for both.
-    detectors = {"onnx": onnx, "haar": HaarFaceDetector(min_size=min(30, args.min_face))}
+    detectors: dict[str, FaceDetector] = {"onnx": onnx, "haar": HaarFaceDetector(min_size=min(30, args.min_face))}
     rows = run(detectors, all_photos(), args.repeats, args.min_face, threshold, Path(args.draw) if args.draw else None)
     frame = photo_640x480()
-    per_frame = {n: round(median_ms(lambda d=d: detect_faces(d, frame.image, min_face=args.min_face,
-                                                              threshold=threshold), 20, warmup=1), 1)
+    per_frame = {n: round(median_ms(lambda d=d: d.detect(frame.image, min_face=args.min_face, threshold=threshold),
+                                    20, warmup=1), 1)
                  for n, d in detectors.items()}  # fmt: skip
     print(table(rows, list(detectors)))
     threads = args.threads or "default"

@@ -99,8 +99,8 @@ def bench_fer(model_dir: Path, settings: Settings, repeats: int) -> list[str]:
         from fer.fer import FER
     except ImportError as exc:
         return [f"`fer` is not installed ({exc}): `pip install -e '.[bench]'` then `pip install --no-deps fer`."]
-    from mien.service.detect import HaarFaceDetector
     from mien.service.detectors import BUNDLED_DIR
+    from mien.service.detectors.haar import HaarFaceDetector
     from mien.service.detectors.mtcnn import MtcnnDetector
     from mien.service.pipeline import StageTimer, predict_faces
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from mien.service.errors import NotReady
+from mien.service.exceptions import NotReady
 
 from mien.spec import PreprocessSpec
 

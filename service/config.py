@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import onnxruntime as ort
+from mien.service.detectors import DetectorName
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -75,7 +76,7 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="longest a face waits for others to join its batch, milliseconds"
     )
-    detector: Literal["onnx", "haar"] = Field(
+    detector: DetectorName = Field(
         "onnx", description="face detector: onnx (MTCNN with landmarks, the default) or haar (OpenCV's cascade)"
     )
     detector_dir: Path | None = Field(

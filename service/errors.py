@@ -1,20 +1,64 @@
-"""One error shape for every failure: ``{"error": {"code": ..., "message": ...}}``.
+"""The HTTP edge of every error: mien's own exceptions become a status code and one JSON shape,
+``{"error": {"code": ..., "message": ...}}``.
 
-Service errors subclass FastAPI's ``HTTPException`` so that FastAPI re-raises them unchanged even when
-they happen while the request body is being parsed (the body-size limit); any other exception there
-would become a generic 400.
+Domain code raises :mod:`mien.service.exceptions` and knows nothing of HTTP; this module alone knows
+which status and stable code each one gets (:data:`STATUS`), and gives FastAPI's own errors (unknown
+route, wrong method, bad multipart, invalid parameters) the same shape.
 """
 
 from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from mien.service.exceptions import (
+    BadImage,
+    BadInferRequest,
+    Busy,
+    DetectorUnavailable,
+    EmptyFile,
+    MienError,
+    ModelNotFound,
+    NotReady,
+    ProtocolNotReady,
+    QueryTooLong,
+    StaticFileNotFound,
+    TimedOut,
+    TooLarge,
+    TooManyFiles,
+    TooManyPixels,
+    Unauthorized,
+    UnsupportedMediaType,
+    UnsupportedModel,
+    VersionNotFound,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+#: Status and stable code per exception; the most specific class of an exception wins (README's error table).
+STATUS: dict[type[MienError], tuple[int, str]] = {
+    BadImage: (400, "bad_image"),
+    EmptyFile: (400, "empty_file"),
+    TooManyFiles: (400, "too_many_files"),
+    DetectorUnavailable: (400, "unavailable_detector"),
+    BadInferRequest: (400, "invalid_infer_request"),
+    UnsupportedModel: (400, "unsupported_model"),
+    ProtocolNotReady: (400, "not_ready"),
+    Unauthorized: (401, "unauthorized"),
+    ModelNotFound: (404, "unknown_model"),
+    VersionNotFound: (404, "unknown_model_version"),
+    StaticFileNotFound: (404, "not_found"),
+    TooLarge: (413, "too_large"),
+    TooManyPixels: (413, "too_many_pixels"),
+    QueryTooLong: (414, "uri_too_long"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
+    NotReady: (503, "not_ready"),
+    Busy: (503, "busy"),
+    TimedOut: (504, "timeout"),
+}
 
 # Codes for errors raised by FastAPI/Starlette themselves (unknown route, wrong method, bad multipart).
 _DEFAULT_CODES = {
@@ -29,44 +73,32 @@ _DEFAULT_CODES = {
 }
 
 
-class ServiceError(HTTPException):
-    """An error with a stable machine-readable ``code`` and a message a person can act on."""
-
-    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status_code=status_code, detail=message, headers=headers)
-        self.code = code
-        self.message = message
-
-
-class BadImage(ServiceError):
-    def __init__(self, message: str, code: str = "bad_image") -> None:
-        super().__init__(400, code, message)
-
-
-class UnsupportedMediaType(ServiceError):
-    def __init__(self, message: str) -> None:
-        super().__init__(415, "unsupported_media_type", message)
-
-
-class TooLarge(ServiceError):
-    def __init__(self, message: str, code: str = "too_large") -> None:
-        super().__init__(413, code, message)
-
-
-class ModelNotFound(ServiceError):
-    def __init__(self, model_id: str, available: list[str]) -> None:
-        listed = ", ".join(available) if available else "none (no model is loaded)"
-        super().__init__(404, "unknown_model", f"unknown model {model_id!r}; available models: {listed} (GET /models)")
-        self.available = available
-
-
-class NotReady(ServiceError):
-    def __init__(self, message: str) -> None:
-        super().__init__(503, "not_ready", message)
-
-
 def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+
+
+def status_of(exc: MienError) -> tuple[int, str]:
+    """The status and code of ``exc``'s most specific class in :data:`STATUS` (500 for one that is not there)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500, "internal_error"
+
+
+def _headers(exc: MienError) -> dict[str, str] | None:
+    if isinstance(exc, Busy | TimedOut):
+        return {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, TooLarge) and exc.body_unread:
+        return {"Connection": "close"}  # the unread body is still on the wire: this connection cannot be reused
+    return None
+
+
+def mien_error_response(exc: MienError) -> JSONResponse:
+    """The answer to one of mien's own errors (the routes' handler below, and the limits middleware)."""
+    status, code = status_of(exc)
+    return error_response(status, code, exc.message, headers=_headers(exc))
 
 
 def _where(loc: tuple) -> str:
@@ -95,13 +127,19 @@ def _framework_message(request: Request, exc: StarletteHTTPException, message: s
     return None, message
 
 
+async def _mien_error(request: Request, exc: MienError) -> JSONResponse:
+    return mien_error_response(exc)
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = getattr(exc, "code", None)
+    if isinstance(exc.__cause__, MienError):
+        # FastAPI turns any error met while it parses the body (the streamed body limit's TooLarge) into a
+        # bare 400, raised from the original: answer the original.
+        return mien_error_response(exc.__cause__)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    if code is None:  # raised by the framework, not by mien: add what to do
-        code, message = _framework_message(request, exc, message)
+    code, message = _framework_message(request, exc, message)
     code = code or _DEFAULT_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+    return error_response(exc.status_code, code, message, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -125,6 +163,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error through the one JSON shape."""
+    app.add_exception_handler(MienError, _mien_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)

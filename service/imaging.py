@@ -10,7 +10,7 @@ import struct
 
 import cv2
 import numpy as np
-from mien.service.errors import BadImage, TooLarge, UnsupportedMediaType
+from mien.service.exceptions import BadImage, EmptyFile, TooManyPixels, UnsupportedMediaType
 
 #: Media types a client may declare for the uploaded part; octet-stream and none are sniffed instead.
 ACCEPTED_MEDIA_TYPES = {
@@ -160,7 +160,7 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
 
 
 def check_media_type(content_type: str | None) -> None:
-    """415 for a declared part type that is not one of ours; generic types are left to sniffing."""
+    """UnsupportedMediaType for a declared part type that is not one of ours; generic types are left to sniffing."""
     declared = (content_type or "").split(";")[0].strip().lower()
     if declared not in ACCEPTED_MEDIA_TYPES and declared not in GENERIC_MEDIA_TYPES:
         raise UnsupportedMediaType(f"the uploaded file is {declared!r}; send a {SUPPORTED} image")
@@ -168,17 +168,17 @@ def check_media_type(content_type: str | None) -> None:
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise TooLarge(
+        raise TooManyPixels(
             f"image is {width}×{height} = {width * height / 1e6:.1f} megapixels; the limit is "
-            f"{max_pixels / 1e6:.1f} megapixels (MIEN_MAX_PIXELS); send a smaller image",
-            code="too_many_pixels",
+            f"{max_pixels / 1e6:.1f} megapixels (MIEN_MAX_PIXELS); send a smaller image"
         )
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """A BGR uint8 H×W×3 image, EXIF orientation applied; 400/413/415 errors for what cannot be served."""
+    """A BGR uint8 H×W×3 image, EXIF orientation applied; BadImage, TooManyPixels or UnsupportedMediaType for
+    what cannot be served."""
     if not data:
-        raise BadImage("the uploaded file is empty; send a " + SUPPORTED + " image", code="empty_file")
+        raise EmptyFile("the uploaded file is empty; send a " + SUPPORTED + " image")
     fmt = sniff_format(data)
     if fmt is None:
         other = sniff_other(data)

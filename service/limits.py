@@ -1,6 +1,7 @@
 """Every request limit, set from :class:`~mien.service.config.Settings` and applied before a route does any work.
 
-One pure ASGI middleware, :class:`RequestLimitsMiddleware`, answers in the service's error shape:
+One pure ASGI middleware, :class:`RequestLimitsMiddleware`, refuses with mien's own errors
+(:mod:`mien.service.exceptions`), answered in the one error shape by :mod:`mien.service.errors`:
 
 ======================  ====================================  ======================================
 limit (setting)         applies to                            answer
@@ -37,7 +38,8 @@ import sys
 
 from fastapi import FastAPI
 from mien.service.config import Settings
-from mien.service.errors import TooLarge, error_response
+from mien.service.errors import mien_error_response
+from mien.service.exceptions import Busy, MienError, QueryTooLong, TimedOut, TooLarge
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -133,22 +135,26 @@ class RequestLimitsMiddleware:
             "plus room for the multipart envelope); send a smaller image, or fewer faces per /v2 request"
         )
 
+    def _check_head(self, scope: Scope) -> None:
+        """QueryTooLong, or TooLarge from the declared length before a byte of the body is read."""
+        query = scope.get("query_string", b"")
+        if len(query) > self.max_query_bytes:
+            raise QueryTooLong(
+                f"the query string is {len(query)} bytes, over the limit of {self.max_query_bytes} "
+                "(MIEN_MAX_QUERY_BYTES); send the image in the body and only short parameters such as ?model=..."
+            )
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise TooLarge(self._too_large(int(declared)), body_unread=True)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        query = scope.get("query_string", b"")
-        if len(query) > self.max_query_bytes:
-            message = (
-                f"the query string is {len(query)} bytes, over the limit of {self.max_query_bytes} "
-                "(MIEN_MAX_QUERY_BYTES); send the image in the body and only short parameters such as ?model=..."
-            )
-            await error_response(414, "uri_too_long", message)(scope, receive, send)
-            return
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            response = error_response(413, "too_large", self._too_large(int(declared)), headers={"Connection": "close"})
-            await response(scope, receive, send)
+        try:
+            self._check_head(scope)
+        except MienError as exc:  # out here the app's exception handlers do not run: answer it ourselves
+            await mien_error_response(exc)(scope, receive, send)
             return
 
         received = 0
@@ -159,7 +165,7 @@ class RequestLimitsMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    # An HTTPException, so FastAPI's body parsing re-raises it and the error handler answers.
+                    # Raised inside the app (its body parsing or route): its error handler answers.
                     raise TooLarge(self._too_large(None))
             return message
 
@@ -171,14 +177,13 @@ class RequestLimitsMiddleware:
     async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
         limiter = self.limiter
         if limiter.full:
-            message = (
+            busy = Busy(
                 f"the service is busy: {limiter.running} requests are being worked on and {limiter.waiting} are "
                 f"waiting (MIEN_MAX_CONCURRENCY={limiter.max_concurrency}, MIEN_MAX_QUEUE={limiter.max_queue}); "
-                f"retry in {self.retry_after} s"
+                f"retry in {self.retry_after} s",
+                self.retry_after,
             )
-            await error_response(503, "busy", message, headers={"Retry-After": str(self.retry_after)})(
-                scope, receive, send
-            )
+            await mien_error_response(busy)(scope, receive, send)
             return
 
         started = False  # the request holds a slot (it left the queue)
@@ -216,13 +221,12 @@ class RequestLimitsMiddleware:
         else:
             task.cancel()
             where = "was still waiting for a free slot"
-        message = (
+        timed_out_error = TimedOut(
             f"the request took longer than {self.timeout:g} s (MIEN_REQUEST_TIMEOUT) and {where}; "
-            "retry, or send a smaller image or fewer faces"
+            "retry, or send a smaller image or fewer faces",
+            self.retry_after,
         )
-        await error_response(504, "timeout", message, headers={"Retry-After": str(self.retry_after)})(
-            scope, receive, send
-        )
+        await mien_error_response(timed_out_error)(scope, receive, send)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._abandoned.discard(task)

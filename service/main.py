@@ -12,12 +12,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from mien.service.config import Settings
-from mien.service.detectors import detector_dir, load_detectors, warm_up_detectors
+from mien.service.detectors import DetectorOptions, detector_dir, load_detectors
 from mien.service.errors import install_error_handlers
 from mien.service.limits import install_limits
-from mien.service.metrics import PredictMetricsMiddleware, ServiceMetrics
+from mien.service.metrics import ServiceMetrics
 from mien.service.registry import ModelRegistry
 from mien.service.routes import health, metrics, models, predict, v2, web
+from mien.service.routes.metrics import PredictMetricsMiddleware
 
 from mien import __version__
 
@@ -29,14 +30,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     folder = detector_dir(settings.detector_dir, settings.model_dir)
     session = settings.session_config()
-    app.state.detectors = load_detectors(settings.detector, folder, settings.providers, session, settings.min_face,
-                                         settings.face_threshold, settings.detect_slots())  # fmt: skip
+    options = DetectorOptions(folder, settings.providers, session, settings.min_face, settings.face_threshold,
+                              settings.detect_slots())  # fmt: skip
+    app.state.detectors = load_detectors(settings.detector, options)  # built and warmed up
     log.info("face detectors %s (default %s, from %s)", sorted(app.state.detectors), settings.detector, folder)
     models = ModelRegistry.load(settings.model_dir, settings.default_model, settings.providers, session)
     app.state.models = models  # /ready answers 503 until the warm-up below is done
     app.state.metrics.observe_models(models)
     log.info("serving models %s (default %s)", models.ids, settings.default_model)
-    warm_up_detectors(app.state.detectors)
     # One face per model: a warm-up at the largest batch would make every model's memory arena hold that
     # batch's activations from the start (~400 MB for the bundled models), used or not.
     warmup_ms = models.warm_up((1,))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from mien.service.align import align_face
 from mien.service.batching import MicroBatcher
-from mien.service.detect import Detections, FaceDetector, detect_faces
+from mien.service.detectors import Detections, FaceDetector
 
 from mien.ensemble import EnsembleClassifier
 from mien.preprocess import expand_box
@@ -80,7 +80,7 @@ def predict_faces(
     height, width = image.shape[:2]
     with timer.stage("detect"):
         if detect:
-            found = detect_faces(detector, image, min_face=min_face, threshold=threshold)
+            found = detector.detect(image, min_face=min_face, threshold=threshold)
         else:
             found = Detections(np.array([[0, 0, width, height]], dtype=np.int32))
     truncated = max(0, len(found) - max_faces)

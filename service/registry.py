@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from mien.service.batching import MicroBatcher
-from mien.service.errors import ModelNotFound
+from mien.service.exceptions import ModelNotFound
 
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
 from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig

@@ -17,7 +17,7 @@ from typing import Annotated
 from fastapi import Depends, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from mien.service.deps import SettingsDep
-from mien.service.errors import ServiceError
+from mien.service.exceptions import Unauthorized
 
 API_KEY_HEADER = "X-API-Key"
 
@@ -34,18 +34,13 @@ _bearer = HTTPBearer(
 )
 
 
-class Unauthorized(ServiceError):
-    def __init__(self, message: str) -> None:
-        super().__init__(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
-
-
 def _matches(given: str, expected: str) -> bool:
     # compare_digest takes bytes of any content (str only when ASCII) and does not stop at the first difference.
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
 
 
 def check_api_key(expected: str | None, header_key: str | None, bearer_key: str | None) -> None:
-    """Nothing when no key is configured or either header carries it; 401 otherwise."""
+    """Nothing when no key is configured or either header carries it; Unauthorized otherwise."""
     if expected is None:
         return
     given = [key for key in (header_key, bearer_key) if key]

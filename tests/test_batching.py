@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mien.service.batching import MicroBatcher
-from mien.service.errors import NotReady
+from mien.service.exceptions import NotReady
 
 from mien.ensemble import load_classifier
 from mien.runtime import OnnxClassifier

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mien.service.detect import HaarFaceDetector
 from mien.service.detectors import BUNDLED_DIR
+from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
 
 from benchmarks.detect_photos import FACE_BOXES, all_photos, match, real_photo

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mien.service.align import align_face
 from mien.service.config import Settings
-from mien.service.detect import Detections
+from mien.service.detectors import Detections
 from mien.service.pipeline import StageTimer, crop_faces, predict_faces
 
 from benchmarks.detect_photos import group
@@ -137,9 +137,6 @@ class LandmarkStub:
 
     box = np.array([[178, 58, 90, 117]], np.int32)
     marks = np.array([[[204, 100], [247, 103], [224, 129], [201, 139], [244, 142]]], np.float32)
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return self.box
 
     def detect(self, image: np.ndarray, min_face: int | None = None, threshold: float | None = None) -> Detections:
         return Detections(self.box, np.array([0.99], np.float32), self.marks)

@@ -4,12 +4,13 @@ padded crops, Detections ordering, and alignment of a synthetic tilted face."""
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import cv2
 import numpy as np
 import pytest
 from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face, alignment_matrix, eye_angle, transform_points
-from mien.service.detect import Detections, detect_faces
+from mien.service.detectors import DETECTORS, Detections, DetectorName
 from mien.service.detectors.mtcnn import CELL, crop_patches, normalise, pnet_boxes, pyramid_scales
 from mien.service.detectors.nms import apply_regression, nms, square, to_xywh
 
@@ -110,10 +111,15 @@ def test_detections_sort_boxes_scores_and_landmarks_together():
     assert len(Detections(np.zeros((0, 4), np.int32)).sorted_by_area()) == 0
 
 
-def test_a_plain_callable_detector_gets_min_face_applied_and_no_landmarks():
-    boxes = np.array([[0, 0, 10, 10], [5, 5, 40, 30]], np.int32)
-    found = detect_faces(lambda image: boxes, np.zeros((50, 50, 3), np.uint8), min_face=20)
-    assert found.boxes.tolist() == [[5, 5, 40, 30]] and found.landmarks is None and found.scores is None
+def test_no_face_is_an_empty_0x4_array_never_none():
+    for empty in (np.zeros((0, 4), np.int32), [], np.zeros(0)):
+        found = Detections(empty)
+        assert found.boxes.shape == (0, 4) and found.boxes.dtype == np.int32 and len(found) == 0
+    assert Detections([[1, 2, 3, 4]]).boxes.dtype == np.int32
+
+
+def test_the_detector_table_and_the_names_requests_may_give_agree():
+    assert set(DETECTORS) == set(get_args(DetectorName))
 
 
 # --- alignment ----------------------------------------------------------------------------------

@@ -1,62 +1,112 @@
-"""Face detectors the service can run: ``onnx`` (MTCNN through onnxruntime, the default) and ``haar``."""
+"""The face detectors the service can run, chosen by name from :data:`DETECTORS`.
+
+``onnx`` is MTCNN through onnxruntime, with five landmarks (the default); ``haar`` is OpenCV's cascade.
+Each implements :class:`~mien.service.detectors.base.FaceDetector` (one method, ``detect``); another
+detector is a module here and a row in the table (and a name in :data:`DetectorName`).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from mien.service.detect import FaceDetector, HaarFaceDetector
+from mien.service.detectors.base import Detections, FaceDetector
+from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
+from mien.service.exceptions import DetectorFilesMissing
 
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
 
+__all__ = [
+    "BUNDLED_DIR",
+    "DETECTOR_FOLDER",
+    "DETECTORS",
+    "Detections",
+    "DetectorName",
+    "DetectorOptions",
+    "FaceDetector",
+    "detector_dir",
+    "load_detectors",
+]
+
 log = logging.getLogger(__name__)
 
-DETECTORS = ("onnx", "haar")
-# The detector `mien export detector` writes into the repository's models/ folder.
-BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models" / "detector"
+#: The names a request (``?detector=``) or ``MIEN_DETECTOR`` may give: the keys of :data:`DETECTORS`.
+DetectorName = Literal["onnx", "haar"]
+
+#: The folder, inside a model folder, that holds the detector's files (``mien export detector`` writes it).
+DETECTOR_FOLDER = "detector"
+
+
+def _source_checkout() -> Path | None:
+    """The repository root when mien runs from a source checkout (an editable install), else None.
+
+    This file is ``<checkout>/service/detectors/__init__.py`` there; installed from a wheel it is
+    ``site-packages/mien/service/detectors/__init__.py``, and no pyproject.toml sits two folders up.
+    """
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+_CHECKOUT = _source_checkout()
+#: The detector committed in a source checkout's ``models/``; None when installed (the wheel ships no detector).
+BUNDLED_DIR: Path | None = None if _CHECKOUT is None else _CHECKOUT / "models" / DETECTOR_FOLDER
 
 
 def detector_dir(configured: Path | None, model_dir: Path) -> Path:
-    """The configured folder; else ``<model_dir>/detector`` when it holds the nets; else the bundled folder."""
+    """The configured folder; else ``<model_dir>/detector`` when it holds the nets (or there is no bundled
+    folder to fall back on); else the bundled folder."""
     if configured is not None:
         return configured
-    local = model_dir / "detector"
-    return local if (local / "mtcnn_pnet.onnx").is_file() else BUNDLED_DIR
+    local = model_dir / DETECTOR_FOLDER
+    if BUNDLED_DIR is None or any(path.is_file() for path in MtcnnDetector.net_paths(local)):
+        return local
+    return BUNDLED_DIR
 
 
-def load_detectors(
-    default: str,
-    folder: Path,
-    providers: tuple[str, ...] = DEFAULT_PROVIDERS,
-    threads: int | SessionConfig = 0,
-    min_face: int = 20,
-    threshold: float = 0.9,
-    max_concurrent: int = 0,
-) -> dict[str, FaceDetector]:
-    """Every detector that can load, by name, so a request can pick either without a reload.
+@dataclass(frozen=True)
+class DetectorOptions:
+    """What a detector is built from: the service's settings (each detector takes what applies to it)."""
 
-    The default detector must load (start-up fails otherwise); the ONNX one is optional only when
-    Haar is the default. ``max_concurrent`` bounds the ONNX detections running at once (0: none).
+    folder: Path
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    session: int | SessionConfig = 0
+    min_face: int = 20  # pixels: the default of ?min_face=
+    threshold: float = 0.9  # the default of ?threshold=
+    max_concurrent: int = 0  # ONNX detections running at once; 0: no bound
+
+
+def _haar(options: DetectorOptions) -> HaarFaceDetector:
+    return HaarFaceDetector()
+
+
+def _onnx(options: DetectorOptions) -> MtcnnDetector:
+    detector = MtcnnDetector.from_dir(options.folder, options.providers, options.session, min_face=options.min_face,
+                                      threshold=options.threshold, max_concurrent=options.max_concurrent)  # fmt: skip
+    detector.warm_up()  # onnxruntime's first-run allocations at start-up, not in the first request
+    return detector
+
+
+#: Every detector by name: how to build it from the settings.
+DETECTORS: dict[str, Callable[[DetectorOptions], FaceDetector]] = {"onnx": _onnx, "haar": _haar}
+
+
+def load_detectors(default: str, options: DetectorOptions) -> dict[str, FaceDetector]:
+    """Every detector that can load, by name, so that a request can pick any without a reload.
+
+    The default must load (start-up fails otherwise); another whose files are missing is left out.
     """
-    detectors: dict[str, FaceDetector] = {"haar": HaarFaceDetector()}
-    try:
-        detectors["onnx"] = MtcnnDetector.from_dir(
-            folder, providers, threads, min_face=min_face, threshold=threshold, max_concurrent=max_concurrent
-        )
-    except FileNotFoundError:
-        if default == "onnx":
-            raise
-        log.warning("no ONNX face detector in %s; serving the Haar cascade only", folder)
+    if default not in DETECTORS:
+        raise ValueError(f"unknown face detector {default!r}; known: {', '.join(DETECTORS)}")
+    detectors: dict[str, FaceDetector] = {}
+    for name, build in DETECTORS.items():
+        try:
+            detectors[name] = build(options)
+        except DetectorFilesMissing as exc:
+            if name == default:
+                raise
+            log.warning("face detector %s not loaded (%s); serving the others only", name, exc)
     return detectors
-
-
-def warm_up_detectors(detectors: dict[str, FaceDetector]) -> list[str]:
-    """Run every detector that can warm up (the ONNX one) once; the names of those that did."""
-    warmed = []
-    for name, detector in detectors.items():
-        warm_up = getattr(detector, "warm_up", None)
-        if callable(warm_up):
-            warm_up()
-            warmed.append(name)
-    return warmed

@@ -14,12 +14,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnxruntime as ort
-from mien.service.detect import Detections
+from mien.service.detectors.base import Detections
 from mien.service.detectors.nms import apply_regression, nms, square, to_xywh
+from mien.service.exceptions import DetectorFilesMissing
 
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig, make_session
 
-DEFAULT_DIR = Path("models/detector")
+NETS = ("pnet", "rnet", "onet")  # files mtcnn_<net>.onnx, written by `mien export detector`
 CELL = 12  # P-Net's receptive field: it scores 12×12 windows ...
 STRIDE = 2  # ... every 2 pixels of the scaled image
 
@@ -111,27 +112,28 @@ class MtcnnDetector:
         self.factor = factor
         self.max_side = max_side
 
+    @staticmethod
+    def net_paths(folder: str | Path) -> list[Path]:
+        """The three ONNX files the detector loads from ``folder``."""
+        return [Path(folder) / f"mtcnn_{net}.onnx" for net in NETS]
+
     @classmethod
     def from_dir(
         cls,
-        folder: str | Path = DEFAULT_DIR,
+        folder: str | Path,
         providers: tuple[str, ...] = DEFAULT_PROVIDERS,
         threads: int | SessionConfig = 0,
         **kw,
     ) -> MtcnnDetector:
-        folder = Path(folder)
-        paths = [folder / f"mtcnn_{net}.onnx" for net in ("pnet", "rnet", "onet")]
+        paths = cls.net_paths(folder)
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"detector files missing: {', '.join(missing)}; run `mien export detector`")
+            raise DetectorFilesMissing(f"detector files missing: {', '.join(missing)}; run `mien export detector`")
         return cls(*(make_session(p, providers, threads) for p in paths), **kw)
 
     @property
     def provider(self) -> str:
         return self.onet.get_providers()[0]
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return self.detect(image).boxes
 
     def warm_up(self, side: int = 480) -> None:
         """Run each of the three nets once (P-Net on a ``side``-pixel image, R-Net and O-Net on one patch),

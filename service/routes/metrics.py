@@ -1,14 +1,23 @@
-"""GET /metrics: Prometheus text exposition of this app's own registry."""
+"""GET /metrics (Prometheus text exposition of this app's own registry), and the middleware that counts
+every POST /predict by model and status, including requests refused before the route runs."""
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Response
-from mien.service.deps import MetricsDep
+from mien.service.deps import MODEL_PARAM, MetricsDep, requested_model_id
+from mien.service.metrics import ServiceMetrics
+from mien.service.registry import ModelRegistry
 from mien.service.schemas import error_responses
 from mien.service.security import MetricsKey
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import QueryParams
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 router = APIRouter(tags=["metrics"])
+
+UNKNOWN_MODEL = "unknown"  # label for requests that name no loaded model: bounded label values
 
 
 @router.get(
@@ -19,3 +28,42 @@ router = APIRouter(tags=["metrics"])
 )
 def metrics(metrics: MetricsDep) -> Response:
     return Response(content=metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_label(scope: Scope) -> str:
+    """The model a /predict request is for, as the route reads ``?model=``, or 'unknown' so that clients
+    cannot mint label values."""
+    models: ModelRegistry | None = getattr(scope["app"].state, "models", None)
+    if models is None:
+        return UNKNOWN_MODEL
+    requested = requested_model_id(models, QueryParams(scope.get("query_string", b"")).get(MODEL_PARAM))
+    return requested if requested in models.models else UNKNOWN_MODEL
+
+
+class PredictMetricsMiddleware:
+    """Counts every /predict request by model and final status, including ones refused before the route."""
+
+    def __init__(self, app: ASGIApp, path: str = "/predict") -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client sees if the app raises before answering
+        start = time.perf_counter()
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            metrics: ServiceMetrics = scope["app"].state.metrics
+            model = _model_label(scope)
+            metrics.requests.labels(model=model, status=str(status)).inc()
+            metrics.duration.labels(model=model).observe(time.perf_counter() - start)

@@ -1,30 +1,80 @@
-"""POST /predict: every face in an uploaded photo with a probability per expression."""
+"""POST /predict: every face in an uploaded photo with a probability per expression.
+
+The handler reads as its steps: pick the detector, read the upload, decode, run the pipeline
+(``mien.service.pipeline``), record the metrics, answer.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
-from mien.service.deps import DetectorsDep, MetricsDep, ModelsDep, SettingsDep, one_upload, pick_detector
-from mien.service.errors import NotReady, TooLarge
+from mien.service.deps import DetectorsDep, MetricsDep, ModelDep, SettingsDep, one_upload, pick_detector
+from mien.service.detectors import DetectorName
+from mien.service.exceptions import TooLarge
 from mien.service.imaging import SUPPORTED, check_media_type, decode_image
+from mien.service.metrics import ServiceMetrics
 from mien.service.pipeline import Prediction, StageTimer, predict_faces
+from mien.service.registry import LoadedModel
 from mien.service.schemas import Box, Face, ImageSize, PredictResponse, Timings, error_responses
 from mien.service.security import ApiKey
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["predict"])
 
+# The query parameters (``?model=`` is read by the ModelDep dependency).
+DetectQuery = Annotated[bool, Query(description="find faces; false: the whole image is one face crop")]
+DetectorQuery = Annotated[
+    DetectorName | None,
+    Query(alias="detector", description="onnx (landmarks, aligned faces) or haar; default MIEN_DETECTOR"),
+]
+MinFaceQuery = Annotated[
+    int | None, Query(ge=12, le=4096, description="smallest face searched, pixels; default MIEN_MIN_FACE")
+]
+ThresholdQuery = Annotated[
+    float | None,
+    Query(gt=0.0, lt=1.0, description="detector score a face needs (onnx only); default MIEN_FACE_THRESHOLD"),
+]
+MaxFacesQuery = Annotated[
+    int | None, Query(ge=1, le=1000, description="faces classified, largest first; at most MIEN_MAX_FACES")
+]
+AlignQuery = Annotated[bool, Query(description="rotate and frame faces from their landmarks (onnx detector)")]
 
-def _faces(prediction: Prediction) -> list[Face]:
-    faces = []
+
+def read_upload(file: UploadFile, max_bytes: int) -> bytes:
+    """The uploaded bytes; UnsupportedMediaType for a declared type mien does not read, TooLarge past the limit."""
+    check_media_type(file.content_type)
+    data = file.file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(
+            f"the uploaded file is larger than the limit of {max_bytes} bytes "
+            "(MIEN_MAX_UPLOAD_BYTES); send a smaller or more compressed image"
+        )
+    return data
+
+
+def record(
+    metrics: ServiceMetrics, timer: StageTimer, prediction: Prediction, model_id: str, detector: str | None
+) -> None:
+    """Stage and detector times, faces per image and, without the micro-batcher, the batch sizes."""
+    for stage, ms in timer.ms.items():
+        metrics.stage_duration.labels(stage=stage).observe(ms / 1000.0)
+    if detector is not None:
+        metrics.detect_duration.labels(detector=detector).observe(timer.ms["detect"] / 1000.0)
+    metrics.faces.labels(model=model_id).observe(len(prediction.boxes))
+    for size in prediction.batch_sizes:
+        metrics.batch_size.labels(model=model_id).observe(size)
+
+
+def faces(prediction: Prediction) -> list[Face]:
+    found = []
     points = prediction.landmarks
     for i, (box, probs) in enumerate(zip(prediction.boxes, prediction.probabilities, strict=True)):
         best = int(np.argmax(probs))
-        faces.append(
+        found.append(
             Face(
                 box=Box(x=int(box[0]), y=int(box[1]), width=int(box[2]), height=int(box[3])),
                 label=prediction.labels[best],
@@ -34,7 +84,35 @@ def _faces(prediction: Prediction) -> list[Face]:
                 detection_score=None if prediction.scores is None else float(prediction.scores[i]),
             )
         )
-    return faces
+    return found
+
+
+def response(
+    loaded: LoadedModel,
+    image: np.ndarray,
+    prediction: Prediction,
+    timer: StageTimer,
+    total_ms: float,
+    detector: str | None,
+) -> PredictResponse:
+    height, width = image.shape[:2]
+    return PredictResponse(
+        model=loaded.model_id,
+        model_version=loaded.version,
+        provider=loaded.provider,
+        image=ImageSize(width=width, height=height),
+        faces=faces(prediction),
+        faces_omitted=prediction.truncated,
+        detector=detector,
+        aligned=prediction.aligned,
+        timings_ms=Timings(
+            decode=timer.ms.get("decode", 0.0),
+            detect=timer.ms.get("detect", 0.0),
+            preprocess=timer.ms.get("preprocess", 0.0),
+            classify=timer.ms.get("classify", 0.0),
+            total=total_ms,
+        ),
+    )
 
 
 @router.post(
@@ -47,45 +125,22 @@ def _faces(prediction: Prediction) -> list[Face]:
 def predict(
     file: Annotated[UploadFile, File(description=f"the photo: a {SUPPORTED} image")],
     settings: SettingsDep,
-    models: ModelsDep,
+    loaded: ModelDep,
     detectors: DetectorsDep,
     metrics: MetricsDep,
-    model: Annotated[
-        str | None, Query(max_length=200, description="model id (GET /models); default: the service's")
-    ] = None,
-    detect: Annotated[bool, Query(description="find faces; false: the whole image is one face crop")] = True,
-    detector_name: Annotated[
-        Literal["onnx", "haar"] | None,
-        Query(alias="detector", description="onnx (landmarks, aligned faces) or haar; default MIEN_DETECTOR"),
-    ] = None,
-    min_face: Annotated[
-        int | None, Query(ge=12, le=4096, description="smallest face searched, pixels; default MIEN_MIN_FACE")
-    ] = None,
-    threshold: Annotated[
-        float | None,
-        Query(gt=0.0, lt=1.0, description="detector score a face needs (onnx only); default MIEN_FACE_THRESHOLD"),
-    ] = None,
-    max_faces: Annotated[
-        int | None, Query(ge=1, le=1000, description="faces classified, largest first; at most MIEN_MAX_FACES")
-    ] = None,
-    align: Annotated[bool, Query(description="rotate and frame faces from their landmarks (onnx detector)")] = True,
+    detect: DetectQuery = True,
+    detector_name: DetectorQuery = None,
+    min_face: MinFaceQuery = None,
+    threshold: ThresholdQuery = None,
+    max_faces: MaxFacesQuery = None,
+    align: AlignQuery = True,
 ) -> PredictResponse:
     # A plain `def`: FastAPI runs it in a worker thread, so decoding and inference never block the event loop.
     start = time.perf_counter()
-    if not models.models:
-        raise NotReady(models.not_ready_reason())
-    loaded = models.get(model or settings.default_model)
     name = detector_name or settings.detector
     detector = pick_detector(detectors, name)
-    limit = min(max_faces or settings.max_faces, settings.max_faces)
-    check_media_type(file.content_type)
-    data = file.file.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise TooLarge(
-            f"the uploaded file is larger than the limit of {settings.max_upload_bytes} bytes "
-            "(MIEN_MAX_UPLOAD_BYTES); send a smaller or more compressed image"
-        )
-
+    limit = min(max_faces or settings.max_faces, settings.max_faces)  # the query can lower the setting only
+    data = read_upload(file, settings.max_upload_bytes)
     timer = StageTimer()
     with timer.stage("decode"):
         image = decode_image(data, settings.max_pixels)
@@ -94,33 +149,11 @@ def predict(
                                align=align)  # fmt: skip
     total_ms = (time.perf_counter() - start) * 1000.0
 
-    for stage, ms in timer.ms.items():
-        metrics.stage_duration.labels(stage=stage).observe(ms / 1000.0)
-    if detect:
-        metrics.detect_duration.labels(detector=name).observe(timer.ms["detect"] / 1000.0)
-    metrics.faces.labels(model=loaded.model_id).observe(len(prediction.boxes))
-    for size in prediction.batch_sizes:
-        metrics.batch_size.labels(model=loaded.model_id).observe(size)
+    ran = name if detect else None
+    record(metrics, timer, prediction, loaded.model_id, ran)
     if prediction.truncated:
         log.warning("image had %d more faces than max_faces=%d; they were not classified",
                     prediction.truncated, limit)  # fmt: skip
-    height, width = image.shape[:2]
-    log.info("predict model=%s detector=%s image=%dx%d faces=%d total=%.1fms", loaded.model_id,
-             name if detect else "none", width, height, len(prediction.boxes), total_ms)  # fmt: skip
-    return PredictResponse(
-        model=loaded.model_id,
-        model_version=loaded.version,
-        provider=loaded.provider,
-        image=ImageSize(width=width, height=height),
-        faces=_faces(prediction),
-        faces_omitted=prediction.truncated,
-        detector=name if detect else None,
-        aligned=prediction.aligned,
-        timings_ms=Timings(
-            decode=timer.ms.get("decode", 0.0),
-            detect=timer.ms.get("detect", 0.0),
-            preprocess=timer.ms.get("preprocess", 0.0),
-            classify=timer.ms.get("classify", 0.0),
-            total=total_ms,
-        ),
-    )
+    log.info("predict model=%s detector=%s image=%dx%d faces=%d total=%.1fms", loaded.model_id, ran or "none",
+             image.shape[1], image.shape[0], len(prediction.boxes), total_ms)  # fmt: skip
+    return response(loaded, image, prediction, timer, total_ms, ran)

@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from mien.service.errors import ModelNotFound, ServiceError
-from mien.service.registry import LoadedModel, ModelRegistry
+from mien.service.deps import OptionalModelsDep, PathModelDep, PathModelVersionDep
+from mien.service.exceptions import BadInferRequest, ProtocolNotReady, UnsupportedModel
+from mien.service.registry import LoadedModel
 from mien.service.schemas import error_responses
 from mien.service.security import ApiKey
 from starlette.concurrency import run_in_threadpool
@@ -57,47 +58,6 @@ DATATYPE = "FP32"
 OUTPUT_NAME = "probabilities"
 # ONNX element types a classifier input may have, as the protocol names them (mien exports float32).
 _ONNX_DATATYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64"}
-
-
-class BadInferRequest(ServiceError):
-    def __init__(self, message: str) -> None:
-        super().__init__(400, "invalid_infer_request", message)
-
-
-class V2NotReady(ServiceError):
-    """The protocol's "false" health answer: a 4xx, not the 503 of GET /ready."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(400, "not_ready", message)
-
-
-class UnsupportedModel(ServiceError):
-    def __init__(self, model_id: str) -> None:
-        super().__init__(
-            400,
-            "unsupported_model",
-            f"model {model_id!r} is an ensemble: its members preprocess raw face crops each in their own way, so "
-            "it takes no tensor input; send the photo to POST /predict?model=" + model_id,
-        )
-
-
-def _registry(request: Request) -> ModelRegistry | None:
-    return getattr(request.app.state, "models", None)
-
-
-def _model(request: Request, model_id: str, version: str | None = None) -> LoadedModel:
-    registry = _registry(request)
-    if registry is None:
-        raise ModelNotFound(model_id, [])
-    loaded = registry.get(model_id)
-    if version is not None and version != loaded.version:
-        raise ServiceError(
-            404,
-            "unknown_model_version",
-            f"model {model_id!r} has no version {version!r}; the served version is {loaded.version!r} "
-            f"(GET /v2/models/{model_id})",
-        )
-    return loaded
 
 
 def _is_tensor_model(loaded: LoadedModel) -> bool:
@@ -272,46 +232,43 @@ def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", summary="Server ready (the default model is loaded)", responses=error_responses(400))
-def ready(request: Request) -> dict[str, bool]:
-    registry = _registry(request)
-    if registry is None:
-        raise V2NotReady("models are not loaded yet; retry in a moment")
-    if not registry.ready:
-        raise V2NotReady(registry.not_ready_reason())
+def ready(models: OptionalModelsDep) -> dict[str, bool]:
+    if models is None:
+        raise ProtocolNotReady("models are not loaded yet; retry in a moment")
+    if not models.ready:
+        raise ProtocolNotReady(models.not_ready_reason())
     return {"ready": True}
 
 
 @router.get("/models/{model_id}", summary="Model metadata", responses=error_responses(404))
-def model_metadata(request: Request, model_id: str) -> dict[str, Any]:
-    return _metadata(_model(request, model_id))
+def model_metadata(loaded: PathModelDep) -> dict[str, Any]:
+    return _metadata(loaded)
 
 
 @router.get("/models/{model_id}/versions/{version}", summary="Model metadata", responses=error_responses(404))
-def model_version_metadata(request: Request, model_id: str, version: str) -> dict[str, Any]:
-    return _metadata(_model(request, model_id, version))
+def model_version_metadata(loaded: PathModelVersionDep) -> dict[str, Any]:
+    return _metadata(loaded)
 
 
-def _model_ready(request: Request, model_id: str, version: str | None) -> dict[str, Any]:
-    loaded = _model(request, model_id, version)
+def _tensor_model(loaded: LoadedModel) -> LoadedModel:
+    """The model itself when it takes tensors; UnsupportedModel for an ensemble."""
     if not _is_tensor_model(loaded):
         raise UnsupportedModel(loaded.model_id)
-    return {"name": loaded.model_id, "ready": True}
+    return loaded
 
 
 @router.get("/models/{model_id}/ready", summary="Model ready", responses=error_responses(400, 404))
-def model_ready(request: Request, model_id: str) -> dict[str, Any]:
-    return _model_ready(request, model_id, None)
+def model_ready(loaded: PathModelDep) -> dict[str, Any]:
+    return {"name": _tensor_model(loaded).model_id, "ready": True}
 
 
 @router.get("/models/{model_id}/versions/{version}/ready", summary="Model ready", responses=error_responses(400, 404))
-def model_version_ready(request: Request, model_id: str, version: str) -> dict[str, Any]:
-    return _model_ready(request, model_id, version)
+def model_version_ready(loaded: PathModelVersionDep) -> dict[str, Any]:
+    return {"name": _tensor_model(loaded).model_id, "ready": True}
 
 
-async def _infer_route(request: Request, model_id: str, version: str | None) -> dict[str, Any]:
-    loaded = _model(request, model_id, version)
-    if not _is_tensor_model(loaded):
-        raise UnsupportedModel(loaded.model_id)
+async def _infer_route(request: Request, loaded: LoadedModel) -> dict[str, Any]:
+    _tensor_model(loaded)
     body = await request.body()  # bounded by the app's body-size limit middleware
     # JSON decoding and inference are CPU work: off the event loop.
     return await run_in_threadpool(_infer, body, loaded)
@@ -339,10 +296,10 @@ _INFER_DOC = {
 
 
 @router.post("/models/{model_id}/infer", **_INFER_DOC)
-async def infer(request: Request, model_id: str) -> dict[str, Any]:
-    return await _infer_route(request, model_id, None)
+async def infer(request: Request, loaded: PathModelDep) -> dict[str, Any]:
+    return await _infer_route(request, loaded)
 
 
 @router.post("/models/{model_id}/versions/{version}/infer", **_INFER_DOC)
-async def infer_version(request: Request, model_id: str, version: str) -> dict[str, Any]:
-    return await _infer_route(request, model_id, version)
+async def infer_version(request: Request, loaded: PathModelVersionDep) -> dict[str, Any]:
+    return await _infer_route(request, loaded)

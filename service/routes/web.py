@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
-from mien.service.errors import ServiceError
+from mien.service.exceptions import StaticFileNotFound
 
 router = APIRouter(tags=["web"], include_in_schema=False)
 
@@ -41,7 +41,7 @@ def page() -> FileResponse:
 def asset(name: str) -> FileResponse:
     media_type = ASSETS.get(name)
     if media_type is None:
-        raise ServiceError(404, "not_found", f"no static file {name!r}; the page uses {', '.join(sorted(ASSETS))}")
+        raise StaticFileNotFound(f"no static file {name!r}; the page uses {', '.join(sorted(ASSETS))}")
     return FileResponse(
         STATIC_DIR / name, media_type=media_type, headers=NO_CACHE | {"X-Content-Type-Options": "nosniff"}
     )
