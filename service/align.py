@@ -61,9 +61,3 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, template: FaceTemplate 
     """
     matrix, side = alignment_matrix(landmarks, template)
     return cv2.warpAffine(image, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Apply a 2×3 affine matrix to N×2 points (for checking where landmarks end up)."""
-    points = np.asarray(points, np.float64).reshape(-1, 2)
-    return points @ matrix[:, :2].T + matrix[:, 2]

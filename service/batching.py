@@ -77,12 +77,6 @@ class MicroBatcher:
         self._thread.start()
 
     @property
-    def pending(self) -> int:
-        """Requests waiting for the worker (not counting the batch it is running)."""
-        with self._cond:
-            return len(self._jobs)
-
-    @property
     def running(self) -> bool:
         return self._thread.is_alive()
 

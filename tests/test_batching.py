@@ -6,6 +6,7 @@ No test measures time: merging is made deterministic by a wait window far longer
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,6 +68,18 @@ def wait_until(condition, what: str) -> None:
             return
         done.wait(0.01)
     raise AssertionError(f"gave up waiting for {what}")
+
+
+def awaits_answer(thread_id: int) -> bool:
+    """The thread is blocked in ``Future.result``: predict_crops queues a request before it waits for the
+    answer, so its request is in the batcher's queue."""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "result" and Path(code.co_filename).parts[-2:] == ("futures", "_base.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def test_concurrent_requests_are_merged_into_one_call():
@@ -137,8 +150,15 @@ def test_batches_never_exceed_the_maximum_size():
         with ThreadPoolExecutor(len(requests) + 1) as pool:
             first = pool.submit(batcher.predict_crops, [crop(99)])
             wait_until(lambda: stub.calls == [1], "the first call to start")  # the worker is now held in it
-            futures = [pool.submit(batcher.predict_crops, crops) for crops in requests]
-            wait_until(lambda: batcher.pending == len(requests), "every request to queue")
+            callers: list[int] = []
+
+            def ask(crops: list[np.ndarray]) -> np.ndarray:
+                callers.append(threading.get_ident())
+                return batcher.predict_crops(crops)
+
+            futures = [pool.submit(ask, crops) for crops in requests]
+            wait_until(lambda: len(callers) == len(requests) and all(map(awaits_answer, callers)),
+                       "every request to queue")  # fmt: skip
             hold.set()
             answers = [f.result() for f in futures]
             assert first.result()[:, 0].tolist() == [99.0]

@@ -9,7 +9,7 @@ from typing import get_args
 import cv2
 import numpy as np
 import pytest
-from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face, alignment_matrix, eye_angle, transform_points
+from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face, alignment_matrix, eye_angle
 from mien.service.detectors import DETECTORS, Detections, DetectorName
 from mien.service.detectors.mtcnn import CELL, crop_patches, normalise, pnet_boxes, pyramid_scales
 from mien.service.detectors.nms import apply_regression, nms, square, to_xywh
@@ -125,6 +125,11 @@ def test_the_detector_table_and_the_names_requests_may_give_agree():
 # --- alignment ----------------------------------------------------------------------------------
 
 
+def moved(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Where a 2×3 affine matrix takes N×2 points."""
+    return np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]
+
+
 def synthetic_face(angle: float, side: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """A drawn face (two eyes, a mouth) rotated by ``angle`` degrees, and its eye centres after rotation."""
     image = np.full((side, side, 3), 90, np.uint8)
@@ -134,7 +139,7 @@ def synthetic_face(angle: float, side: int = 200) -> tuple[np.ndarray, np.ndarra
         cv2.circle(image, (int(x), int(y)), 6, (20, 20, 20), -1)
     cv2.line(image, (85, 135), (115, 135), (20, 20, 20), 4)
     matrix = cv2.getRotationMatrix2D((100, 100), angle, 1.0)
-    return cv2.warpAffine(image, matrix, (side, side), borderValue=(90, 90, 90)), transform_points(eyes, matrix)
+    return cv2.warpAffine(image, matrix, (side, side), borderValue=(90, 90, 90)), moved(eyes, matrix)
 
 
 @pytest.mark.parametrize("angle", [-30, -10, 0, 25])
@@ -143,7 +148,7 @@ def test_alignment_levels_the_eyes_and_puts_them_where_the_template_says(angle):
     landmarks = np.vstack([eyes, [[100, 110], [88, 135], [112, 135]]])
     assert eye_angle(landmarks) == pytest.approx(-angle, abs=1e-6)  # cv2's positive angle turns anticlockwise
     matrix, side = alignment_matrix(landmarks)
-    left, right = transform_points(eyes, matrix)
+    left, right = moved(eyes, matrix)
     assert left[1] == pytest.approx(right[1], abs=1e-6)  # level
     assert (left[1] / side) == pytest.approx(FER2013_TEMPLATE.eye_y, abs=0.01)
     assert ((left[0] + right[0]) / 2 / side) == pytest.approx(FER2013_TEMPLATE.eye_x, abs=0.01)
