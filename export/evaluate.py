@@ -157,7 +157,7 @@ class CheckpointClassifier:
 
     def predict_crops(self, crops: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
         import torch
-        from mien.training.train import predict_logits
+        from mien.training.objectives import predict_logits
 
         logits = predict_logits(self.model, torch.from_numpy(np.stack(crops)), self._transform, batch_size)
         return torch.softmax(logits, 1).numpy()

@@ -108,7 +108,7 @@ def plot_card_curves(card: Card | None, out: Path) -> bool:
     history = card.training.history if card and card.training else []
     if not history:
         return False
-    from mien.training.train import plot_curves
+    from mien.training.curves import plot_curves
 
     plot_curves(history, out)
     return True
