@@ -41,17 +41,17 @@ DetectorName = Literal["onnx", "haar"]
 DETECTOR_FOLDER = "detector"
 
 
-def _source_checkout() -> Path | None:
+def source_checkout(module_file: str | Path = __file__) -> Path | None:
     """The repository root when mien runs from a source checkout (an editable install), else None.
 
     This file is ``<checkout>/service/detectors/__init__.py`` there; installed from a wheel it is
     ``site-packages/mien/service/detectors/__init__.py``, and no pyproject.toml sits two folders up.
     """
-    root = Path(__file__).resolve().parents[2]
+    root = Path(module_file).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
 
 
-_CHECKOUT = _source_checkout()
+_CHECKOUT = source_checkout()
 #: The detector committed in a source checkout's ``models/``; None when installed (the wheel ships no detector).
 BUNDLED_DIR: Path | None = None if _CHECKOUT is None else _CHECKOUT / "models" / DETECTOR_FOLDER
 
