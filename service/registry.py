@@ -6,18 +6,17 @@ A model is served only when its metadata carries a valid preprocessing spec; its
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from mien.service.batching import MicroBatcher
 from mien.service.exceptions import ModelNotFound
 
+from mien.card import Card, CardError, card_for, card_path
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
 from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
 
@@ -30,7 +29,7 @@ class LoadedModel:
 
     classifier: OnnxClassifier | EnsembleClassifier
     path: Path
-    card: dict[str, Any] | None = None
+    card: Card | None = None
     batcher: MicroBatcher | None = None  # set by ModelRegistry.start_batching
 
     @property
@@ -44,48 +43,33 @@ class LoadedModel:
 
     @property
     def version(self) -> str:
-        card_version = (self.card or {}).get("version")
-        return str(card_version) if self.classifier.version == "unknown" and card_version else self.classifier.version
+        card_version = self.card.version if self.card else None
+        return card_version if self.classifier.version == "unknown" and card_version else self.classifier.version
 
     @property
     def provider(self) -> str:
         return self.classifier.provider
 
     @property
-    def metrics(self) -> dict[str, Any]:
-        metrics = (self.card or {}).get("metrics")
-        return metrics if isinstance(metrics, dict) else {}
-
-    @property
     def accuracy(self) -> float | None:
-        value = self.metrics.get("accuracy")
-        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        return self.card.accuracy if self.card else None
 
     @property
     def accuracy_split(self) -> str | None:
-        split = self.metrics.get("split")
-        return str(split) if split is not None else None
+        """The split the card's accuracy was measured on."""
+        return self.card.tested_on if self.card else None
 
 
-def card_path(model_path: Path) -> Path:
-    """``models/<id>.onnx`` (or ``<id>.ensemble.json``) -> ``models/<id>.card.json``."""
-    return model_path.with_name(model_path.name.removesuffix(ENSEMBLE_SUFFIX).removesuffix(".onnx") + ".card.json")
-
-
-def read_card(model_path: Path) -> dict[str, Any] | None:
-    """The model card as a dict, or None (logged) when it is absent or unreadable."""
-    path = card_path(model_path)
-    if not path.is_file():
-        log.info("no model card %s; accuracy will be reported as null", path)
-        return None
+def load_card(model_path: Path) -> Card | None:
+    """The model card beside ``model_path``, or None (logged) when it is absent or invalid: a card only adds
+    what /models reports, so a bad one must not keep the model from being served."""
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("ignoring unreadable model card %s: %s", path, exc)
+        card = card_for(model_path)
+    except (CardError, OSError) as exc:
+        log.warning("ignoring model card %s: %s", card_path(model_path), exc)
         return None
-    if not isinstance(card, dict):
-        log.warning("ignoring model card %s: expected a JSON object, got %s", path, type(card).__name__)
-        return None
+    if card is None:
+        log.info("no model card %s; accuracy will be reported as null", card_path(model_path))
     return card
 
 
@@ -128,7 +112,7 @@ class ModelRegistry:
                 refused[path.name] = f"duplicate model id {classifier.model_id!r}, already served from {other}"
                 log.error("refusing model %s: %s", path, refused[path.name])
                 continue
-            models[classifier.model_id] = LoadedModel(classifier, path, read_card(path))
+            models[classifier.model_id] = LoadedModel(classifier, path, load_card(path))
             log.info(
                 "loaded model %s version %s from %s on %s",
                 classifier.model_id,
@@ -147,7 +131,7 @@ class ModelRegistry:
                 refused[path.name] = f"duplicate model id {ensemble.model_id!r}"
                 log.error("refusing ensemble %s: %s", path, refused[path.name])
                 continue
-            models[ensemble.model_id] = LoadedModel(ensemble, path, read_card(path))
+            models[ensemble.model_id] = LoadedModel(ensemble, path, load_card(path))
             log.info("loaded ensemble %s of %s from %s", ensemble.model_id, ", ".join(ensemble.member_ids), path)
         if not models:
             log.error("no servable model in %s; /ready will answer 503", model_dir)

@@ -159,6 +159,16 @@ def test_every_model_in_the_folder_is_served_and_card_is_optional(model_dir, tmp
         assert response.status_code == 200 and response.json()["model"] == "plain"
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"metrics": {"accuracy": "high"}}'])
+def test_an_invalid_card_is_ignored_with_a_warning_and_the_model_served(model_dir, tmp_path, caplog, text):
+    copy_model(model_dir, tmp_path, card=False)
+    (tmp_path / "mini_xception.card.json").write_text(text)
+    with caplog.at_level("WARNING", logger="mien.service.registry"), make_client(tmp_path) as c:
+        (info,) = c.get("/models").json()["models"]
+        assert info["id"] == "mini_xception" and info["accuracy"] is None
+    assert "ignoring model card" in caplog.text
+
+
 def test_default_providers_fall_back_and_report_what_runs(model_dir):
     """CUDA is asked for first; on a machine without a usable GPU the session runs on CPU and says so."""
     import onnxruntime as ort
