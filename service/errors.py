@@ -77,12 +77,12 @@ def error_response(status_code: int, code: str, message: str, headers: dict[str,
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
 
 
-def status_of(exc: MienError) -> tuple[int, str]:
-    """The status and code of ``exc``'s most specific class in :data:`STATUS` (500 for one that is not there)."""
+def status_of(exc: MienError) -> tuple[int, str] | None:
+    """The status and code of ``exc``'s most specific class in :data:`STATUS`; None when no request error."""
     for cls in type(exc).__mro__:
         if cls in STATUS:
             return STATUS[cls]
-    return 500, "internal_error"
+    return None
 
 
 def _headers(exc: MienError) -> dict[str, str] | None:
@@ -97,7 +97,11 @@ def _headers(exc: MienError) -> dict[str, str] | None:
 
 def mien_error_response(exc: MienError) -> JSONResponse:
     """The answer to one of mien's own errors (the routes' handler below, and the limits middleware)."""
-    status, code = status_of(exc)
+    mapped = status_of(exc)
+    if mapped is None:  # a start-up error (DetectorNotLoaded) during a request is a bug: answered as one
+        log.error("unexpected %s while handling a request", type(exc).__name__, exc_info=exc)
+        return _internal_error()
+    status, code = mapped
     return error_response(status, code, exc.message, headers=_headers(exc))
 
 
@@ -156,9 +160,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(400, "invalid_request", problems or "invalid request")
 
 
+def _internal_error() -> JSONResponse:
+    return error_response(500, "internal_error", "the service failed unexpectedly; the error is in the server log")
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error while handling %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "the service failed unexpectedly; the error is in the server log")
+    return _internal_error()
 
 
 def install_error_handlers(app: FastAPI) -> None:

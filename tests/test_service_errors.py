@@ -44,7 +44,9 @@ def test_every_error_a_request_can_meet_has_a_status():
     classes = inspect.getmembers(exceptions, inspect.isclass)
     errors = {cls for _, cls in classes if issubclass(cls, exceptions.MienError)}
     assert errors - START_UP_ONLY == set(STATUS)
-    assert status_of(exceptions.DetectorNotLoaded("x")) == (500, "internal_error")
+    assert status_of(exceptions.DetectorNotLoaded("x")) is None
+    response = mien_error_response(exceptions.DetectorNotLoaded("no cascade at /secret/path"))
+    assert response.status_code == 500 and b"internal_error" in response.body and b"/secret" not in response.body
 
 
 @pytest.mark.parametrize(
