@@ -48,7 +48,7 @@ def test_card_matches_the_file_and_records_how_it_was_made():
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="FER2013 (../shared/data) is not beside this checkout")
 def test_card_accuracy_is_what_eval_measures_on_publictest(tmp_path):
-    from mien.training.evaluate import evaluate_path
+    from mien.export.evaluate import evaluate_path
 
     report = evaluate_path(str(BUNDLED), str(SHARED_DATA), "public_test", str(tmp_path))
     card = json.loads(CARD.read_text())
@@ -106,7 +106,7 @@ def test_every_bundled_model_has_a_true_card_from_the_project_commands(model_id)
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="FER2013 (../shared/data) is not beside this checkout")
 @pytest.mark.parametrize("name", [f"{m}.onnx" for m in ONNX_MODELS] + [f"{e}.ensemble.json" for e in ENSEMBLES])
 def test_every_card_accuracy_is_what_eval_measures(name, tmp_path):
-    from mien.training.evaluate import evaluate_path
+    from mien.export.evaluate import evaluate_path
 
     report = evaluate_path(str(MODELS / name), str(SHARED_DATA), "public_test", str(tmp_path))
     card = json.loads((MODELS / (name.removesuffix(".onnx").removesuffix(".ensemble.json") + ".card.json")).read_text())

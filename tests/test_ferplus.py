@@ -7,9 +7,9 @@ import csv
 import numpy as np
 import pytest
 import torch
+from mien.export.evaluate import evaluate_path
 from mien.training.checkpoint import load_model
 from mien.training.data import DataError, load_dataset
-from mien.training.evaluate import evaluate_path
 from mien.training.ferplus import FERPLUS_LABELS, VOTE_COLUMNS, ferplus_dataset, vote_targets
 from mien.training.train import TrainConfig, train
 
