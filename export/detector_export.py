@@ -28,11 +28,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from mien.paths import DETECTOR_FOLDER
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "facenet-pytorch"
 MODULE = "facenet_pytorch"
-DEFAULT_OUT = Path("models/detector")
+DEFAULT_OUT = Path("models") / DETECTOR_FOLDER
 NET_NAMES = ("pnet", "rnet", "onet")
 DETECTOR_NAME = "mtcnn"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
-from mien.training.data import DataError, FaceDataset, load_dataset, select_labels
+from mien.training.data import CARVED_SPLIT, DataError, FaceDataset, load_dataset, load_with_validation, select_labels
 
 from mien.spec import PreprocessSpec
 
@@ -93,9 +93,12 @@ def plot_confusion(report: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def labelled_dataset(data: str | Path, label_source: str = "fer2013", votes: str | Path = "") -> FaceDataset:
-    """The data set with FER2013's own labels or the FER+ majority labels (see training/ferplus.py)."""
-    dataset = load_dataset(data)
+def labelled_dataset(
+    data: str | Path, label_source: str = "fer2013", votes: str | Path = "", split: str = ""
+) -> FaceDataset:
+    """The data set with FER2013's own labels or the FER+ majority labels (see training/ferplus.py); for
+    ``split="val"``, with the validation split carved from Training as training carves it (training/data.py)."""
+    dataset = load_with_validation(data) if split == CARVED_SPLIT else load_dataset(data)
     if label_source == "fer2013":
         return dataset
     from mien.training.ferplus import default_votes_path, ferplus_dataset
@@ -112,7 +115,7 @@ def eval_split(
     left out, and outputs the label set lacks are ignored (an 8-class FER+ model on FER2013's labels
     predicts the most likely of the seven FER2013 classes; its contempt output is not a possible answer).
     """
-    dataset = labelled_dataset(data, label_source, votes)
+    dataset = labelled_dataset(data, label_source, votes, split)
     shared = tuple(name for name in model_labels if name in dataset.label_names)
     if len(shared) < 2:
         raise DataError(

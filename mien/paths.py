@@ -6,3 +6,7 @@ from __future__ import annotations
 #: folder shared beside it, never inside it (see ../shared/data/README). The text also appears as-is in
 #: the commands a model card records, so it stays a relative string, not a resolved Path.
 DEFAULT_DATA = "../shared/data/fer2013.npz"
+
+#: The folder beside the served models that holds the face detector's ONNX files (``mien export detector``
+#: writes it, the service reads it).
+DETECTOR_FOLDER = "detector"

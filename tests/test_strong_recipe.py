@@ -170,3 +170,23 @@ def test_a_teacher_that_reads_faces_differently_is_refused(tiny_run):
         load_teachers(str(tiny_run / "best.pt"), rgb)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_teachers("nowhere/best.pt", default_spec("mini_xception"))
+
+
+def test_evaluation_scores_the_same_val_faces_that_training_held_out(tiny_npz):
+    from mien.export.evaluate import eval_split
+
+    data, _ = load_labelled(TrainConfig(data=str(tiny_npz)))
+    faces = eval_split(tiny_npz, "val", tuple(data.label_names))
+    held_out, truth = data.subset("val")
+    assert np.array_equal(faces.images, held_out) and np.array_equal(faces.truth, truth)
+
+
+def test_relabelling_keeps_the_same_faces_out_of_training(tiny_npz):
+    full, _ = load_labelled(TrainConfig(data=str(tiny_npz)))
+    five, _ = load_labelled(TrainConfig(data=str(tiny_npz), labels=("angry", "sad", "happy", "fear", "neutral")))
+    merged, _ = load_labelled(TrainConfig(data=str(tiny_npz), label_map={"surprise": "happy"}))
+    val_full = {full.images[i].tobytes() for i in np.flatnonzero(full.split == "val")}
+    for data in (five, merged):
+        val = {data.images[i].tobytes() for i in np.flatnonzero(data.split == "val")}
+        fit = {data.images[i].tobytes() for i in np.flatnonzero(data.split == "train")}
+        assert val and val <= val_full and not (fit & val_full)

@@ -18,6 +18,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from mien.training.data import VAL_FRACTION, VAL_SEED
 from mien.training.ferplus import LABEL_SOURCES, TARGETS
 from mien.training.schedule import SCHEDULES
 
@@ -99,8 +100,8 @@ class TrainConfig:
         "val", "the split that selects best.pt and stops early; val = a stratified --val-fraction of "
         "--train-split carved with --val-seed, the same on every run"
     )  # fmt: skip
-    val_fraction: float = option(0.1, "share of each class of --train-split carved into the val split")
-    val_seed: int = option(2013, "seed of the carve; fixed, not --seed, so every run and model sees the same split")
+    val_fraction: float = option(VAL_FRACTION, "share of each class of --train-split carved into the val split")
+    val_seed: int = option(VAL_SEED, "seed of the carve; fixed, not --seed, so every run and model sees the same split")
     seed: int = option(0, "seed of the initialisation, batch order and augmentation")
     threads: int = option(0, "torch CPU threads per process; 0 = torch's default")
     channels_last: bool = option(

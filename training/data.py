@@ -45,8 +45,12 @@ _CKPLUS_ALIASES = {**{k: v for k, v in FOLDER_ALIASES.items() if v != "neutral"}
 _CKPLUS_SUBJECT = re.compile(r"^(S\d+)_")  # CK+ file names start with the subject id, e.g. S010_004_00000017.png
 
 
-#: The validation split carved out of Training (see :func:`carve_validation`).
+#: The validation split carved out of Training (see :func:`carve_validation`): its name, the share of each
+#: class it takes and the seed of the draw. The seed is fixed, not a run's seed, so every run, model and
+#: evaluation sees the same split.
 CARVED_SPLIT = "val"
+VAL_FRACTION = 0.1
+VAL_SEED = 2013
 
 
 class DataError(ValueError):
@@ -313,3 +317,16 @@ def carve_validation(
     if not (split == name).any():
         raise DataError(f"split {source!r} has no faces to carve a validation split from; splits: {data.splits}")
     return FaceDataset(data.images, data.labels, split.astype(str), data.label_names)
+
+
+def load_with_validation(
+    path: str | Path, fraction: float = VAL_FRACTION, seed: int = VAL_SEED, source: str = "train"
+) -> FaceDataset:
+    """:func:`load_dataset` with the validation split carved from ``source`` (unless the data has one).
+
+    The carve comes first, on the file's own labels, so that every later relabelling (FER+ votes, a
+    subset of classes, merged classes) keeps the same faces out of training: the split belongs to the
+    data file, not to a label set.
+    """
+    data = load_dataset(path)
+    return data if CARVED_SPLIT in data.splits else carve_validation(data, fraction, seed, source)

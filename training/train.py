@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from mien.training.config import TrainConfig
 from mien.training.curves import plot_curves
-from mien.training.data import CARVED_SPLIT, FaceDataset, carve_validation, load_dataset, select_labels
+from mien.training.data import CARVED_SPLIT, FaceDataset, load_dataset, load_with_validation, select_labels
 from mien.training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
 from mien.training.hardware import Process, all_reduce_sum, close_distributed, init_distributed, use_channels_last
 from mien.training.models import create_model, default_spec
@@ -118,7 +118,10 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def load_labelled(cfg: TrainConfig) -> tuple[FaceDataset, np.ndarray | None]:
     """The data set with the run's labels, and the soft targets (one row per image) when training on them."""
-    data = load_dataset(cfg.data)
+    if cfg.val_split == CARVED_SPLIT:
+        data = load_with_validation(cfg.data, cfg.val_fraction, cfg.val_seed, source=cfg.train_split)
+    else:
+        data = load_dataset(cfg.data)
     if cfg.label_source not in LABEL_SOURCES:
         raise ValueError(f"label source must be one of {LABEL_SOURCES}, got {cfg.label_source!r}")
     if cfg.ferplus_target not in TARGETS:
@@ -132,8 +135,6 @@ def load_labelled(cfg: TrainConfig) -> tuple[FaceDataset, np.ndarray | None]:
         raise ValueError("--labels/--label-map pick hard labels; with --ferplus-target soft use --label-source instead")
     if cfg.labels is not None or cfg.label_map:
         data = select_labels(data, cfg.labels, cfg.label_map)
-    if cfg.val_split == CARVED_SPLIT and CARVED_SPLIT not in data.splits:
-        data = carve_validation(data, cfg.val_fraction, cfg.val_seed, source=cfg.train_split)
     return data, soft
 
 

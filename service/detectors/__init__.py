@@ -18,6 +18,7 @@ from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
 from mien.service.exceptions import DetectorFilesMissing
 
+from mien.paths import DETECTOR_FOLDER
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
 
 __all__ = [
@@ -36,9 +37,6 @@ log = logging.getLogger(__name__)
 
 #: The names a request (``?detector=``) or ``MIEN_DETECTOR`` may give: the keys of :data:`DETECTORS`.
 DetectorName = Literal["onnx", "haar"]
-
-#: The folder, inside a model folder, that holds the detector's files (``mien export detector`` writes it).
-DETECTOR_FOLDER = "detector"
 
 
 def source_checkout(module_file: str | Path = __file__) -> Path | None:
