@@ -19,6 +19,7 @@ import onnxruntime as ort
 import torch
 from mien.export.evaluate import eval_split, score_faces
 from mien.training.checkpoint import load_model
+from mien.training.tencrop import NUM_VIEWS, ten_crop
 
 from mien.card import Card, Parity, card_path, write_card
 from mien.paths import DEFAULT_DATA
@@ -41,6 +42,7 @@ class ExportConfig:
     atol: float = 1e-4
     opset: int = 20  # the legacy exporter supports affine_grid (STN models) from opset 20
     flip_tta: bool = False  # average the logits of each face and its mirror image inside the graph
+    ten_crop: int = 0  # crop size: average the logits of the ten crops (corners, centre, mirrored) in the graph
 
 
 #: The parity verdict is the card's parity block, so the card records exactly what was checked.
@@ -56,6 +58,26 @@ class FlipAverage(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=[3])))
+
+
+class TenCropAverage(torch.nn.Module):
+    """Ten-crop test-time augmentation in the graph: the mean of the logits of the four corner crops and
+    the centre crop of the face, and of their mirror images (for networks trained on random crops)."""
+
+    def __init__(self, model: torch.nn.Module, size: int) -> None:
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = ten_crop(x, self.size)  # 10 × N × C × size × size
+        return self.model(views.flatten(0, 1)).view(NUM_VIEWS, x.shape[0], -1).mean(0)
+
+
+def test_time_augmentation(cfg: ExportConfig) -> str:
+    """The name the ONNX metadata and the card give the graph's test-time augmentation."""
+    if cfg.flip_tta and cfg.ten_crop:
+        raise ValueError("--flip-tta and --ten-crop exclude each other (ten-crop already averages mirrored views)")
+    return f"ten_crop_{cfg.ten_crop}" if cfg.ten_crop else "flip" if cfg.flip_tta else "none"
 
 
 def count_macs(model: torch.nn.Module, example: torch.Tensor) -> int:
@@ -121,8 +143,11 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
         raise ValueError(f"--parity-faces must be at least 256 real faces, got {cfg.parity_faces}")
     model, spec, ckpt = load_model(cfg.checkpoint)
     model_id = ckpt["model_id"]
+    tta = test_time_augmentation(cfg)
     if cfg.flip_tta:
         model = FlipAverage(model).eval()
+    if cfg.ten_crop:
+        model = TenCropAverage(model, cfg.ten_crop).eval()
     out = Path(cfg.out or f"models/{model_id}.onnx")
 
     trained = ckpt.get("train_config", {})  # a FER+ model is scored on the FER+ labels it learnt
@@ -135,7 +160,7 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
 
     version = weights_version(model)
     metadata = {**spec.to_metadata(), MODEL_ID_KEY: model_id, MODEL_VERSION_KEY: version,
-                "mien.test_time_augmentation": "flip" if cfg.flip_tta else "none"}  # fmt: skip
+                "mien.test_time_augmentation": tta}  # fmt: skip
     started = time.perf_counter()
     to_onnx(model, torch.from_numpy(real[:2]), out, cfg.opset, metadata)
     log.info("wrote %s (%.1f kB) in %.1f s", out, out.stat().st_size / 1024, time.perf_counter() - started)
@@ -203,9 +228,11 @@ def model_card(
         parity=parity,
         export={
             "command": f"mien export {cfg.checkpoint} --out {out} --data {cfg.data} --split {cfg.split}"
-            + (" --flip-tta" if cfg.flip_tta else ""),
+            + (" --flip-tta" if cfg.flip_tta else "")
+            + (f" --ten-crop {cfg.ten_crop}" if cfg.ten_crop else ""),
             "opset": cfg.opset,
             "flip_tta": cfg.flip_tta,
+            **({"ten_crop": cfg.ten_crop} if cfg.ten_crop else {}),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": ort.__version__,

@@ -87,6 +87,7 @@ class ExportInfo(_Block):
     command: str
     opset: int | None = None
     flip_tta: bool | None = None
+    ten_crop: int | None = None  # crop size of ten-crop test-time augmentation in the graph
     torch: str | None = None
     onnx: str | None = None
     onnxruntime: str | None = None

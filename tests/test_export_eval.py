@@ -130,3 +130,25 @@ def test_flip_tta_export_averages_a_face_and_its_mirror(tiny_run, tiny_npz, tmp_
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
     card = json.loads((tmp_path / "t.card.json").read_text())
     assert card["export"]["flip_tta"] is True and "--flip-tta" in card["export"]["command"]
+
+
+def test_ten_crop_export_averages_the_ten_views(tiny_run, tiny_npz, tmp_path):
+    from mien.training.checkpoint import load_model
+    from mien.training.tencrop import ten_crop_logits
+
+    out = tmp_path / "ten.onnx"
+    result = export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(out), data=str(tiny_npz),
+                                            parity_faces=256, ten_crop=40))  # fmt: skip
+    assert result.passed
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["mien.test_time_augmentation"] == "ten_crop_40"
+    model, _, _ = load_model(tiny_run / "best.pt")
+    x = np.random.default_rng(2).normal(size=(3, 1, 48, 48)).astype(np.float32)
+    expected = ten_crop_logits(model, torch.from_numpy(x), 40)
+    got = OnnxClassifier.from_path(out).session.run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    card = json.loads((tmp_path / "ten.card.json").read_text())
+    assert card["export"]["ten_crop"] == 40 and "--ten-crop 40" in card["export"]["command"]
+    with pytest.raises(ValueError, match="exclude each other"):
+        export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "x.onnx"),
+                                       data=str(tiny_npz), flip_tta=True, ten_crop=40))  # fmt: skip
