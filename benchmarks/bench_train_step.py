@@ -36,14 +36,15 @@ def bundled_kwargs(model_id: str) -> dict:
     return load_recipe(recipe).get("model_kwargs", {}) if recipe.is_file() else {}
 
 
-def make_step(model_id: str, batch: int, layout: str, amp: str):
+def make_step(model_id: str, batch: int, layout: str, amp: str, crop: int = 0):
     """A closure running one optimiser step of ``model_id`` as the training loop does."""
     kwargs = bundled_kwargs(model_id)
     spec = default_spec(model_id)
     torch.manual_seed(0)
     model = create_model(model_id, num_classes=spec.num_classes, **kwargs).train()
     channels_last = layout == "channels-last"
-    cfg = config_from_dict({"model": model_id, "channels_last": channels_last, "batch_size": batch})
+    cfg = config_from_dict({"model": model_id, "channels_last": channels_last, "batch_size": batch,
+                            "augment": {"crop": crop}})  # fmt: skip
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     objective = CrossEntropy(cfg, spec, model, torch.Generator().manual_seed(0))
@@ -61,18 +62,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per set-up per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--crop", type=int, default=0, help="train on random crops of this size (the recipe's --crop)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"batch {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {describe_cpu()}; "
-          f"median of {args.rounds} interleaved rounds of {args.steps} steps")  # fmt: skip
+          f"median of {args.rounds} interleaved rounds of {args.steps} steps"
+          + (f"; random {args.crop}x{args.crop} crops" if args.crop else ""))  # fmt: skip
     print("\n| model | layout | precision | images/s | s/epoch | speed-up vs NCHW fp32 |\n|---|---|---|---|---|---|")
     for model_id in args.models.split(","):
         spec = default_spec(model_id)
         model = create_model(model_id, num_classes=spec.num_classes, **bundled_kwargs(model_id))
         hazards = channels_last_hazards(model, (spec.channels, *spec.input_size))
         setups = [s for s in SETUPS if not (hazards and s[0] == "channels-last")]
-        steps = {s: make_step(model_id, args.batch_size, *s) for s in setups}
+        steps = {s: make_step(model_id, args.batch_size, *s, crop=args.crop) for s in setups}
         for step in steps.values():  # warm-up: oneDNN primitive creation, allocator
             for _ in range(2):
                 step()
