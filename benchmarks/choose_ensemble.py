@@ -1,4 +1,5 @@
-"""Greedy forward selection of ensemble members on a split (PublicTest by default).
+"""Greedy forward selection of ensemble members on a split (the validation split carved from Training
+by default: the test split, PublicTest, never chooses).
 
     .venv/bin/python benchmarks/choose_ensemble.py [--models mini_xception,base_cnn,...] [--flip]
 
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default="models")
     parser.add_argument("--models", default="", help="candidates (default: every models/*.onnx)")
     parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--split", default="public_test")
+    parser.add_argument("--split", default="val")
     parser.add_argument("--flip", action="store_true")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else sorted(p.stem for p in Path(args.model_dir).glob("*.onnx"))

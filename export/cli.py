@@ -120,14 +120,28 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-id", default="ensemble")
     p.add_argument("--flip", action="store_true", help="also average over mirrored faces (test-time augmentation)")
     p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--split", default="public_test")
+    p.add_argument("--split", default="public_test", help="the split the card reports (the test split)")
+    p.add_argument("--weights", type=_weights, default=None,
+                   help="`fit` (minimise the NLL on --fit-split), or one comma-separated weight per member; "
+                   "default equal weights")  # fmt: skip
+    p.add_argument("--fit-split", default="val", help="the split --weights fit is fitted on (default val)")
     p.set_defaults(func=_run_ensemble)
+
+
+def _weights(text: str) -> str | list[float]:
+    if text == "fit":
+        return text
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected `fit` or comma-separated numbers, got {text!r}") from None
 
 
 def _run_ensemble(args: argparse.Namespace) -> int:
     from mien.export.ensemble import write_ensemble
 
-    card = write_ensemble(list(args.members), args.model_dir, args.model_id, args.flip, args.data, args.split)
+    card = write_ensemble(list(args.members), args.model_dir, args.model_id, args.flip, args.data, args.split,
+                          args.weights, args.fit_split)  # fmt: skip
     print(f"{card['model_id']}: {args.split} accuracy {card['metrics']['accuracy']:.4f}  "
           f"macro-F1 {card['metrics']['macro_f1']:.4f}")  # fmt: skip
     return 0

@@ -13,10 +13,12 @@ import logging
 import time
 from pathlib import Path
 
+from mien.export.ensemble_search import fit_weights, member_probabilities
 from mien.export.evaluate import score_classifier
+from mien.training.data import CARVED_SPLIT
 
 from mien.card import Card, CardError, card_for, card_path, write_card
-from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
+from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier, normalised_weights
 from mien.paths import DEFAULT_DATA
 
 log = logging.getLogger("mien.export")
@@ -29,11 +31,30 @@ def write_ensemble(
     flip: bool = False,
     data: str = DEFAULT_DATA,
     split: str = "public_test",
+    weights: list[float] | str | None = None,
+    fit_split: str = CARVED_SPLIT,
 ) -> dict:
-    """Write the ensemble file and its card into ``model_dir``; return the card (as written)."""
+    """Write the ensemble file and its card into ``model_dir``; return the card (as written).
+
+    ``weights``: None (equal), one number per member, or ``"fit"``: fitted on ``fit_split`` (the validation
+    split, never the split the card reports) by :func:`mien.export.ensemble_search.fit_weights`.
+    """
     model_dir = Path(model_dir)
     path = model_dir / f"{model_id}{ENSEMBLE_SUFFIX}"
+    fitted_on = None
+    if weights == "fit":
+        if fit_split == split:
+            raise ValueError(f"fit the weights on another split than the one the card reports ({split})")
+        probs, truth = member_probabilities(model_dir, list(members), data, fit_split, flip)
+        weights, fitted_on = fit_weights(probs, list(members), truth), fit_split
+        log.info(
+            "weights fitted on %s: %s",
+            fit_split,
+            ", ".join(f"{m} {w:.3f}" for m, w in zip(members, weights, strict=True)),
+        )
     config = {"model_id": model_id, "members": list(members), "flip": flip}
+    if weights is not None:
+        config["weights"] = normalised_weights(list(weights), len(members))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     try:
@@ -58,6 +79,8 @@ def write_ensemble(
             for m in ensemble.members
         ],
         flip=flip,
+        weights=ensemble.weights,
+        weights_fitted_on=fitted_on,
         labels=list(ensemble.spec.labels),
         # a member without a card counts 0: its size is unknown, not absent
         parameters=sum(c.parameters or 0 for c in cards.values() if c),
@@ -74,6 +97,8 @@ def write_ensemble(
         export={
             "command": f"mien ensemble {','.join(members)} --model-dir {model_dir} --model-id {model_id}"
             + (" --flip" if flip else "")
+            + (f" --weights fit --fit-split {fit_split}" if fitted_on else "")
+            + (f" --weights {','.join(f'{w:.6g}' for w in config['weights'])}" if weights and not fitted_on else "")
             + f" --data {data} --split {split}",
             "date": time.strftime("%Y-%m-%d"),
         },  # fmt: skip

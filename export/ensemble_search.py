@@ -1,4 +1,5 @@
-"""Which bundled models to average: greedy forward selection and the k most accurate, on one split.
+"""Which bundled models to average, and with what weights: greedy forward selection, the k most accurate,
+and weights fitted by minimising the negative log-likelihood, all on one split (the validation split).
 
 Every candidate is scored once (its probabilities for the split's faces, and with ``flip`` also for their
 mirror images); sets are then scored by averaging those probabilities, which is what
@@ -80,3 +81,37 @@ def top_k(probs: Probabilities, truth: np.ndarray) -> tuple[list[str], dict[int,
     """
     ranked = sorted(probs, key=lambda n: -accuracy(probs, [n], truth))
     return ranked, {k: accuracy(probs, ranked[:k], truth) for k in range(2, len(ranked) + 1)}
+
+
+def mixture(probs: Probabilities, members: list[str], weights: list[float] | None = None) -> np.ndarray:
+    """The weighted mean of the members' probabilities (equal weights when None)."""
+    weights = weights or [1.0 / len(members)] * len(members)
+    return sum(w * probs[m] for m, w in zip(members, weights, strict=True))
+
+
+def nll(p: np.ndarray, truth: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class."""
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(truth)), truth], 1e-12, None))))
+
+
+def fit_weights(probs: Probabilities, members: list[str], truth: np.ndarray) -> list[float]:
+    """Member weights on the simplex that minimise the NLL of the weighted mean on these faces.
+
+    Weights are softmax(θ), so they stay positive and sum to 1; L-BFGS from equal weights. The NLL (not
+    the accuracy, which is flat almost everywhere) is what is fitted: it rewards a member for the faces
+    it is right about with confidence, and the fitted mixture is never worse than the equal one on it.
+    """
+    from scipy.optimize import minimize
+
+    stacked = np.stack([probs[m][np.arange(len(truth)), truth] for m in members], 1).astype(np.float64)
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = np.exp(theta - theta.max())
+        w /= w.sum()
+        p = np.clip(stacked @ w, 1e-12, None)
+        grad_w = -(stacked / p[:, None]).mean(0)  # d NLL / d w
+        return float(-np.log(p).mean()), w * (grad_w - grad_w @ w)  # chain rule through the softmax
+
+    result = minimize(objective, np.zeros(len(members)), jac=True, method="L-BFGS-B")
+    w = np.exp(result.x - result.x.max())
+    return (w / w.sum()).tolist()

@@ -112,6 +112,8 @@ class Card(_Block):
     kind: Literal["ensemble"] | None = None  # absent for a single ONNX model
     members: list[Member] | None = None  # ensemble only
     flip: bool | None = None  # ensemble only: mirrored faces averaged too
+    weights: list[float] | None = None  # ensemble only: each member's weight (None: equal)
+    weights_fitted_on: str | None = None  # ensemble only: the split whose NLL the weights minimise
     sha256: str | None = None
     labels: list[str]
     spec: dict[str, Any] | None = None  # PreprocessSpec.to_dict(); the ONNX metadata holds the served copy

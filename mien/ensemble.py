@@ -2,11 +2,13 @@
 
 Defined by a small JSON file beside the models, ``models/<id>.ensemble.json``::
 
-    {"model_id": "ensemble", "members": ["mini_xception", "dcnn"], "flip": true}
+    {"model_id": "ensemble", "members": ["mini_xception", "dcnn"], "flip": true, "weights": [0.6, 0.4]}
 
 Each member preprocesses the face crops by its own spec (sizes and normalisation may differ); the
-ensemble averages their class probabilities, and with ``"flip": true`` also those of the mirrored
-crops (horizontal-flip test-time augmentation). Members must share one label list. The ensemble
+ensemble averages their class probabilities, weighted by ``weights`` (optional, one non-negative number
+per member, normalised to sum to 1; equal weights when absent; ``mien ensemble --weights fit`` fits them
+on the validation split), and with ``"flip": true`` also those of the mirrored crops (horizontal-flip
+test-time augmentation). Members must share one label list. The ensemble
 quacks like :class:`mien.runtime.OnnxClassifier` where the service and ``mien eval`` use it
 (``spec``, ``model_id``, ``version``, ``provider``, ``predict_crops``), so it is served, listed and
 evaluated like any other model. ``mien ensemble`` writes the file and its card.
@@ -46,13 +48,33 @@ def read_ensemble_config(path: str | Path) -> dict:
     if not isinstance(flip, bool):
         raise EnsembleError(f"{path}: 'flip' must be true or false, got {flip!r}")
     model_id = config.get("model_id") or path.name.removesuffix(ENSEMBLE_SUFFIX)
-    return {"model_id": str(model_id), "members": members, "flip": flip}
+    weights = config.get("weights")
+    if weights is not None:
+        try:
+            weights = normalised_weights(weights, len(members))
+        except ValueError as exc:
+            raise EnsembleError(f"{path}: {exc}") from None
+    return {"model_id": str(model_id), "members": members, "flip": flip, "weights": weights}
+
+
+def normalised_weights(weights: list, count: int) -> list[float]:
+    """``weights`` scaled to sum to 1, after checking there is one non-negative number per member."""
+    if not isinstance(weights, list) or len(weights) != count:
+        raise ValueError(f"'weights' must list one number per member ({count}), got {weights!r}")
+    if not all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in weights):
+        raise ValueError(f"'weights' must be non-negative numbers, got {weights!r}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"'weights' must not all be zero, got {weights!r}")
+    return [float(w) / total for w in weights]
 
 
 class EnsembleClassifier:
-    """Mean of the members' probabilities (and of their mirrored crops with ``flip``)."""
+    """Weighted mean of the members' probabilities (and of their mirrored crops with ``flip``)."""
 
-    def __init__(self, model_id: str, members: list[OnnxClassifier], flip: bool = False) -> None:
+    def __init__(
+        self, model_id: str, members: list[OnnxClassifier], flip: bool = False, weights: list[float] | None = None
+    ) -> None:
         if len(members) < 2:
             raise EnsembleError(f"ensemble {model_id!r} needs at least two members, got {len(members)}")
         labels = {m.spec.labels for m in members}
@@ -60,12 +82,16 @@ class EnsembleClassifier:
             names = ", ".join(f"{m.model_id}: {list(m.spec.labels)}" for m in members)
             raise EnsembleError(f"ensemble {model_id!r}: members disagree on labels ({names})")
         self.members, self.flip, self.model_id = members, flip, model_id
+        self.weights = normalised_weights(list(weights), len(members)) if weights is not None else None
         # The crop the service cuts for the ensemble: the first member's framing, probabilities as output.
         self.spec = replace(members[0].spec, output="probabilities")
-        digest = hashlib.sha256(json.dumps([[m.model_id, m.version] for m in members] + [flip]).encode())
-        self.version = digest.hexdigest()[:12]
+        identity = [[m.model_id, m.version] for m in members] + [flip]
+        digest = hashlib.sha256(json.dumps(identity + ([self.weights] if self.weights else [])).encode())
+        self.version = digest.hexdigest()[:12]  # equal weights keep the version they had before weights existed
         members_text = ",".join(m.model_id for m in members)
         self.metadata = {"mien.ensemble.members": members_text, "mien.ensemble.flip": str(flip)}
+        if self.weights:
+            self.metadata["mien.ensemble.weights"] = ",".join(f"{w:.6g}" for w in self.weights)
 
     @property
     def provider(self) -> str:
@@ -80,8 +106,10 @@ class EnsembleClassifier:
         if not crops:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
         views = [crops, [np.ascontiguousarray(c[:, ::-1]) for c in crops]] if self.flip else [crops]
-        total = sum(m.predict_crops(view, batch_size) for m in self.members for view in views)
-        return (total / (len(self.members) * len(views))).astype(np.float32)
+        weights = self.weights or [1.0 / len(self.members)] * len(self.members)
+        total = sum(w * m.predict_crops(view, batch_size) for m, w in zip(self.members, weights, strict=True)
+                    for view in views)  # fmt: skip
+        return (total / len(views)).astype(np.float32)
 
     @classmethod
     def from_config(cls, path: str | Path, available: dict[str, OnnxClassifier]) -> EnsembleClassifier:
@@ -93,7 +121,7 @@ class EnsembleClassifier:
                 f"{Path(path).name}: member(s) {', '.join(missing)} not among the loaded models "
                 f"({', '.join(sorted(available)) or 'none'})"
             )
-        return cls(config["model_id"], [available[m] for m in config["members"]], config["flip"])
+        return cls(config["model_id"], [available[m] for m in config["members"]], config["flip"], config["weights"])
 
     @classmethod
     def from_path(

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from mien.export.ensemble import members_selected_on, write_ensemble
-from mien.export.ensemble_search import accuracy, greedy_members, top_k
+from mien.export.ensemble_search import accuracy, fit_weights, greedy_members, mixture, nll, top_k
 from mien.export.evaluate import evaluate_path
 
 from mien.card import Card
@@ -61,7 +61,7 @@ def test_ensemble_is_the_mean_of_members_and_of_mirrors(two_models):
 def test_write_ensemble_card_matches_mien_eval_and_is_served(two_models, tiny_npz, astronaut_jpeg, tmp_path):
     card = write_ensemble(["mini_xception", "twin"], two_models, flip=True, data=str(tiny_npz))
     assert read_ensemble_config(two_models / "ensemble.ensemble.json") == {
-        "model_id": "ensemble", "members": ["mini_xception", "twin"], "flip": True,
+        "model_id": "ensemble", "members": ["mini_xception", "twin"], "flip": True, "weights": None,
     }  # fmt: skip
     saved = json.loads((two_models / "ensemble.card.json").read_text())
     assert saved == card
@@ -161,3 +161,55 @@ def test_ensemble_search_greedy_and_top_k():
     assert greedy_members(probs, truth) == [("b", 0.75), ("a", 1.0)]
     ranked, top = top_k(probs, truth)
     assert ranked == ["b", "a", "c"] and top == {2: 1.0, 3: 1.0}
+
+
+class FixedMember:
+    """A stand-in member answering fixed probabilities for every crop (EnsembleClassifier duck-types members)."""
+
+    def __init__(self, model_id: str, row: list[float], spec) -> None:
+        self.model_id, self.version, self.spec, self.provider = model_id, model_id, spec, "CPUExecutionProvider"
+        self.row = np.asarray(row, np.float32)
+
+    def predict_crops(self, crops, batch_size=256):
+        return np.tile(self.row, (len(crops), 1))
+
+
+def test_weighted_ensemble_is_the_weighted_mean_and_weights_are_validated(two_models, tmp_path):
+    spec = OnnxClassifier.from_path(two_models / "mini_xception.onnx", providers=CPU).spec
+    a = FixedMember("a", [1, 0, 0, 0, 0, 0, 0], spec)
+    b = FixedMember("b", [0, 1, 0, 0, 0, 0, 0], spec)
+    crops = [np.zeros((48, 48), np.uint8)] * 3
+    weighted = EnsembleClassifier("e", [a, b], weights=[3, 1])
+    np.testing.assert_allclose(weighted.predict_crops(crops)[0, :2], [0.75, 0.25], atol=1e-6)
+    np.testing.assert_allclose(EnsembleClassifier("e", [a, b]).predict_crops(crops)[0, :2], [0.5, 0.5], atol=1e-6)
+    assert weighted.weights == [0.75, 0.25] and weighted.metadata["mien.ensemble.weights"] == "0.75,0.25"
+    assert weighted.version != EnsembleClassifier("e", [a, b]).version
+    for weights, reason in (([1.0], "one number per member"), ([1, -1], "non-negative"), ([0, 0], "all be zero")):
+        path = tmp_path / "w.ensemble.json"
+        path.write_text(json.dumps({"members": ["a", "b"], "weights": weights}))
+        with pytest.raises(EnsembleError, match=reason):
+            read_ensemble_config(path)
+
+
+def test_fitted_weights_favour_the_member_that_knows_and_lower_the_nll():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 7, 500)
+    knows = np.full((500, 7), 0.3 / 6)
+    knows[np.arange(500), truth] = 0.7
+    guesses = rng.dirichlet(np.ones(7), 500)
+    probs = {"knows": knows, "guesses": guesses}
+    weights = fit_weights(probs, ["knows", "guesses"], truth)
+    assert sum(weights) == pytest.approx(1.0) and weights[0] > 0.9
+    assert nll(mixture(probs, ["knows", "guesses"], weights), truth) < nll(mixture(probs, ["knows", "guesses"]), truth)
+
+
+def test_write_ensemble_fits_weights_on_validation_and_says_so(two_models, tiny_npz):
+    card = write_ensemble(["mini_xception", "twin"], two_models, model_id="fitted", data=str(tiny_npz),
+                          weights="fit")  # fmt: skip
+    config = read_ensemble_config(two_models / "fitted.ensemble.json")
+    assert config["weights"] == pytest.approx(card["weights"]) and sum(card["weights"]) == pytest.approx(1.0)
+    assert card["weights_fitted_on"] == "val" and card["metrics"]["split"] == "public_test"
+    assert "--weights fit --fit-split val" in card["export"]["command"]
+    with pytest.raises(ValueError, match="another split"):
+        write_ensemble(["mini_xception", "twin"], two_models, model_id="x", data=str(tiny_npz), weights="fit",
+                       fit_split="public_test")  # fmt: skip

@@ -32,14 +32,7 @@ def described(parser: argparse.ArgumentParser) -> list[tuple]:
 
 
 def _type(kind) -> str | None:
-    # int and float by name; a private parsing function by what it makes of a list and a too-short list
-    if kind in (None, int, float, str):
-        return getattr(kind, "__name__", None)
-    try:
-        kind("x")
-    except argparse.ArgumentTypeError as exc:
-        return f"{kind('a, b')} / {exc}"
-    raise AssertionError(f"{kind} accepted a one-item list")
+    return getattr(kind, "__name__", None) if kind is not None else None
 
 
 @pytest.mark.parametrize("command", COMMANDS)
