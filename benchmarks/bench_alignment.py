@@ -26,6 +26,7 @@ from mien.service.detectors import BUNDLED_DIR
 from mien.service.detectors.mtcnn import MtcnnDetector
 from mien.service.pipeline import crop_faces
 
+from mien.paths import DEFAULT_DATA
 from mien.runtime import OnnxClassifier
 
 CPU = ("CPUExecutionProvider",)
@@ -114,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/mini_xception.onnx", help="a classifier from `mien export`")
     parser.add_argument("--detector-dir", type=Path, default=BUNDLED_DIR, help="default: the checkout's")
-    parser.add_argument("--data", default="../shared/data/fer2013.npz")
+    parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=600, help="faces used (0 = all)")
     parser.add_argument("--angles", type=float, nargs="+", default=[-30, -15, 0, 15, 30])
     parser.add_argument("--threads", type=int, default=1)
