@@ -21,13 +21,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from mien.paths import DEFAULT_DATA
+from mien.runtime import OnnxClassifier
 from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face
 from mien.service.detectors import BUNDLED_DIR
 from mien.service.detectors.mtcnn import MtcnnDetector
 from mien.service.pipeline import crop_faces
-
-from mien.paths import DEFAULT_DATA
-from mien.runtime import OnnxClassifier
 
 CPU = ("CPUExecutionProvider",)
 UPSCALE = 3

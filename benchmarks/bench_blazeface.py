@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 from detect_photos import all_photos, match
+
 from mien.service.detectors.nms import nms
 
 # Input side, and per feature-map stride the anchors per cell (MediaPipe's SSD anchor layout for each model).

@@ -20,11 +20,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 from detect_photos import FACE_BOXES, Photo, all_photos, match, real_photo
+
+from mien.machine import median_ms
 from mien.service.detectors import BUNDLED_DIR, FaceDetector
 from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
-
-from mien.machine import median_ms
 
 CPU = ("CPUExecutionProvider",)
 

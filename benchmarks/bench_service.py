@@ -44,11 +44,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mien.service.config import Settings  # noqa: E402
-
 from benchmarks.detect_photos import FACE_BOXES, group, real_photo  # noqa: E402
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier  # noqa: E402
 from mien.machine import describe_cpu, median_ms  # noqa: E402
+from mien.service.config import Settings  # noqa: E402
 
 PHOTOS = ("astronaut", "grace_hopper", "camera", "group", "coffee")
 MAX_RSS_GROWTH_MB = 50.0
@@ -99,12 +98,11 @@ def bench_fer(model_dir: Path, settings: Settings, repeats: int) -> list[str]:
         from fer.fer import FER
     except ImportError as exc:
         return [f"`fer` is not installed ({exc}): `pip install -e '.[bench]'` then `pip install --no-deps fer`."]
+    from mien.runtime import OnnxClassifier
     from mien.service.detectors import BUNDLED_DIR
     from mien.service.detectors.haar import HaarFaceDetector
     from mien.service.detectors.mtcnn import MtcnnDetector
     from mien.service.pipeline import StageTimer, predict_faces
-
-    from mien.runtime import OnnxClassifier
 
     cascade = files("fer") / "data" / "haarcascade_frontalface_default.xml"  # fer's own copy, passed explicitly
     fer = FER(cascade_file=str(cascade), mtcnn=False)

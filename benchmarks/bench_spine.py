@@ -35,9 +35,10 @@ def bench_classifier(path: Path, providers: tuple[str, ...]) -> dict:
 
 def bench_predict(model_dir: Path, model_id: str, repeats: int) -> dict:
     from fastapi.testclient import TestClient
+    from skimage import data
+
     from mien.service.config import Settings
     from mien.service.main import create_app
-    from skimage import data
 
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
     body = jpeg.tobytes()

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+
+from mien.machine import describe_cpu
 from mien.training.hardware import channels_last_hazards
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext
 from mien.training.recipe import config_from_dict, load_recipe
-
-from mien.machine import describe_cpu
 
 FER2013_TRAIN_IMAGES = 28_709
 SETUPS = [("NCHW", "none"), ("NCHW", "bf16"), ("channels-last", "none"), ("channels-last", "bf16")]

@@ -18,7 +18,6 @@ import argparse
 from pathlib import Path
 
 from mien.export.ensemble_search import greedy_members, member_probabilities, top_k
-
 from mien.paths import DEFAULT_DATA
 
 

@@ -13,13 +13,12 @@ import logging
 import time
 from pathlib import Path
 
-from mien.export.ensemble_search import fit_weights, member_probabilities
-from mien.export.evaluate import score_classifier
-from mien.training.data import CARVED_SPLIT
-
 from mien.card import Card, CardError, card_for, card_path, write_card
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier, normalised_weights
+from mien.export.ensemble_search import fit_weights, member_probabilities
+from mien.export.evaluate import score_classifier
 from mien.paths import DEFAULT_DATA
+from mien.training.data import CARVED_SPLIT
 
 log = logging.getLogger("mien.export")
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from mien.export.evaluate import SplitFaces, eval_split
 
+from mien.export.evaluate import SplitFaces, eval_split
 from mien.runtime import OnnxClassifier
 
 Probabilities = dict[str, np.ndarray]  # model id -> (faces × scored classes)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
-from mien.training.data import CARVED_SPLIT, DataError, FaceDataset, load_dataset, load_with_validation, select_labels
 
 from mien.spec import PreprocessSpec
+from mien.training.data import CARVED_SPLIT, DataError, FaceDataset, load_dataset, load_with_validation, select_labels
 
 log = logging.getLogger("mien.eval")
 
@@ -160,6 +160,7 @@ class CheckpointClassifier:
 
     def predict_crops(self, crops: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
         import torch
+
         from mien.training.objectives import predict_logits
 
         logits = predict_logits(self.model, torch.from_numpy(np.stack(crops)), self._transform, batch_size)

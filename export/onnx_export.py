@@ -17,15 +17,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from mien.export.evaluate import eval_split, score_faces
-from mien.training.checkpoint import load_model
-from mien.training.tencrop import NUM_VIEWS, ten_crop
 
 from mien.card import Card, Parity, card_path, write_card
+from mien.export.evaluate import eval_split, score_faces
 from mien.paths import DEFAULT_DATA
 from mien.preprocess import to_model_input
 from mien.runtime import MODEL_ID_KEY, MODEL_VERSION_KEY, OnnxClassifier, make_session
 from mien.spec import PreprocessSpec
+from mien.training.checkpoint import load_model
+from mien.training.tencrop import NUM_VIEWS, ten_crop
 
 log = logging.getLogger("mien.export")
 

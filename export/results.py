@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mien.export.evaluate import plot_confusion, score_classifier
-from mien.export.figures import has_op, plot_card_curves, plot_stn, plot_tsne
 
 from mien.card import Card, CardError, card_for
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
+from mien.export.evaluate import plot_confusion, score_classifier
+from mien.export.figures import has_op, plot_card_curves, plot_stn, plot_tsne
 from mien.machine import describe_cpu, median_ms
 from mien.paths import DEFAULT_DATA
 
@@ -61,6 +61,7 @@ def model_files(model_dir: Path) -> list[Path]:
 def occlude(images: np.ndarray, area: float, seed: int) -> np.ndarray:
     """The faces with one mid-grey square over ``area`` of each, at a seeded random place."""
     import torch
+
     from mien.training.occlusion import random_occlusion
 
     generator = torch.Generator().manual_seed(seed)

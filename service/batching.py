@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from mien.service.exceptions import NotReady
 
+from mien.service.exceptions import NotReady
 from mien.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)

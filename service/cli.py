@@ -24,9 +24,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Settings from the environment with the flags over them, then uvicorn; 2 when the settings are invalid."""
     import uvicorn
+    from pydantic import ValidationError
+
     from mien.service.config import Settings
     from mien.service.main import create_app
-    from pydantic import ValidationError
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_dir": args.model_dir,
                                    "default_model": args.default_model}.items() if v is not None}  # fmt: skip

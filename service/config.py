@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import onnxruntime as ort
-from mien.service.detectors import DetectorName
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
+from mien.service.detectors import DetectorName
 
 MEGABYTE = 1024 * 1024
 # OpenCV refuses to decode more than 2**30 pixels (OPENCV_IO_MAX_IMAGE_PIXELS); a higher limit would lie.

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from starlette.datastructures import UploadFile
+
 from mien.service.config import Settings
 from mien.service.detectors import FaceDetector
 from mien.service.exceptions import (
@@ -21,7 +23,6 @@ from mien.service.exceptions import (
 )
 from mien.service.metrics import ServiceMetrics
 from mien.service.registry import LoadedModel, ModelRegistry
-from starlette.datastructures import UploadFile
 
 MODEL_PARAM = "model"  # the query parameter that names a model (POST /predict); the metrics read it too
 

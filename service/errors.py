@@ -13,6 +13,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from mien.service.exceptions import (
     BadImage,
     BadInferRequest,
@@ -34,7 +36,6 @@ from mien.service.exceptions import (
     UnsupportedModel,
     VersionNotFound,
 )
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import struct
 
 import cv2
 import numpy as np
+
 from mien.service.exceptions import BadImage, EmptyFile, TooManyPixels, UnsupportedMediaType
 
 #: Media types a client may declare for the uploaded part; octet-stream and none are sniffed instead.

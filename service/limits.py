@@ -37,12 +37,13 @@ import logging
 import sys
 
 from fastapi import FastAPI
-from mien.service.config import Settings
-from mien.service.errors import mien_error_response
-from mien.service.exceptions import Busy, MienError, QueryTooLong, TimedOut, TooLarge
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mien.service.config import Settings
+from mien.service.errors import mien_error_response
+from mien.service.exceptions import Busy, MienError, QueryTooLong, TimedOut, TooLarge
 
 log = logging.getLogger(__name__)
 

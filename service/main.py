@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+
+from mien import __version__
 from mien.service.config import Settings
 from mien.service.detectors import DetectorOptions, detector_dir, load_detectors
 from mien.service.errors import install_error_handlers
@@ -19,8 +21,6 @@ from mien.service.metrics import ServiceMetrics
 from mien.service.registry import ModelRegistry
 from mien.service.routes import health, metrics, models, predict, v2, web
 from mien.service.routes.metrics import PredictMetricsMiddleware
-
-from mien import __version__
 
 log = logging.getLogger(__name__)
 

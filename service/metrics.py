@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
-from mien.service.registry import ModelRegistry
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+
+from mien.service.registry import ModelRegistry
 
 FACE_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -11,13 +11,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from mien.service.align import align_face
-from mien.service.batching import MicroBatcher
-from mien.service.detectors import Detections, FaceDetector
 
 from mien.ensemble import EnsembleClassifier
 from mien.preprocess import expand_box
 from mien.runtime import OnnxClassifier
+from mien.service.align import align_face
+from mien.service.batching import MicroBatcher
+from mien.service.detectors import Detections, FaceDetector
 
 
 class StageTimer:

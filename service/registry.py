@@ -13,12 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from mien.service.batching import MicroBatcher
-from mien.service.exceptions import ModelNotFound
 
 from mien.card import Card, CardError, card_for, card_path
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
 from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
+from mien.service.batching import MicroBatcher
+from mien.service.exceptions import ModelNotFound
 
 log = logging.getLogger(__name__)
 

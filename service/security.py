@@ -16,6 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
 from mien.service.deps import SettingsDep
 from mien.service.exceptions import Unauthorized
 

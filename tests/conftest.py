@@ -76,6 +76,7 @@ CPU = ("CPUExecutionProvider",)
 def make_client(model_dir: Path, **overrides):
     """A TestClient of a fresh app serving ``model_dir`` on the CPU provider unless told otherwise."""
     from fastapi.testclient import TestClient
+
     from mien.service.config import Settings
     from mien.service.main import create_app
 

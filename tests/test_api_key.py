@@ -8,11 +8,11 @@ import hmac
 import cv2
 import numpy as np
 import pytest
-from mien.service import security
-from mien.service.config import Settings
 from pydantic import ValidationError
 from skimage import data
 
+from mien.service import security
+from mien.service.config import Settings
 from tests.conftest import make_client
 
 KEY = "k3y-for-tests-0123456789abcdef"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mien.service.batching import MicroBatcher
-from mien.service.exceptions import NotReady
 
 from mien.ensemble import load_classifier
 from mien.runtime import OnnxClassifier
+from mien.service.batching import MicroBatcher
+from mien.service.exceptions import NotReady
 from mien.spec import FER2013_LABELS
 from tests.conftest import make_client
 

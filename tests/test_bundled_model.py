@@ -9,11 +9,11 @@ from pathlib import Path
 import cv2
 import pytest
 from fastapi.testclient import TestClient
-from mien.service.config import Settings
-from mien.service.main import create_app
 from skimage import data
 
 from mien.runtime import OnnxClassifier
+from mien.service.config import Settings
+from mien.service.main import create_app
 from tests.conftest import SHARED_DATA
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

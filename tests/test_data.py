@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-from mien.training.data import DataError, load_fer2013
 
 from mien.spec import FER2013_LABELS
+from mien.training.data import DataError, load_fer2013
 from tests.conftest import SHARED_DATA
 
 

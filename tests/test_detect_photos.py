@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from benchmarks.detect_photos import FACE_BOXES, all_photos, match, real_photo
 from mien.service.detectors import BUNDLED_DIR
 from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
-
-from benchmarks.detect_photos import FACE_BOXES, all_photos, match, real_photo
 
 PHOTOS = {photo.name: photo for photo in all_photos()}
 
@@ -99,7 +99,6 @@ def test_export_detector_reproduces_the_committed_files(tmp_path):
 def test_cli_still_exports_checkpoints_by_path(monkeypatch):
     """The word `detector` is special; anything else is still a checkpoint path."""
     import mien.export.onnx_export as classifier_export
-
     from mien.cli import main
 
     seen = {}

@@ -7,12 +7,12 @@ import re
 
 import numpy as np
 import pytest
+
+from benchmarks.detect_photos import group
 from mien.service.align import align_face
 from mien.service.config import Settings
 from mien.service.detectors import Detections
 from mien.service.pipeline import StageTimer, crop_faces, predict_faces
-
-from benchmarks.detect_photos import group
 from tests.conftest import CPU, make_client
 from tests.test_service_api import assert_error, astronaut, encode, upload
 

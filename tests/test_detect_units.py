@@ -9,6 +9,7 @@ from typing import get_args
 import cv2
 import numpy as np
 import pytest
+
 from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face, alignment_matrix, eye_angle
 from mien.service.detectors import DETECTORS, Detections, DetectorName
 from mien.service.detectors.mtcnn import CELL, crop_patches, normalise, pnet_boxes, pyramid_scales

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mien.training.hardware import Process
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import build_objective
 from mien.training.support import check_supported
 from mien.training.train import TrainConfig
-
 from tests.conftest import write_npz
 
 ROOT = Path(__file__).resolve().parents[1]

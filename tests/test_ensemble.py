@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from mien.export.ensemble import members_selected_on, write_ensemble
-from mien.export.ensemble_search import accuracy, fit_weights, greedy_members, mixture, nll, top_k
-from mien.export.evaluate import evaluate_path
 
 from mien.card import Card
 from mien.ensemble import EnsembleClassifier, EnsembleError, load_classifier, read_ensemble_config
+from mien.export.ensemble import members_selected_on, write_ensemble
+from mien.export.ensemble_search import accuracy, fit_weights, greedy_members, mixture, nll, top_k
+from mien.export.evaluate import evaluate_path
 from mien.runtime import MODEL_ID_KEY, OnnxClassifier
 from tests.conftest import CPU, make_client
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from mien.export.cli import add_commands
 
 from mien.cli import build_parser
+from mien.export.cli import add_commands
 from mien.paths import DEFAULT_DATA
 
 COMMANDS = ("export", "ensemble", "eval", "results")

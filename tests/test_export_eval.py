@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from mien.export.evaluate import classification_report, evaluate_path
-from mien.export.onnx_export import ExportConfig, export_checkpoint
 
 from mien.card import card_path, read_card
+from mien.export.evaluate import classification_report, evaluate_path
+from mien.export.onnx_export import ExportConfig, export_checkpoint
 from mien.runtime import OnnxClassifier
 from mien.spec import PreprocessSpec
 

@@ -7,14 +7,14 @@ import csv
 import numpy as np
 import pytest
 import torch
+
+from mien.cli import build_parser
 from mien.export.evaluate import evaluate_path
+from mien.spec import FER2013_LABELS
 from mien.training.checkpoint import load_model
 from mien.training.data import DataError, load_dataset
 from mien.training.ferplus import FERPLUS_LABELS, VOTE_COLUMNS, ferplus_dataset, vote_targets
 from mien.training.train import TrainConfig, train
-
-from mien.cli import build_parser
-from mien.spec import FER2013_LABELS
 from tests.conftest import write_npz
 
 # FER2013 label index → the FER+ vote column of the same emotion

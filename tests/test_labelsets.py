@@ -7,12 +7,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from mien.training.checkpoint import load_model
-from mien.training.data import CKPLUS_FOLDERS, CKPLUS_LABELS, DataError, load_dataset, select_labels
-from mien.training.train import TrainConfig, train
 
 from mien.cli import build_parser
 from mien.spec import FER2013_LABELS
+from mien.training.checkpoint import load_model
+from mien.training.data import CKPLUS_FOLDERS, CKPLUS_LABELS, DataError, load_dataset, select_labels
+from mien.training.train import TrainConfig, train
 from tests.conftest import write_npz
 
 FIVE = ("angry", "sad", "happy", "fear", "neutral")  # the DCNN paper's 5-class setup, in its order

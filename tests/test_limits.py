@@ -12,11 +12,11 @@ from pathlib import Path
 
 import cv2
 import pytest
+from skimage import data
+
 from mien.service.config import Settings
 from mien.service.deps import get_detectors
 from mien.service.limits import LoadLimiter
-from skimage import data
-
 from tests.conftest import make_client
 
 WAIT = 60  # seconds a test waits for a condition before it fails (never reached when the code is right)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from mien.training.models import create_model, default_spec, list_models
 
 

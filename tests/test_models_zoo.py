@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+
 from mien.export.onnx_export import INPUT_NAME, OUTPUT_NAME, to_onnx
 from mien.training.layers import EDSR, EDSR_PAPER, SpatialTransformer, SqueezeExcite
 from mien.training.losses import batch_hard_triplet_loss

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 
-import mien.training.train as train_module
 import pytest
 import torch
 import torch.nn.functional as F
+
+import mien.training.train as train_module
 from mien.training.checkpoint import load_model
 from mien.training.config import ObjectiveConfig
 from mien.training.data import load_dataset
@@ -26,7 +27,6 @@ from mien.training.objectives import (
 from mien.training.sr_pretrain import SRPretrainConfig, downscale, pretrain_sr, sr_l1
 from mien.training.train import TrainConfig, train
 from mien.training.transforms import normalize
-
 from tests.conftest import write_npz
 
 

@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from mien.training.cli import add_commands, train_config_from_args
-from mien.training.recipe import config_from_dict, link_card, load_recipe, recipe_differences, recipe_text, sync
 
 from mien.cli import main
+from mien.training.cli import add_commands, train_config_from_args
+from mien.training.recipe import config_from_dict, link_card, load_recipe, recipe_differences, recipe_text, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_CARDS = sorted(

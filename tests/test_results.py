@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from mien.export.ensemble import write_ensemble
 from mien.export.evaluate import evaluate_path
 from mien.export.figures import intermediate, node_tensor
 from mien.export.onnx_export import ExportConfig, export_checkpoint
 from mien.export.results import ResultsConfig, occlude, write_results
-from mien.training.models import create_model, default_spec
-
 from mien.preprocess import to_model_input
 from mien.runtime import OnnxClassifier
+from mien.training.models import create_model, default_spec
 from tests.conftest import CPU
 
 TRIPLET_KWARGS = {"num_classes": 7, "widths": [8, 16, 16, 32]}

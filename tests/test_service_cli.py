@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+
 from mien.service.cli import add_commands, run_serve
 
 

@@ -9,10 +9,10 @@ import inspect
 from pathlib import Path
 
 import pytest
+
 from mien.service import exceptions
 from mien.service.detectors import BUNDLED_DIR, source_checkout
 from mien.service.errors import STATUS, mien_error_response, status_of
-
 from tests.conftest import make_client
 from tests.test_service_api import astronaut, encode, upload
 from tests.test_service_ops import sample

@@ -12,11 +12,11 @@ import cv2
 import onnx
 import pytest
 from fastapi.testclient import TestClient
-from mien.service.config import Settings
-from mien.service.main import create_app
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
+from mien.service.config import Settings
+from mien.service.main import create_app
 from mien.spec import METADATA_KEY, PreprocessSpec
 from tests.conftest import make_client
 

@@ -7,6 +7,9 @@ import io
 import cv2
 import numpy as np
 import pytest
+from pydantic import ValidationError
+from skimage import data
+
 from mien.service import imaging
 from mien.service.config import Settings
 from mien.service.detectors import Detections
@@ -15,8 +18,6 @@ from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.errors import status_of
 from mien.service.exceptions import BadImage, TooLarge, UnsupportedMediaType
 from mien.service.pipeline import StageTimer, predict_faces
-from pydantic import ValidationError
-from skimage import data
 
 
 def astronaut() -> np.ndarray:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+
+from mien.runtime import OnnxClassifier, SessionConfig, make_session, run_io_bound
 from mien.service.config import Settings
 from mien.service.detectors.mtcnn import MtcnnDetector
 from mien.service.registry import ModelRegistry
-
-from mien.runtime import OnnxClassifier, SessionConfig, make_session, run_io_bound
 from tests.conftest import make_client
 
 CPU = ("CPUExecutionProvider",)

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 
-import mien.training.train as train_module
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+import mien.training.train as train_module
 from mien.training.data import FaceDataset, carve_validation, load_dataset
 from mien.training.distill import distillation_loss, load_teachers, soften
 from mien.training.train import TrainConfig, load_labelled, train
 from mien.training.transforms import AugmentConfig, mix_batch, random_affine, random_erasing
-
 from tests.conftest import SHARED_DATA
 
 STRONG = {"flip": True, "rotation_deg": 10.0, "shift": 0.1, "zoom": 0.1, "crop": 40, "erasing": 0.5, "mixup": 0.2,

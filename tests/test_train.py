@@ -1,8 +1,9 @@
 import json
 
-import mien.training.train as train_module
 import pytest
 import torch
+
+import mien.training.train as train_module
 from mien.training.checkpoint import load_model
 from mien.training.train import TrainConfig, train
 from mien.training.transforms import AugmentConfig, build_transforms, random_affine

@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields, replace
 
 import pytest
+
 from mien.training.cli import add_commands, field_default, flag, train_config_from_args
 from mien.training.config import AugmentConfig, ObjectiveConfig, SRPretrainConfig, TrainConfig, leaf_fields
 

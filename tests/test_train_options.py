@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import mien.training.train as train_module
 import pytest
 import torch
 import torch.nn as nn
+
+import mien.training.train as train_module
 from mien.training.hardware import channels_last_hazards, use_channels_last
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext
 from mien.training.schedule import epochs_without_improvement, get_lr, plateau_scale
 from mien.training.train import TrainConfig, train
-
 from tests.conftest import write_npz
 
 SMALL = {"widths": [8, 16, 32, 64], "hidden": 16}

@@ -10,10 +10,10 @@ from pathlib import Path
 import onnx
 import pytest
 from google.protobuf import text_format
-from mien.export.triton import LABELS_FILE, export_triton
 from onnx import TensorProto, helper
 
 from mien.cli import main
+from mien.export.triton import LABELS_FILE, export_triton
 from mien.runtime import MODEL_ID_KEY
 from mien.spec import PreprocessSpec
 

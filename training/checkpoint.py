@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from mien.training.models import create_model
 
 from mien.spec import PreprocessSpec
+from mien.training.models import create_model
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, PreprocessSpec, dict]:

@@ -170,9 +170,8 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_recipe(args: argparse.Namespace) -> int:
-    from mien.training.recipe import check_card, link_card, recipe_from_card, sync
-
     from mien.card import CARD_SUFFIX
+    from mien.training.recipe import check_card, link_card, recipe_from_card, sync
 
     if args.recipe_command == "from-card":
         sys.stdout.write(recipe_from_card(args.card))

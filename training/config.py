@@ -18,11 +18,10 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from mien.paths import DEFAULT_DATA
 from mien.training.data import VAL_FRACTION, VAL_SEED
 from mien.training.ferplus import LABEL_SOURCES, TARGETS
 from mien.training.schedule import SCHEDULES
-
-from mien.paths import DEFAULT_DATA
 
 OPTIMIZERS = ("adam", "sgd")
 AMP_MODES = ("none", "bf16", "fp16")

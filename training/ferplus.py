@@ -24,9 +24,9 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from mien.training.data import DataError, FaceDataset
 
 from mien.spec import FER2013_LABELS
+from mien.training.data import DataError, FaceDataset
 
 #: The vote columns of the FER+ file, in its order.
 VOTE_COLUMNS = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt", "unknown", "NF")

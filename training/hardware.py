@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
 from mien.training.config import AMP_MODES, DEVICES
 
 log = logging.getLogger("mien.train")

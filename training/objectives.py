@@ -26,14 +26,14 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mien.spec import PreprocessSpec
 from mien.training.distill import distillation_loss, load_teachers, teacher_targets
 from mien.training.hardware import in_layout
 from mien.training.losses import batch_hard_triplet_loss
 from mien.training.occlusion import random_occlusion
 from mien.training.tencrop import random_ten_crop, ten_crop_logits
 from mien.training.transforms import build_transforms, mix_batch
-
-from mien.spec import PreprocessSpec
 
 
 @dataclass(frozen=True)

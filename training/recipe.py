@@ -17,9 +17,8 @@ import tomllib
 from dataclasses import asdict
 from pathlib import Path
 
-from mien.training.config import config_from_dict
-
 from mien.card import Card, read_card, write_card
+from mien.training.config import config_from_dict
 
 __all__ = [
     "check_card",

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from mien.training.config import TrainConfig
-from mien.training.curves import plot_curves
-from mien.training.objectives import CrossEntropy
 from torch.optim.swa_utils import AveragedModel
 
 from mien.spec import PreprocessSpec
+from mien.training.config import TrainConfig
+from mien.training.curves import plot_curves
+from mien.training.objectives import CrossEntropy
 
 log = logging.getLogger("mien.train")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from mien.training.config import SRPretrainConfig
 from mien.training.data import load_dataset
 from mien.training.layers import EDSR, EDSR_SMALL

@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from mien.spec import PreprocessSpec
 from mien.training.config import TrainConfig
 from mien.training.curves import plot_curves
 from mien.training.data import CARVED_SPLIT, FaceDataset, load_dataset, load_with_validation, select_labels
@@ -32,11 +37,6 @@ from mien.training.run_folder import Progress, RunFolder, run_log
 from mien.training.schedule import epochs_without_improvement, get_lr
 from mien.training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
 from mien.training.support import check_supported
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
-
-from mien.spec import PreprocessSpec
 
 # get_lr, plot_curves and predict_logits are imported from here by older callers
 __all__ = ["TrainConfig", "get_lr", "plot_curves", "predict_logits", "train", "train_one_epoch", "warm_start",

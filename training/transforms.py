@@ -12,9 +12,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mien.training.config import AugmentConfig
 
 from mien.spec import PreprocessSpec
+from mien.training.config import AugmentConfig
 
 __all__ = ["AugmentConfig", "build_transforms", "mix_batch", "normalize", "random_affine", "random_erasing"]
 

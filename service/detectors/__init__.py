@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mien.paths import DETECTOR_FOLDER
+from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
 from mien.service.detectors.base import Detections, FaceDetector
 from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
 from mien.service.exceptions import DetectorFilesMissing
-
-from mien.paths import DETECTOR_FOLDER
-from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
 
 __all__ = [
     "BUNDLED_DIR",

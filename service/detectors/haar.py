@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from mien.service.detectors.base import Detections, sort_by_area
 from mien.service.exceptions import DetectorNotLoaded
 

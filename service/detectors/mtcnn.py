@@ -14,11 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnxruntime as ort
+
+from mien.runtime import DEFAULT_PROVIDERS, SessionConfig, make_session
 from mien.service.detectors.base import Detections
 from mien.service.detectors.nms import apply_regression, nms, square, to_xywh
 from mien.service.exceptions import DetectorFilesMissing
-
-from mien.runtime import DEFAULT_PROVIDERS, SessionConfig, make_session
 
 NETS = ("pnet", "rnet", "onet")  # files mtcnn_<net>.onnx, written by `mien export detector`
 CELL = 12  # P-Net's receptive field: it scores 12×12 windows ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+
 from mien.service.deps import ModelsDep
 from mien.service.exceptions import NotReady
 from mien.service.schemas import HealthResponse, ReadyResponse, error_responses

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+
 from mien.service.deps import ModelsDep
 from mien.service.schemas import ModelInfo, ModelsResponse, error_responses
 

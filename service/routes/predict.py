@@ -12,6 +12,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
+
 from mien.service.deps import DetectorsDep, MetricsDep, ModelDep, SettingsDep, one_upload, pick_detector
 from mien.service.detectors import DetectorName
 from mien.service.exceptions import TooLarge

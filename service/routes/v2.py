@@ -39,15 +39,15 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from mien import __version__
+from mien.runtime import OnnxClassifier
 from mien.service.deps import OptionalModelsDep, PathModelDep, PathModelVersionDep
 from mien.service.exceptions import BadInferRequest, ProtocolNotReady, UnsupportedModel
 from mien.service.registry import LoadedModel
 from mien.service.schemas import error_responses
 from mien.service.security import ApiKey
-from starlette.concurrency import run_in_threadpool
-
-from mien import __version__
-from mien.runtime import OnnxClassifier
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 

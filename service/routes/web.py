@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
+
 from mien.service.exceptions import StaticFileNotFound
 
 router = APIRouter(tags=["web"], include_in_schema=False)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from mien.training.layers import EDSR, EDSR_SMALL, SpatialTransformer
-from mien.training.models import register_model
 
 from mien.spec import PreprocessSpec
+from mien.training.layers import EDSR, EDSR_SMALL, SpatialTransformer
+from mien.training.models import register_model
 
 SPEC = PreprocessSpec(input_size=(48, 48), channels=1, mean=(0.5,), std=(0.5,))
 

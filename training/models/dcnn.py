@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from mien.training.models import register_model
 
 from mien.spec import PreprocessSpec
+from mien.training.models import register_model
 
 #: The crop side that ten-crop cuts out of a 48×48 face.
 CROP_SIZE = 42

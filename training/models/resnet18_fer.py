@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from mien.training.layers import BasicBlock
-from mien.training.models import register_model
 
 from mien.spec import PreprocessSpec
+from mien.training.layers import BasicBlock
+from mien.training.models import register_model
 
 
 class ResNet18Fer(nn.Module):

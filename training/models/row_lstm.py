@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from mien.training.models import register_model
 
 from mien.spec import PreprocessSpec
+from mien.training.models import register_model
 
 
 class RowLSTM(nn.Module):

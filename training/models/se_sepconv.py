@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from mien.training.layers import SeparableConv2d, SqueezeExcite
-from mien.training.models import register_model
 
 from mien.spec import PreprocessSpec
+from mien.training.layers import SeparableConv2d, SqueezeExcite
+from mien.training.models import register_model
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:

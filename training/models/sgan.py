@@ -16,9 +16,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from mien.training.models import register_model
 
 from mien.spec import PreprocessSpec
+from mien.training.models import register_model
 
 NORMS = ("batch", "none")
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mien.training.layers import BasicBlock, SpatialTransformer
-from mien.training.models import register_model
 
 from mien.spec import PreprocessSpec
+from mien.training.layers import BasicBlock, SpatialTransformer
+from mien.training.models import register_model
 
 
 class STNResNet10(nn.Module):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from mien.training.models import register_model
 
 from mien.spec import PreprocessSpec
+from mien.training.models import register_model
 
 
 def _stage(in_ch: int, out_ch: int, convs: int) -> nn.Sequential:
