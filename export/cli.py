@@ -159,6 +159,9 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--figures", default="docs/figures/results")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the timing")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per batch size (median reported)")
+    p.add_argument("--reference", default="docs/figures/fer_package.json",
+                   help="another package's figures on the same faces, drawn in the speed plot "
+                   "(benchmarks/fer_package_accuracy.py writes it; '' for none)")  # fmt: skip
     p.set_defaults(func=_run_results)
 
 
@@ -166,7 +169,8 @@ def _run_results(args: argparse.Namespace) -> int:
     from mien.export.results import ResultsConfig, write_results
 
     cfg = ResultsConfig(model_dir=args.model_dir, data=args.data, split=args.split, out=args.out,
-                        figures=args.figures, threads=args.threads, repeats=args.repeats)  # fmt: skip
+                        figures=args.figures, threads=args.threads, repeats=args.repeats,
+                        reference=args.reference)  # fmt: skip
     rows = write_results(cfg, "mien " + shlex.join(sys.argv[1:]))
     for row in sorted(rows, key=lambda r: -r["accuracy"]):
         print(f"{row['model_id']:24s} accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "

@@ -112,3 +112,32 @@ def plot_card_curves(card: Card | None, out: Path) -> bool:
 
     plot_curves(history, out)
     return True
+
+
+def plot_speed_accuracy(rows: list[dict], out: Path, split: str, reference: dict | None = None) -> None:
+    """Accuracy against milliseconds per face (batch 1, log scale) of every measured model, labelled; with
+    ``reference`` (e.g. the fer package's figures from benchmarks/fer_package_accuracy.py) drawn as well."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ensemble = bool(r.get("members"))
+        ax.scatter(r["ms_per_face_b1"], 100 * r["accuracy"], marker="s" if ensemble else "o", s=50,
+                   color="tab:orange" if ensemble else "tab:blue", zorder=3)  # fmt: skip
+        ax.annotate(r["model_id"], (r["ms_per_face_b1"], 100 * r["accuracy"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)  # fmt: skip
+    for row in (reference or {}).get("rows", []):
+        label = f"{reference.get('package', 'reference')}: {row['model']}"
+        ax.scatter(row["ms_per_face"], 100 * row["accuracy"], marker="x", s=60, color="tab:red", zorder=3)
+        ax.annotate(label, (row["ms_per_face"], 100 * row["accuracy"]), textcoords="offset points", xytext=(5, -10),
+                    fontsize=8, color="tab:red")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set(xlabel="ms per face, batch 1, one CPU thread (log scale)", ylabel=f"{split} accuracy %",
+           title="Accuracy against speed: up and to the left is better")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -25,7 +25,7 @@ import numpy as np
 from mien.card import Card, CardError, card_for
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
 from mien.export.evaluate import plot_confusion, score_classifier
-from mien.export.figures import has_op, plot_card_curves, plot_stn, plot_tsne
+from mien.export.figures import has_op, plot_card_curves, plot_speed_accuracy, plot_stn, plot_tsne
 from mien.machine import describe_cpu, median_ms
 from mien.paths import DEFAULT_DATA
 
@@ -37,6 +37,7 @@ ABLATION_ROWS = {"base_cnn": "Base", "stn_cnn": "+STN", "sr_cnn": "+SR", "stn_sr
 #: PublicTest accuracy targets set for the bundled models (issue 4), in %.
 TARGETS = {"mini_xception": 66.0, "se_sepconv": 65.2, "dcnn": 66.0, "stn_sr_cnn": 70.0, "ensemble": 74.0}
 BEST_SINGLE_TARGET = 72.0
+SPEED_FIGURE = "accuracy_vs_speed.png"
 
 
 @dataclass
@@ -51,6 +52,8 @@ class ResultsConfig:
     threads: int = 1  # onnxruntime intra-op threads for the timing (1 = one core, comparable across machines)
     repeats: int = 30  # timed calls per batch size; the median is reported
     tsne_faces: int = 1500
+    # another package's figures on the same faces, drawn beside ours (benchmarks/fer_package_accuracy.py)
+    reference: str = "docs/figures/fer_package.json"
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -113,6 +116,7 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
         "macs": from_card.pop("macs"),
         "ms_per_face_b1": ms_per_face(classifier, images, 1, cfg.repeats),
         "ms_per_face_b32": ms_per_face(classifier, images, 32, max(5, cfg.repeats // 3)),
+        "per_class_f1": {name: scores["f1"] for name, scores in report["per_class"].items()},
         **from_card,
         "figures": {"confusion": f"{model_id}_confusion.png"},
     }
@@ -146,6 +150,7 @@ def card_figures(card: Card | None) -> dict:
         # an ONNX model's flip TTA is an export option; an ensemble's, its own "flip"
         "flip_tta": export.flip_tta if export and export.flip_tta is not None else (card.flip if card else None),
         "members": [m.model_id for m in card.members or []] or None if card else None,
+        "selected_on": card.selected_on if card else None,
     }
 
 
@@ -169,6 +174,8 @@ def render(rows: list[dict], cfg: ResultsConfig, command: str) -> str:
     figures_rel = Path(os.path.relpath(cfg.figures, Path(cfg.out).parent)).as_posix()
     by_id = {r["model_id"]: r for r in rows}
     lines = _summary(rows, cfg, command)
+    lines += ["", f"![accuracy against speed]({figures_rel}/{SPEED_FIGURE})"]
+    lines += _per_class(rows, cfg.split)
     if all(m in by_id for m in ABLATION_ROWS):
         lines += _ablation(by_id, cfg.split)
     lines += _targets(rows)
@@ -208,16 +215,32 @@ def _summary(rows: list[dict], cfg: ResultsConfig, command: str) -> list[str]:
         f"Occluded: accuracy when a mid-grey square covering {cfg.occlusion_area:.0%} of each face is pasted at a "
         f"random place (seed {cfg.seed}; the same patches for every model).",
         "",
+        "Selected on: the split that chose the checkpoint (and stopped training); `val` is the validation split "
+        f"carved from Training, so {cfg.split} is a clean test for those models. The older models were selected "
+        f"on {cfg.split} itself, so their figures on it are optimistic.",
+        "",
         "| model | accuracy % | macro-F1 % | occluded % | parameters | MACs / face | ms/face b1 | ms/face b32 "
-        "| epoch kept | s/epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| epoch kept | s/epoch | selected on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r["accuracy"]):
         lines.append(
             f"| `{r['model_id']}` | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['occluded_accuracy'])} "
             f"| {_count(r['parameters'], 1e6, 'M')} | {_count(r['macs'], 1e6, 'M')} | {r['ms_per_face_b1']:.2f} "
-            f"| {r['ms_per_face_b32']:.3f} | {r['epochs'] or ''} | {r['seconds_per_epoch'] or ''} |"
+            f"| {r['ms_per_face_b32']:.3f} | {r['epochs'] or ''} | {r['seconds_per_epoch'] or ''} "
+            f"| {r.get('selected_on') or ''} |"
         )
+    return lines
+
+
+def _per_class(rows: list[dict], split: str) -> list[str]:
+    """F1 per class and model (the classes of the first model; a model lacking one shows a dash)."""
+    names = list(rows[0]["per_class_f1"]) if rows else []
+    lines = ["", f"## F1 per class on {split} (%)", "", "| model | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]  # fmt: skip
+    for r in sorted(rows, key=lambda r: -r["accuracy"]):
+        cells = [_pct(r["per_class_f1"].get(n)) if n in r["per_class_f1"] else "—" for n in names]
+        lines.append(f"| `{r['model_id']}` | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -264,6 +287,9 @@ def write_results(cfg: ResultsConfig, command: str = "mien results") -> list[dic
         raise FileNotFoundError(f"no .onnx or {ENSEMBLE_SUFFIX} file in {cfg.model_dir}")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    reference = Path(cfg.reference) if cfg.reference else None
+    plot_speed_accuracy(rows, Path(cfg.figures) / SPEED_FIGURE, cfg.split,
+                        json.loads(reference.read_text()) if reference and reference.is_file() else None)  # fmt: skip
     out.write_text(render(rows, cfg, command))
     (Path(cfg.figures) / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     log.info("wrote %s and %d figures in %s", out, sum(len(r["figures"]) for r in rows), cfg.figures)

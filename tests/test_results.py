@@ -73,6 +73,21 @@ def test_the_markdown_has_the_table_targets_and_figure_links(results):
     assert "Machine: " in text
 
 
+def test_speed_plot_per_class_table_and_selection_split(results, tiny_npz, tmp_path):
+    root, rows, text = results
+    figure = root / "docs" / "figures" / "results" / "accuracy_vs_speed.png"
+    assert figure.stat().st_size > 5000 and "(figures/results/accuracy_vs_speed.png)" in text
+    by_id = {r["model_id"]: r for r in rows}
+    report = evaluate_path(str(root / "models" / "mini_xception.onnx"), str(tiny_npz), "public_test", str(tmp_path))
+    f1 = by_id["mini_xception"]["per_class_f1"]
+    assert f1 == pytest.approx({name: c["f1"] for name, c in report["per_class"].items()})
+    header = "| model | " + " | ".join(f1) + " |"
+    assert header in text
+    assert f"| `mini_xception` | {100 * f1['angry']:.2f} | {100 * f1['disgust']:.2f} |" in text
+    # the tiny run selected its checkpoint on the carved validation split, and the card says so
+    assert by_id["mini_xception"]["selected_on"] == "val" and "| val |" in text
+
+
 def test_figures_per_model(results):
     _, rows, _ = results
     figures = {r["model_id"]: set(r["figures"]) for r in rows}
