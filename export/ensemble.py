@@ -46,11 +46,8 @@ def write_ensemble(
             raise ValueError(f"fit the weights on another split than the one the card reports ({split})")
         probs, truth = member_probabilities(model_dir, list(members), data, fit_split, flip)
         weights, fitted_on = fit_weights(probs, list(members), truth), fit_split
-        log.info(
-            "weights fitted on %s: %s",
-            fit_split,
-            ", ".join(f"{m} {w:.3f}" for m, w in zip(members, weights, strict=True)),
-        )
+        fitted = ", ".join(f"{m} {w:.3f}" for m, w in zip(members, weights, strict=True))
+        log.info("weights fitted on %s: %s", fit_split, fitted)
     config = {"model_id": model_id, "members": list(members), "flip": flip}
     if weights is not None:
         config["weights"] = normalised_weights(list(weights), len(members))
@@ -62,10 +59,24 @@ def write_ensemble(
         path.unlink(missing_ok=True)  # never leave a file the service would refuse
         raise
     report, _ = score_classifier(ensemble, data, split)
-    cards = {m: _member_card(model_dir / f"{m}.onnx") for m in members}
-    views = 2 if flip else 1
-    card = Card(
-        model_id=model_id,
+    command = (f"mien ensemble {','.join(members)} --model-dir {model_dir} --model-id {model_id}"
+               + (" --flip" if flip else "") + (f" --weights fit --fit-split {fit_split}" if fitted_on else "")
+               + (f" --weights {','.join(f'{w:.6g}' for w in config['weights'])}" if weights and not fitted_on else "")
+               + f" --data {data} --split {split}")  # fmt: skip
+    card = ensemble_card(ensemble, path, report, data, split, command, fitted_on)
+    write_card(card_path(path), card)
+    log.info("%s (%s%s) on %s: accuracy %.4f; card %s", model_id, ", ".join(members), ", flip" if flip else "",
+             split, report["accuracy"], card_path(path))  # fmt: skip
+    return card.to_dict()
+
+
+def ensemble_card(
+    ensemble: EnsembleClassifier, path: Path, report: dict, data: str, split: str, command: str, fitted_on: str | None
+) -> Card:
+    """The card of an ensemble file: its members (with their own cards' accuracy), weights and measured figures."""
+    cards = {m.model_id: _member_card(path.with_name(f"{m.model_id}.onnx")) for m in ensemble.members}
+    return Card(
+        model_id=ensemble.model_id,
         version=ensemble.version,
         file=path.name,
         kind="ensemble",
@@ -76,14 +87,14 @@ def write_ensemble(
                 "accuracy": cards[m.model_id].accuracy if cards[m.model_id] else None,
             }
             for m in ensemble.members
-        ],
-        flip=flip,
+        ],  # fmt: skip
+        flip=ensemble.flip,
         weights=ensemble.weights,
         weights_fitted_on=fitted_on,
         labels=list(ensemble.spec.labels),
         # a member without a card counts 0: its size is unknown, not absent
         parameters=sum(c.parameters or 0 for c in cards.values() if c),
-        macs=views * sum(c.macs or 0 for c in cards.values() if c),
+        macs=(2 if ensemble.flip else 1) * sum(c.macs or 0 for c in cards.values() if c),
         metrics={
             "split": split,
             "selected_on": members_selected_on(list(cards.values())),
@@ -93,19 +104,8 @@ def write_ensemble(
             "per_class": report["per_class"],
             "measured_by": f"mien eval {path} --data {data} --split {split}",
         },
-        export={
-            "command": f"mien ensemble {','.join(members)} --model-dir {model_dir} --model-id {model_id}"
-            + (" --flip" if flip else "")
-            + (f" --weights fit --fit-split {fit_split}" if fitted_on else "")
-            + (f" --weights {','.join(f'{w:.6g}' for w in config['weights'])}" if weights and not fitted_on else "")
-            + f" --data {data} --split {split}",
-            "date": time.strftime("%Y-%m-%d"),
-        },  # fmt: skip
+        export={"command": command, "date": time.strftime("%Y-%m-%d")},
     )
-    write_card(card_path(path), card)
-    log.info("%s (%s%s) on %s: accuracy %.4f; card %s", model_id, ", ".join(members), ", flip" if flip else "",
-             split, report["accuracy"], card_path(path))  # fmt: skip
-    return card.to_dict()
 
 
 def members_selected_on(cards: list[Card | None]) -> str | None:
