@@ -190,3 +190,23 @@ def test_relabelling_keeps_the_same_faces_out_of_training(tiny_npz):
         val = {data.images[i].tobytes() for i in np.flatnonzero(data.split == "val")}
         fit = {data.images[i].tobytes() for i in np.flatnonzero(data.split == "train")}
         assert val and val <= val_full and not (fit & val_full)
+
+
+def test_a_network_trained_on_crops_is_validated_and_served_on_the_centre_window(tmp_path, tiny_npz):
+    from mien.training.checkpoint import load_model
+    from mien.training.layers import CenterCrop
+    from mien.training.objectives import predict_logits
+    from mien.training.transforms import build_transforms
+
+    out = tmp_path / "crops"
+    train(_strong_cfg(tiny_npz, out, epochs=1, augment=AugmentConfig(crop=40)))
+    served, spec, ckpt = load_model(out / "best.pt")
+    assert isinstance(served, CenterCrop) and served.size == 40
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), served.model(x[..., 4:44, 4:44]))
+        torch.testing.assert_close(served(x[..., 4:44, 4:44]), served.model(x[..., 4:44, 4:44]))  # ten-crop views
+    data, _ = load_labelled(TrainConfig(data=str(tiny_npz)))
+    images, labels = (torch.from_numpy(a) for a in data.subset("val"))
+    logits = predict_logits(served, images, build_transforms(spec, train=False))
+    assert ckpt["metrics"]["val_acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())

@@ -8,11 +8,16 @@ import torch
 import torch.nn as nn
 
 from mien.spec import PreprocessSpec
+from mien.training.layers import as_served
 from mien.training.models import create_model
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, PreprocessSpec, dict]:
-    """(model in eval mode, its spec, the whole checkpoint dict) from a ``mien train`` checkpoint."""
+    """(model in eval mode, its spec, the whole checkpoint dict) from a ``mien train`` checkpoint.
+
+    The model is the served form: a network trained on random crops sees the centre window of the face
+    (:func:`mien.training.layers.as_served`), as validation scored it when the checkpoint was selected.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint; `mien train` writes <out>/best.pt")
@@ -22,4 +27,4 @@ def load_model(path: str | Path) -> tuple[nn.Module, PreprocessSpec, dict]:
         raise ValueError(f"{path}: not a mien checkpoint (missing {missing})")
     model = create_model(ckpt["model_id"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), PreprocessSpec.from_dict(ckpt["spec"]), ckpt
+    return as_served(model, ckpt.get("train_config", {})).eval(), PreprocessSpec.from_dict(ckpt["spec"]), ckpt

@@ -31,6 +31,7 @@ from mien.training.curves import plot_curves
 from mien.training.data import CARVED_SPLIT, FaceDataset, load_dataset, load_with_validation, select_labels
 from mien.training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
 from mien.training.hardware import Process, all_reduce_sum, close_distributed, init_distributed, use_channels_last
+from mien.training.layers import as_served
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext, build_objective, predict_logits
 from mien.training.run_folder import Progress, RunFolder, run_log
@@ -96,7 +97,7 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
                 stepped, optimizer, objective, data.train_x, data.train_y, cfg, progress.step,
                 f"epoch {epoch}/{cfg.epochs}", data.train_targets, progress.val_accs, process, ema,
             )  # fmt: skip
-            metrics = validate(objective, run.served, data.val_x, data.val_y, process)
+            metrics = validate(objective, as_served(run.served, asdict(cfg)), data.val_x, data.val_y, process)
             row = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **metrics,
                 "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
