@@ -13,6 +13,7 @@ import shlex
 import sys
 
 from mien.paths import DEFAULT_DATA
+from mien.training.cli import comma_list
 
 LABEL_SOURCES = ("fer2013", "ferplus", "ferplus7")
 
@@ -21,14 +22,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``export``, ``ensemble``, ``eval`` and ``results`` to the ``mien`` parser's subcommands."""
     for add in (_add_export, _add_ensemble, _add_eval, _add_results):
         add(sub)
-
-
-def _id_list(text: str) -> tuple[str, ...]:
-    """``mini_xception,stn_cnn`` → ('mini_xception', 'stn_cnn')."""
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if len(names) < 2:
-        raise argparse.ArgumentTypeError(f"expected at least two comma-separated labels, got {text!r}")
-    return names
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -115,7 +108,7 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ensemble", help="define a served ensemble of bundled models and score it",
                        description="Write <model-dir>/<id>.ensemble.json (served as model id <id>) and its card "
                        "with the ensemble's accuracy on a split.")  # fmt: skip
-    p.add_argument("members", type=_id_list, help="comma-separated model ids of bundled .onnx files")
+    p.add_argument("members", type=comma_list, help="comma-separated model ids of bundled .onnx files")
     p.add_argument("--model-dir", default="models")
     p.add_argument("--model-id", default="ensemble")
     p.add_argument("--flip", action="store_true", help="also average over mirrored faces (test-time augmentation)")

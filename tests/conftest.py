@@ -101,3 +101,22 @@ def astronaut_jpeg() -> bytes:
 @pytest.fixture(autouse=True)
 def _quiet_matplotlib():
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+def train_interrupted(cfg, epochs: int, monkeypatch) -> None:
+    """Run ``train(cfg)`` and stop it with a KeyboardInterrupt after ``epochs`` epochs, as a lost session would."""
+    import mien.training.train as train_module
+
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > epochs:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mien.training.train as train_module
 from mien.training.data import FaceDataset, carve_validation, load_dataset
 from mien.training.distill import distillation_loss, load_teachers, soften
 from mien.training.train import TrainConfig, load_labelled, train
 from mien.training.transforms import AugmentConfig, mix_batch, random_affine, random_erasing
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, train_interrupted
 
 STRONG = {"flip": True, "rotation_deg": 10.0, "shift": 0.1, "zoom": 0.1, "crop": 40, "erasing": 0.5, "mixup": 0.2,
           "cutmix": 0.5}  # fmt: skip
@@ -89,19 +88,7 @@ def test_two_half_runs_equal_one_full_run_with_the_whole_recipe(tmp_path, tiny_n
     straight = tmp_path / "straight"
     train(_strong_cfg(tiny_npz, straight))
     halves = tmp_path / "halves"
-    real_epoch = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def stop_after_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        train(_strong_cfg(tiny_npz, halves))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    train_interrupted(_strong_cfg(tiny_npz, halves), 2, monkeypatch)
     train(_strong_cfg(tiny_npz, halves))
 
     a, b = (torch.load(run / "last.pt", weights_only=False) for run in (straight, halves))

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-import mien.training.train as train_module
 from mien.training.checkpoint import load_model
 from mien.training.train import TrainConfig, train
 from mien.training.transforms import AugmentConfig, build_transforms, random_affine
+from tests.conftest import train_interrupted
 
 
 def _cfg(data, out, **kw):
@@ -38,19 +38,7 @@ def test_same_seed_same_weights_and_resume_is_exact(tmp_path, tiny_npz, monkeypa
 
     # Interrupt a second run after two epochs, then rerun the same command: it must resume and end identical.
     resumed = tmp_path / "resumed"
-    real_epoch = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tiny_npz, resumed))
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    train_interrupted(_cfg(tiny_npz, resumed), 2, monkeypatch)
     assert len((resumed / "history.jsonl").read_text().splitlines()) == 2
     train(_cfg(tiny_npz, resumed))
     assert "resuming from" in (resumed / "train.log").read_text()
