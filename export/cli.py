@@ -28,9 +28,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check and a model card",
                        description="Checkpoint -> ONNX (dynamic batch) -> onnx.checker -> parity against PyTorch "
                        "on real faces and random input -> model card. Exits non-zero when parity fails.")  # fmt: skip
-    p.add_argument("checkpoint", help="a best.pt written by `mien train`, the word `detector` to export the "
-                   "MTCNN face detector from the installed facenet-pytorch wheel, or `triton` to write a Triton "
-                   "model repository of the bundled models")  # fmt: skip
+    p.add_argument("checkpoint", help="a best.pt written by `mien train`, the word `detector` to export a face "
+                   "detector (see --kind), or `triton` to write a Triton model repository of the bundled "
+                   "models")  # fmt: skip
+    p.add_argument("--kind", choices=("mtcnn", "yunet"), default="mtcnn",
+                   help="`detector` only: mtcnn (from the installed facenet-pytorch wheel) or yunet (from the "
+                   "yuface==2023.5.1 wheel, downloaded with pip unless --wheel names it)")  # fmt: skip
+    p.add_argument("--wheel", default=None, help="`detector --kind yunet` only: the yuface wheel, already downloaded")
     p.add_argument(
         "--out",
         default=None,
@@ -56,6 +60,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.checkpoint == "detector" and args.kind == "yunet":
+        from mien.export.yunet_export import DEFAULT_OUT, export_yunet
+
+        return 0 if export_yunet(args.out or DEFAULT_OUT, args.wheel, opset=args.opset, atol=args.atol).passed else 1
     if args.checkpoint == "detector":
         from mien.export.detector_export import DEFAULT_OUT, export_detector
 
