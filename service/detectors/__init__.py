@@ -1,7 +1,8 @@
 """The face detectors the service can run, chosen by name from :data:`DETECTORS`.
 
-``onnx`` is MTCNN through onnxruntime, with five landmarks (the default); ``haar`` is OpenCV's cascade.
-Each implements :class:`~mien.service.detectors.base.FaceDetector` (one method, ``detect``); another
+``mtcnn`` is MTCNN through onnxruntime, with five landmarks, also named ``onnx`` (the default); ``yunet`` is
+YuNet through onnxruntime, with five landmarks; ``haar`` is OpenCV's cascade. Each implements
+:class:`~mien.service.detectors.base.FaceDetector` (one method, ``detect``); another
 detector is a module here and a row in the table (and a name in :data:`DetectorName`).
 """
 
@@ -18,6 +19,7 @@ from mien.runtime import DEFAULT_PROVIDERS, SessionConfig
 from mien.service.detectors.base import Detections, FaceDetector
 from mien.service.detectors.haar import HaarFaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
+from mien.service.detectors.yunet import YunetDetector
 from mien.service.exceptions import DetectorFilesMissing
 
 __all__ = [
@@ -35,7 +37,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The names a request (``?detector=``) or ``MIEN_DETECTOR`` may give: the keys of :data:`DETECTORS`.
-DetectorName = Literal["onnx", "haar"]
+DetectorName = Literal["onnx", "mtcnn", "yunet", "haar"]
 
 
 def source_checkout(module_file: str | Path = __file__) -> Path | None:
@@ -53,13 +55,17 @@ _CHECKOUT = source_checkout()
 BUNDLED_DIR: Path | None = None if _CHECKOUT is None else _CHECKOUT / "models" / DETECTOR_FOLDER
 
 
+#: The ONNX files of each detector that has some, by the function that names them in a folder.
+DETECTOR_FILES = (MtcnnDetector.net_paths, YunetDetector.net_paths)
+
+
 def detector_dir(configured: Path | None, model_dir: Path) -> Path:
-    """The configured folder; else ``<model_dir>/detector`` when it holds the nets (or there is no bundled
-    folder to fall back on); else the bundled folder."""
+    """The configured folder; else ``<model_dir>/detector`` when it holds any detector's ONNX file (or there is
+    no bundled folder to fall back on); else the bundled folder."""
     if configured is not None:
         return configured
     local = model_dir / DETECTOR_FOLDER
-    if BUNDLED_DIR is None or any(path.is_file() for path in MtcnnDetector.net_paths(local)):
+    if BUNDLED_DIR is None or any(path.is_file() for paths in DETECTOR_FILES for path in paths(local)):
         return local
     return BUNDLED_DIR
 
@@ -72,7 +78,7 @@ class DetectorOptions:
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     session: int | SessionConfig = 0
     min_face: int = 20  # pixels: the default of ?min_face=
-    threshold: float = 0.9  # the default of ?threshold=
+    threshold: float = 0.9  # the default of ?threshold= for MTCNN (YuNet keeps its own, 0.5)
     max_concurrent: int = 0  # ONNX detections running at once; 0: no bound
 
 
@@ -87,23 +93,43 @@ def _onnx(options: DetectorOptions) -> MtcnnDetector:
     return detector
 
 
-#: Every detector by name: how to build it from the settings.
-DETECTORS: dict[str, Callable[[DetectorOptions], FaceDetector]] = {"onnx": _onnx, "haar": _haar}
+def _yunet(options: DetectorOptions) -> YunetDetector:
+    # YuNet keeps its own score threshold (yuface's 0.5): options.threshold is MTCNN's O-Net score.
+    detector = YunetDetector.from_dir(options.folder, options.providers, options.session, min_face=options.min_face,
+                                      max_concurrent=options.max_concurrent)  # fmt: skip
+    detector.warm_up()
+    return detector
+
+
+#: Every detector by name: how to build it from the settings. Names with the same builder share one detector.
+DETECTORS: dict[str, Callable[[DetectorOptions], FaceDetector]] = {
+    "onnx": _onnx,
+    "mtcnn": _onnx,
+    "yunet": _yunet,
+    "haar": _haar,
+}
 
 
 def load_detectors(default: str, options: DetectorOptions) -> dict[str, FaceDetector]:
     """Every detector that can load, by name, so that a request can pick any without a reload.
 
-    The default must load (start-up fails otherwise); another whose files are missing is left out.
+    The default must load (start-up fails otherwise); another whose files are missing is left out. Names
+    that share a builder (``onnx`` and ``mtcnn``) share one detector, built once.
     """
     if default not in DETECTORS:
         raise ValueError(f"unknown face detector {default!r}; known: {', '.join(DETECTORS)}")
+    built: dict[Callable, FaceDetector | DetectorFilesMissing] = {}
+    for build in dict.fromkeys(DETECTORS.values()):
+        try:
+            built[build] = build(options)
+        except DetectorFilesMissing as exc:
+            built[build] = exc
     detectors: dict[str, FaceDetector] = {}
     for name, build in DETECTORS.items():
-        try:
-            detectors[name] = build(options)
-        except DetectorFilesMissing as exc:
+        if isinstance(built[build], DetectorFilesMissing):
             if name == default:
-                raise
-            log.warning("face detector %s not loaded (%s); serving the others only", name, exc)
+                raise built[build]
+            log.warning("face detector %s not loaded (%s); serving the others only", name, built[build])
+        else:
+            detectors[name] = built[build]
     return detectors
