@@ -115,6 +115,21 @@ def occluded(name: str) -> Photo:
     return Photo(f"{name} mouth occluded", image, FACE_BOXES[name])
 
 
+def phone_photo(width: int = 4000, height: int = 3000, face_px: int = 600, at: tuple[int, int] = (1700, 900)) -> Photo:
+    """A phone-sized photo: grace_hopper's head with a ``face_px``-wide face at ``at`` (its box's top left) on a
+    ``width``×``height`` textured background (coffee, scaled up, with sensor noise), like a 12-megapixel shot."""
+    rng = np.random.default_rng(0)
+    from skimage import data
+
+    background = cv2.resize(cv2.cvtColor(data.coffee(), cv2.COLOR_RGB2BGR), (width, height))
+    canvas = np.clip(background + rng.normal(0, 4.0, background.shape), 0, 255).astype(np.uint8)
+    head, boxes = _head("grace_hopper", pad=0.6)
+    scale = face_px / boxes[0][2]
+    fx, fy = boxes[0][0] * scale, boxes[0][1] * scale
+    faces = _paste(canvas, head, boxes, int(at[0] - fx), int(at[1] - fy), scale)
+    return Photo(f"{width}x{height} phone photo", canvas, faces)
+
+
 def composites() -> list[Photo]:
     return [group(), small_faces(), rotated("astronaut", 30), rotated("astronaut", -30),
             rotated("grace_hopper", 30), rotated("grace_hopper", -30), darkened("astronaut"),

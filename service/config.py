@@ -83,9 +83,17 @@ class Settings(BaseSettings):
         None, description="folder with mtcnn_{pnet,rnet,onet}.onnx; default <model_dir>/detector, else the bundled one"
     )
     min_face: int = Field(20, ge=12, le=4096, description="smallest face searched, pixels (the min_face default)")
-    face_threshold: float = Field(
-        0.9, gt=0.0, lt=1.0, description="detector score a face needs (onnx only; the threshold default)"
-    )
+    detect_max_pixels: int = Field(
+        750_000, ge=0, le=400_000_000,
+        description="faces are searched on a copy of the photo with at most this many pixels (its aspect kept; a "
+        "large JPEG is decoded at 1/2, 1/4 or 1/8 size for it: a 4000×3000 photo at 1000×750) and reported in "
+        "the photo's pixels; 0: full size",
+    )  # fmt: skip
+    face_threshold: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="detector score a face needs (the threshold default, for the detectors with scores); unset: "
+        "each detector's own (MTCNN 0.9, YuNet 0.5)",
+    )  # fmt: skip
 
     def detect_slots(self) -> int:
         """How many ONNX face detections may run at once (``detect_concurrency``, 0 meaning one per core)."""

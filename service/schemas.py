@@ -57,6 +57,9 @@ class PredictResponse(BaseModel):
     faces_omitted: int = Field(0, description="faces found beyond max_faces and not classified")
     detector: str | None = Field(description="the face detector that ran (onnx, haar); null with detect=false")
     aligned: bool = Field(description="faces were rotated and framed from their landmarks before classification")
+    detected_at: ImageSize | None = Field(
+        None, description="the size of the copy faces were searched on (see detect_max_pixels); null with detect=false"
+    )
     timings_ms: Timings
 
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, File, Query, UploadFile
 from mien.service.deps import DetectorsDep, MetricsDep, ModelDep, SettingsDep, one_upload, pick_detector
 from mien.service.detectors import DetectorName
 from mien.service.exceptions import TooLarge
-from mien.service.imaging import SUPPORTED, check_media_type, decode_image
+from mien.service.imaging import SUPPORTED, Photo, check_media_type, decode_photo
 from mien.service.metrics import ServiceMetrics
 from mien.service.pipeline import Prediction, StageTimer, predict_faces
 from mien.service.registry import LoadedModel
@@ -30,19 +30,33 @@ router = APIRouter(tags=["predict"])
 DetectQuery = Annotated[bool, Query(description="find faces; false: the whole image is one face crop")]
 DetectorQuery = Annotated[
     DetectorName | None,
-    Query(alias="detector", description="onnx (landmarks, aligned faces) or haar; default MIEN_DETECTOR"),
+    Query(
+        alias="detector",
+        description="yunet or mtcnn (landmarks, aligned faces), haar (boxes only), or onnx "
+        "(the landmark detector the service defaults to); default MIEN_DETECTOR",
+    ),
 ]
 MinFaceQuery = Annotated[
     int | None, Query(ge=12, le=4096, description="smallest face searched, pixels; default MIEN_MIN_FACE")
 ]
 ThresholdQuery = Annotated[
     float | None,
-    Query(gt=0.0, lt=1.0, description="detector score a face needs (onnx only); default MIEN_FACE_THRESHOLD"),
+    Query(
+        gt=0.0,
+        lt=1.0,
+        description="detector score a face needs (not haar); default MIEN_FACE_THRESHOLD, "
+        "else the detector's own (mtcnn 0.9, yunet 0.5)",
+    ),
 ]
 MaxFacesQuery = Annotated[
     int | None, Query(ge=1, le=1000, description="faces classified, largest first; at most MIEN_MAX_FACES")
 ]
-AlignQuery = Annotated[bool, Query(description="rotate and frame faces from their landmarks (onnx detector)")]
+AlignQuery = Annotated[bool, Query(description="rotate and frame faces from their landmarks (not haar)")]
+DetectMaxPixelsQuery = Annotated[
+    int | None,
+    Query(ge=0, le=400_000_000, description="most pixels of the copy faces are searched on (aspect kept); 0: full "
+          "size; default MIEN_DETECT_MAX_PIXELS. Boxes are always in the photo's pixels"),
+]  # fmt: skip
 
 
 def read_upload(file: UploadFile, max_bytes: int) -> bytes:
@@ -90,22 +104,23 @@ def faces(prediction: Prediction) -> list[Face]:
 
 def response(
     loaded: LoadedModel,
-    image: np.ndarray,
+    photo: Photo,
     prediction: Prediction,
     timer: StageTimer,
     total_ms: float,
     detector: str | None,
 ) -> PredictResponse:
-    height, width = image.shape[:2]
+    detected_at = prediction.detected_at
     return PredictResponse(
         model=loaded.model_id,
         model_version=loaded.version,
         provider=loaded.provider,
-        image=ImageSize(width=width, height=height),
+        image=ImageSize(width=photo.width, height=photo.height),
         faces=faces(prediction),
         faces_omitted=prediction.truncated,
         detector=detector,
         aligned=prediction.aligned,
+        detected_at=None if detected_at is None else ImageSize(width=detected_at[0], height=detected_at[1]),
         timings_ms=Timings(
             decode=timer.ms.get("decode", 0.0),
             detect=timer.ms.get("detect", 0.0),
@@ -135,6 +150,7 @@ def predict(
     threshold: ThresholdQuery = None,
     max_faces: MaxFacesQuery = None,
     align: AlignQuery = True,
+    detect_max_pixels: DetectMaxPixelsQuery = None,
 ) -> PredictResponse:
     # A plain `def`: FastAPI runs it in a worker thread, so decoding and inference never block the event loop.
     start = time.perf_counter()
@@ -143,11 +159,12 @@ def predict(
     limit = min(max_faces or settings.max_faces, settings.max_faces)  # the query can lower the setting only
     data = read_upload(file, settings.max_upload_bytes)
     timer = StageTimer()
+    detect_pixels = settings.detect_max_pixels if detect_max_pixels is None else detect_max_pixels
     with timer.stage("decode"):
-        image = decode_image(data, settings.max_pixels)
-    prediction = predict_faces(image, loaded.runner, detector, timer, detect=detect, max_faces=limit,
-                               min_face=min_face or settings.min_face, threshold=threshold or settings.face_threshold,
-                               align=align)  # fmt: skip
+        photo = decode_photo(data, settings.max_pixels, need_pixels=detect_pixels if detect else 0)
+    prediction = predict_faces(photo, loaded.runner, detector, timer, detect=detect, max_faces=limit,
+                               min_face=min_face or settings.min_face, threshold=threshold,
+                               align=align, detect_max_pixels=detect_pixels)  # fmt: skip
     total_ms = (time.perf_counter() - start) * 1000.0
 
     ran = name if detect else None
@@ -156,5 +173,5 @@ def predict(
         log.warning("image had %d more faces than max_faces=%d; they were not classified",
                     prediction.truncated, limit)  # fmt: skip
     log.info("predict model=%s detector=%s image=%dx%d faces=%d total=%.1fms", loaded.model_id, ran or "none",
-             image.shape[1], image.shape[0], len(prediction.boxes), total_ms)  # fmt: skip
-    return response(loaded, image, prediction, timer, total_ms, ran)
+             photo.width, photo.height, len(prediction.boxes), total_ms)  # fmt: skip
+    return response(loaded, photo, prediction, timer, total_ms, ran)
