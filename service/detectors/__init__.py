@@ -78,8 +78,14 @@ class DetectorOptions:
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     session: int | SessionConfig = 0
     min_face: int = 20  # pixels: the default of ?min_face=
-    threshold: float = 0.9  # the default of ?threshold= for MTCNN (YuNet keeps its own, 0.5)
+    threshold: float | None = None  # the default of ?threshold=; None: each detector's own (MTCNN 0.9, YuNet 0.5)
     max_concurrent: int = 0  # ONNX detections running at once; 0: no bound
+
+
+def _scored(options: DetectorOptions) -> dict:
+    """The keyword arguments every detector with scores is built with."""
+    kw = {"min_face": options.min_face, "max_concurrent": options.max_concurrent}
+    return kw if options.threshold is None else {**kw, "threshold": options.threshold}
 
 
 def _haar(options: DetectorOptions) -> HaarFaceDetector:
@@ -87,16 +93,13 @@ def _haar(options: DetectorOptions) -> HaarFaceDetector:
 
 
 def _onnx(options: DetectorOptions) -> MtcnnDetector:
-    detector = MtcnnDetector.from_dir(options.folder, options.providers, options.session, min_face=options.min_face,
-                                      threshold=options.threshold, max_concurrent=options.max_concurrent)  # fmt: skip
+    detector = MtcnnDetector.from_dir(options.folder, options.providers, options.session, **_scored(options))
     detector.warm_up()  # onnxruntime's first-run allocations at start-up, not in the first request
     return detector
 
 
 def _yunet(options: DetectorOptions) -> YunetDetector:
-    # YuNet keeps its own score threshold (yuface's 0.5): options.threshold is MTCNN's O-Net score.
-    detector = YunetDetector.from_dir(options.folder, options.providers, options.session, min_face=options.min_face,
-                                      max_concurrent=options.max_concurrent)  # fmt: skip
+    detector = YunetDetector.from_dir(options.folder, options.providers, options.session, **_scored(options))
     detector.warm_up()
     return detector
 
