@@ -1,16 +1,17 @@
 """Does alignment help? Accuracy on rotated FER2013 PublicTest faces pasted into larger photos.
 
     .venv/bin/python benchmarks/bench_alignment.py [--model models/mini_xception.onnx] [--limit 600]
-        [--angles -30 -15 0 15 30] [--data ../shared/data/fer2013.npz] [--json out.json]
-    .venv/bin/python benchmarks/bench_alignment.py --fit-template [--limit 3000]
+        [--detector yunet|mtcnn] [--angles -30 -15 0 15 30] [--data ../shared/data/fer2013.npz] [--json out.json]
+    .venv/bin/python benchmarks/bench_alignment.py --fit-template [--detector yunet|mtcnn] [--limit 3000]
 
 Each PublicTest face is upscaled ×3, rotated by each angle and pasted at a random place into a 320×320
-noisy grey photo. The ONNX detector finds it; the classifier then sees either the detector's box grown
-by the model's crop margin (no alignment) or the aligned crop (``mien.service.align``). Faces the detector
-misses count as wrong for both; the accuracy on the untouched 48×48 faces is printed for reference.
+noisy grey photo. The chosen detector (YuNet or MTCNN) finds it; the classifier then sees either the
+detector's box grown by the model's crop margin (no alignment) or the aligned crop (``mien.service.align``).
+Faces the detector misses count as wrong for both; the accuracy on the untouched 48×48 faces is printed for reference.
 
-``--fit-template`` measures FER2013's framing (``FER2013_TEMPLATE``) on *Training* faces instead, so
-that PublicTest stays unseen by every choice the alignment makes.
+``--fit-template`` measures FER2013's framing in the detector's landmarks (``FER2013_TEMPLATE`` for MTCNN,
+``FER2013_TEMPLATE_YUNET``) on *Training* faces instead, so that PublicTest stays unseen by every choice the
+alignment makes.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import numpy as np
 
 from mien.paths import DEFAULT_DATA
 from mien.runtime import OnnxClassifier
-from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face
-from mien.service.detectors import BUNDLED_DIR
+from mien.service.align import FaceTemplate, align_face
+from mien.service.detectors import BUNDLED_DIR, FaceDetector
 from mien.service.detectors.mtcnn import MtcnnDetector
+from mien.service.detectors.yunet import YunetDetector
 from mien.service.pipeline import crop_faces
 
 CPU = ("CPUExecutionProvider",)
@@ -39,7 +41,7 @@ def load_split(path: str, split: int) -> tuple[np.ndarray, np.ndarray]:
     return data["images"][keep], data["labels"][keep]
 
 
-def fit_template(detector: MtcnnDetector, faces: np.ndarray) -> tuple[FaceTemplate, np.ndarray, int]:
+def fit_template(detector: FaceDetector, faces: np.ndarray) -> tuple[FaceTemplate, np.ndarray, int]:
     """FER2013's framing, from the faces the detector finds: the median eye midpoint and eye distance, and
     the median detector box (x, y, w, h), all as fractions of the 48-pixel side."""
     pad = 48
@@ -71,7 +73,7 @@ def make_photo(face: np.ndarray, angle: float, rng: np.random.Generator, side: i
     return cv2.cvtColor(photo, cv2.COLOR_GRAY2BGR)
 
 
-def evaluate(classifier: OnnxClassifier, detector: MtcnnDetector, faces: np.ndarray, labels: np.ndarray,
+def evaluate(classifier: OnnxClassifier, detector: FaceDetector, faces: np.ndarray, labels: np.ndarray,
              angles: list[float], seed: int = 0) -> dict:  # fmt: skip
     rng = np.random.default_rng(seed)
     reference = float((classifier.predict_crops(list(faces)).argmax(1) == labels).mean())
@@ -84,7 +86,7 @@ def evaluate(classifier: OnnxClassifier, detector: MtcnnDetector, faces: np.ndar
             if not len(found):
                 continue
             plain += crop_faces(photo, found.boxes[:1], classifier.spec.crop_margin)
-            aligned.append(align_face(photo, found.landmarks[0]))
+            aligned.append(align_face(photo, found.landmarks[0], detector.template))
             truth.append(label)
         truth = np.asarray(truth)
         n = len(faces)
@@ -119,16 +121,18 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=600, help="faces used (0 = all)")
     parser.add_argument("--angles", type=float, nargs="+", default=[-30, -15, 0, 15, 30])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--detector", choices=("yunet", "mtcnn"), default="yunet", help="the landmark detector")
     parser.add_argument("--fit-template", action="store_true", help="measure FER2013's framing on Training faces")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    detector = MtcnnDetector.from_dir(args.detector_dir, CPU, args.threads)
+    detector = {"yunet": YunetDetector, "mtcnn": MtcnnDetector}[args.detector].from_dir(args.detector_dir, CPU,
+                                                                                        args.threads)  # fmt: skip
     if args.fit_template:
         faces, _ = load_split(args.data, 0)
         faces = faces[np.random.default_rng(0).permutation(len(faces))[: args.limit or None]]
         template, box, used = fit_template(detector, faces)
-        print(f"{template} from {used} of {len(faces)} Training faces (current: {FER2013_TEMPLATE}); "
+        print(f"{template} from {used} of {len(faces)} Training faces (current: {detector.template}); "
               f"median detector box x, y, w, h: {np.round(box, 3).tolist()}")  # fmt: skip
         return
     faces, labels = load_split(args.data, 1)
@@ -137,6 +141,7 @@ def main() -> None:
     classifier = OnnxClassifier.from_path(args.model, CPU, args.threads)
     result = evaluate(classifier, detector, faces, labels, args.angles)
     result["model"] = str(args.model)
+    result["detector"] = args.detector
     print(f"reference (48×48 faces as given): {result['reference_48x48']:.4f}; mean over angles: "
           f"box crop {result['mean_box_crop']:.4f}, aligned {result['mean_aligned']:.4f}")  # fmt: skip
     if args.json:

@@ -28,6 +28,10 @@ class FaceTemplate:
 # Medians over the 2589 of 3000 random FER2013 Training faces the detector found (seed 0), measured by
 # `benchmarks/bench_alignment.py --fit-template --limit 3000`. About 18 px between the eyes of a 48 px face.
 FER2013_TEMPLATE = FaceTemplate(eye_x=0.5024, eye_y=0.3864, eye_distance=0.3714)
+#: The same framing in YuNet's landmarks, whose eye points sit a little wider apart and lower than MTCNN's: the
+#: medians over the 2906 of the same 3000 faces YuNet finds (`bench_alignment.py --fit-template --detector yunet
+#: --limit 3000`). Each detector's faces are aligned with the template measured with its own landmarks.
+FER2013_TEMPLATE_YUNET = FaceTemplate(eye_x=0.4996, eye_y=0.3932, eye_distance=0.3829)
 
 
 def eye_angle(landmarks: np.ndarray) -> float:

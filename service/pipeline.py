@@ -17,7 +17,7 @@ import numpy as np
 from mien.ensemble import EnsembleClassifier
 from mien.preprocess import expand_box
 from mien.runtime import OnnxClassifier
-from mien.service.align import align_face
+from mien.service.align import FER2013_TEMPLATE, align_face
 from mien.service.batching import MicroBatcher
 from mien.service.detectors import Detections, FaceDetector
 from mien.service.imaging import Photo
@@ -171,7 +171,8 @@ def predict_faces(
         image, to_image = photo.image, np.ones(2)
     with timer.stage("preprocess"):
         if aligned:
-            crops = [align_face(image, points * to_image) for points in found.landmarks]
+            template = getattr(detector, "template", FER2013_TEMPLATE)  # framed in this detector's landmarks
+            crops = [align_face(image, points * to_image, template) for points in found.landmarks]
         else:
             crops = crop_faces(image, scale_boxes(boxes, to_image), spec.crop_margin)
     with timer.stage("classify"):  # each model (or ensemble member) resizes and normalises per its spec

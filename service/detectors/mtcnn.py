@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig, make_session
+from mien.service.align import FER2013_TEMPLATE
 from mien.service.detectors.base import Detections
 from mien.service.detectors.nms import apply_regression, nms, square, to_xywh
 from mien.service.exceptions import DetectorFilesMissing
@@ -90,6 +91,8 @@ class MtcnnDetector:
     detections beyond one or two per core add memory (kept by the allocators afterwards), not throughput;
     the other requests wait for a slot.
     """
+
+    template = FER2013_TEMPLATE  # FER2013's framing in MTCNN's landmarks (mien.service.align)
 
     def __init__(
         self,

@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mien.runtime import DEFAULT_PROVIDERS, SessionConfig, make_session
+from mien.service.align import FER2013_TEMPLATE_YUNET
 from mien.service.detectors.base import Detections
 from mien.service.detectors.nms import nms, to_xywh
 from mien.service.exceptions import DetectorFilesMissing
@@ -96,6 +97,8 @@ class YunetDetector:
     the smallest longer side kept, in pixels. ``max_concurrent`` bounds the detections running at once
     (0: no bound), as for MTCNN: onnxruntime already spreads one run over the cores.
     """
+
+    template = FER2013_TEMPLATE_YUNET  # FER2013's framing in YuNet's landmarks (mien.service.align)
 
     def __init__(
         self,
