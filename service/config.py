@@ -77,10 +77,14 @@ class Settings(BaseSettings):
         2.0, ge=0.0, le=1000.0, description="longest a face waits for others to join its batch, milliseconds"
     )
     detector: DetectorName = Field(
-        "onnx", description="face detector: onnx (MTCNN with landmarks, the default) or haar (OpenCV's cascade)"
+        "yunet",
+        description="face detector: yunet (YuNet with landmarks, the default), mtcnn (MTCNN with landmarks), haar "
+        "(OpenCV's cascade, boxes only); onnx means the default landmark detector",
     )
     detector_dir: Path | None = Field(
-        None, description="folder with mtcnn_{pnet,rnet,onet}.onnx; default <model_dir>/detector, else the bundled one"
+        None,
+        description="folder with yunet.onnx and mtcnn_{pnet,rnet,onet}.onnx; default <model_dir>/detector when it "
+        "holds either, else the bundled one",
     )
     min_face: int = Field(20, ge=12, le=4096, description="smallest face searched, pixels (the min_face default)")
     detect_max_pixels: int = Field(

@@ -22,16 +22,34 @@ def group_png() -> bytes:
     return encode(group().image, ".png")
 
 
-def test_default_is_the_onnx_detector_with_landmarks_and_aligned_faces(client, astronaut_jpeg):
+def test_default_is_yunet_with_landmarks_and_aligned_faces(client, astronaut_jpeg):
     body = client.post("/predict", files=upload(astronaut_jpeg)).json()
-    assert body["detector"] == "onnx" and body["aligned"] is True
+    assert body["detector"] == "yunet" and body["aligned"] is True
     (face,) = body["faces"]
     assert len(face["landmarks"]) == 5 and all(len(p) == 2 for p in face["landmarks"])
     box = face["box"]
     for x, y in face["landmarks"]:
         assert box["x"] <= x <= box["x"] + box["width"] and box["y"] <= y <= box["y"] + box["height"]
-    assert 0.9 <= face["detection_score"] <= 1.0
+    assert 0.5 <= face["detection_score"] <= 1.0
     assert body["timings_ms"]["detect"] > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "ran", "landmarks"),
+    [("yunet", "yunet", True), ("mtcnn", "mtcnn", True), ("haar", "haar", False), ("onnx", "yunet", True)],
+)
+def test_every_detector_name_finds_the_astronaut(client, astronaut_jpeg, name, ran, landmarks):
+    body = client.post(f"/predict?detector={name}", files=upload(astronaut_jpeg)).json()
+    assert body["detector"] == ran and len(body["faces"]) == 1  # onnx: an alias of the default landmark detector
+    assert (body["faces"][0]["landmarks"] is not None) == landmarks == body["aligned"]
+    box = body["faces"][0]["box"]
+    assert 175 <= box["x"] + box["width"] / 2 <= 270 and 60 <= box["y"] + box["height"] / 2 <= 175
+
+
+def test_an_unknown_detector_is_refused_with_the_known_names(client, astronaut_jpeg):
+    response = client.post("/predict?detector=yolo", files=upload(astronaut_jpeg))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+    assert all(name in response.json()["error"]["message"] for name in ("yunet", "mtcnn", "haar"))
 
 
 def test_haar_by_query_has_no_landmarks(client, astronaut_jpeg):
@@ -45,7 +63,9 @@ def test_haar_by_setting(model_dir, astronaut_jpeg):
     with make_client(model_dir, detector="haar") as c:
         body = c.post("/predict", files=upload(astronaut_jpeg)).json()
         assert body["detector"] == "haar" and body["faces"][0]["landmarks"] is None
-        assert c.post("/predict?detector=onnx", files=upload(astronaut_jpeg)).json()["detector"] == "onnx"
+        assert c.post("/predict?detector=onnx", files=upload(astronaut_jpeg)).json()["detector"] == "yunet"
+    with make_client(model_dir, detector="mtcnn") as c:  # onnx follows a landmark default
+        assert c.post("/predict?detector=onnx", files=upload(astronaut_jpeg)).json()["detector"] == "mtcnn"
 
 
 def test_group_faces_come_largest_first_and_max_faces_caps_them(client, group_png):
@@ -104,7 +124,7 @@ def test_detector_time_is_in_the_metrics_per_detector(client, astronaut_jpeg):
     client.post("/predict", files=upload(astronaut_jpeg))
     client.post("/predict?detector=haar", files=upload(astronaut_jpeg))
     after = client.get("/metrics").text
-    assert count(after, "onnx") == count(before, "onnx") + 1
+    assert count(after, "yunet") == count(before, "yunet") + 1
     assert count(after, "haar") == count(before, "haar") + 1
     assert 'mien_stage_duration_seconds_count{stage="detect"}' in after
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mien.service.align import FER2013_TEMPLATE, FaceTemplate, align_face, alignment_matrix, eye_angle
-from mien.service.detectors import DETECTORS, Detections, DetectorName
+from mien.service.detectors import ALIAS, DETECTORS, Detections, DetectorName, resolve
 from mien.service.detectors.mtcnn import CELL, crop_patches, normalise, pnet_boxes, pyramid_scales
 from mien.service.detectors.nms import apply_regression, nms, square, to_xywh
 
@@ -120,7 +120,9 @@ def test_no_face_is_an_empty_0x4_array_never_none():
 
 
 def test_the_detector_table_and_the_names_requests_may_give_agree():
-    assert set(DETECTORS) == set(get_args(DetectorName))
+    assert set(DETECTORS) | {ALIAS} == set(get_args(DetectorName))
+    assert resolve("onnx", "yunet") == "yunet" and resolve("onnx", "mtcnn") == "mtcnn"
+    assert resolve("onnx", "haar") == "yunet" and resolve("haar", "yunet") == "haar"
 
 
 # --- alignment ----------------------------------------------------------------------------------

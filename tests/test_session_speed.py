@@ -49,8 +49,9 @@ def test_settings_reach_every_session(model_dir):
     assert settings.session_config() == SessionConfig(1, 2, "basic", True)
     with make_client(model_dir, threads=1, graph_optimization="basic", ort_spinning=True) as client:
         session = client.app.state.models.get("mini_xception").classifier.session
-        detector = client.app.state.detectors["onnx"]
-        for options in (session.get_session_options(), detector.pnet.get_session_options()):
+        detectors = client.app.state.detectors
+        every = (session, detectors["yunet"].session, detectors["mtcnn"].pnet, detectors["mtcnn"].onet)
+        for options in (one.get_session_options() for one in every):
             assert options.intra_op_num_threads == 1
             assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
@@ -168,4 +169,8 @@ def test_onnx_detections_at_once_are_bounded():
 def test_detect_concurrency_setting_reaches_the_detector(model_dir):
     assert Settings(detect_concurrency=0).detect_slots() == (os.cpu_count() or 1)
     with make_client(model_dir, detect_concurrency=3) as client:
-        assert client.app.state.detectors["onnx"].max_concurrent == 3
+        assert (
+            client.app.state.detectors["yunet"].max_concurrent
+            == client.app.state.detectors["mtcnn"].max_concurrent
+            == 3
+        )

@@ -251,9 +251,10 @@ def test_a_missing_file_raises_detector_files_missing(tmp_path):
 # --- among the service's detectors ---------------------------------------------------------------
 
 
-def test_mtcnn_has_its_own_name_and_shares_one_detector_with_onnx():
+def test_onnx_is_the_default_landmark_detector_and_shares_it():
     detectors = load_detectors("onnx", DetectorOptions(BUNDLED_DIR, CPU, 1))
-    assert detectors["onnx"] is detectors["mtcnn"] and isinstance(detectors["mtcnn"], MtcnnDetector)
+    assert detectors["onnx"] is detectors["yunet"] and isinstance(detectors["mtcnn"], MtcnnDetector)
+    assert load_detectors("mtcnn", DetectorOptions(BUNDLED_DIR, CPU, 1))["onnx"].__class__ is MtcnnDetector
     assert isinstance(detectors["yunet"], YunetDetector) and detectors["yunet"].threshold == DEFAULT_THRESHOLD
     assert len(detectors["yunet"].detect(real_photo("astronaut"))) == 1
 

@@ -1,9 +1,10 @@
 """The face detectors the service can run, chosen by name from :data:`DETECTORS`.
 
-``mtcnn`` is MTCNN through onnxruntime, with five landmarks, also named ``onnx`` (the default); ``yunet`` is
-YuNet through onnxruntime, with five landmarks; ``haar`` is OpenCV's cascade. Each implements
-:class:`~mien.service.detectors.base.FaceDetector` (one method, ``detect``); another
-detector is a module here and a row in the table (and a name in :data:`DetectorName`).
+``yunet`` (the default) is YuNet through onnxruntime, with five landmarks; ``mtcnn`` is MTCNN through
+onnxruntime, with five landmarks; ``haar`` is OpenCV's cascade. ``onnx`` (the name of the only ONNX detector
+before YuNet) stays an alias of the service's default landmark detector (:func:`resolve`). Each implements
+:class:`~mien.service.detectors.base.FaceDetector` (one method, ``detect``); another detector is a module
+here and a row in the table (and a name in :data:`DetectorName`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mien.service.detectors.yunet import YunetDetector
 from mien.service.exceptions import DetectorFilesMissing
 
 __all__ = [
+    "ALIAS",
     "BUNDLED_DIR",
     "DETECTOR_FOLDER",
     "DETECTORS",
@@ -32,12 +34,23 @@ __all__ = [
     "FaceDetector",
     "detector_dir",
     "load_detectors",
+    "resolve",
 ]
 
 log = logging.getLogger(__name__)
 
-#: The names a request (``?detector=``) or ``MIEN_DETECTOR`` may give: the keys of :data:`DETECTORS`.
-DetectorName = Literal["onnx", "mtcnn", "yunet", "haar"]
+#: The names a request (``?detector=``) or ``MIEN_DETECTOR`` may give: the keys of :data:`DETECTORS` and ``onnx``.
+DetectorName = Literal["yunet", "mtcnn", "haar", "onnx"]
+ALIAS = "onnx"
+LANDMARK_DETECTORS = ("yunet", "mtcnn")
+
+
+def resolve(name: str, default: str) -> str:
+    """The detector a name means: ``onnx`` is the service's default when that is a landmark detector, else
+    YuNet; any other name is itself."""
+    if name != ALIAS:
+        return name
+    return default if default in LANDMARK_DETECTORS else LANDMARK_DETECTORS[0]
 
 
 def source_checkout(module_file: str | Path = __file__) -> Path | None:
@@ -92,7 +105,7 @@ def _haar(options: DetectorOptions) -> HaarFaceDetector:
     return HaarFaceDetector()
 
 
-def _onnx(options: DetectorOptions) -> MtcnnDetector:
+def _mtcnn(options: DetectorOptions) -> MtcnnDetector:
     detector = MtcnnDetector.from_dir(options.folder, options.providers, options.session, **_scored(options))
     detector.warm_up()  # onnxruntime's first-run allocations at start-up, not in the first request
     return detector
@@ -104,35 +117,27 @@ def _yunet(options: DetectorOptions) -> YunetDetector:
     return detector
 
 
-#: Every detector by name: how to build it from the settings. Names with the same builder share one detector.
-DETECTORS: dict[str, Callable[[DetectorOptions], FaceDetector]] = {
-    "onnx": _onnx,
-    "mtcnn": _onnx,
-    "yunet": _yunet,
-    "haar": _haar,
-}
+#: Every detector by name: how to build it from the settings.
+DETECTORS: dict[str, Callable[[DetectorOptions], FaceDetector]] = {"yunet": _yunet, "mtcnn": _mtcnn, "haar": _haar}
 
 
 def load_detectors(default: str, options: DetectorOptions) -> dict[str, FaceDetector]:
-    """Every detector that can load, by name, so that a request can pick any without a reload.
+    """Every detector that can load, by name (and ``onnx``, the default landmark detector), so that a request
+    can pick any without a reload.
 
-    The default must load (start-up fails otherwise); another whose files are missing is left out. Names
-    that share a builder (``onnx`` and ``mtcnn``) share one detector, built once.
+    The default must load (start-up fails otherwise); another whose files are missing is left out.
     """
+    default = resolve(default, default)
     if default not in DETECTORS:
         raise ValueError(f"unknown face detector {default!r}; known: {', '.join(DETECTORS)}")
-    built: dict[Callable, FaceDetector | DetectorFilesMissing] = {}
-    for build in dict.fromkeys(DETECTORS.values()):
-        try:
-            built[build] = build(options)
-        except DetectorFilesMissing as exc:
-            built[build] = exc
     detectors: dict[str, FaceDetector] = {}
     for name, build in DETECTORS.items():
-        if isinstance(built[build], DetectorFilesMissing):
+        try:
+            detectors[name] = build(options)
+        except DetectorFilesMissing as exc:
             if name == default:
-                raise built[build]
-            log.warning("face detector %s not loaded (%s); serving the others only", name, built[build])
-        else:
-            detectors[name] = built[build]
+                raise
+            log.warning("face detector %s not loaded (%s); serving the others only", name, exc)
+    if resolve(ALIAS, default) in detectors:
+        detectors[ALIAS] = detectors[resolve(ALIAS, default)]
     return detectors

@@ -14,7 +14,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from mien.service.deps import DetectorsDep, MetricsDep, ModelDep, SettingsDep, one_upload, pick_detector
-from mien.service.detectors import DetectorName
+from mien.service.detectors import DetectorName, resolve
 from mien.service.exceptions import TooLarge
 from mien.service.imaging import SUPPORTED, Photo, check_media_type, decode_photo
 from mien.service.metrics import ServiceMetrics
@@ -154,7 +154,7 @@ def predict(
 ) -> PredictResponse:
     # A plain `def`: FastAPI runs it in a worker thread, so decoding and inference never block the event loop.
     start = time.perf_counter()
-    name = detector_name or settings.detector
+    name = resolve(detector_name or settings.detector, settings.detector)  # onnx: the default landmark detector
     detector = pick_detector(detectors, name)
     limit = min(max_faces or settings.max_faces, settings.max_faces)  # the query can lower the setting only
     data = read_upload(file, settings.max_upload_bytes)
