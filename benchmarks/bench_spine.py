@@ -4,7 +4,8 @@
 
 Prints, per model: ONNX ms per face at batch 1 and batch 32; then ms per POST /predict of
 scikit-image's astronaut photo (512×512, one face) through the whole app in-process (decode,
-Haar detection, crop, classify, JSON), median and p95. A benchmark, not a test: figures go to docs.
+detection with the service's default detector, align, classify, JSON), median and p95. A benchmark, not a
+test: figures go to docs.
 """
 
 from __future__ import annotations
