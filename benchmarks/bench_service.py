@@ -128,20 +128,42 @@ def bench_fer(model_dir: Path, settings: Settings, repeats: int) -> list[str]:
         ),
     }
     images = photos()
-    totals, faces = {}, {}
-    for name, run in tqdm(runners.items(), desc="fer comparison", leave=False):
-        faces[name] = [run(image) for _, image in images]
-        totals[name] = sum(median_ms(lambda r=run, i=image: r(i), repeats) for _, image in images) / len(images)
+    faces = {name: [run(image) for _, image in images] for name, run in runners.items()}
+    # fer's OpenCV cascade and TFLite interpreter use every core they see, mien one onnxruntime thread per
+    # model: each pipeline is timed on the whole machine and pinned to one core (sched_setaffinity).
+    totals: dict[str, dict[str, float]] = {name: {} for name in runners}
+    for cores in ("all", "one"):
+        with pinned_to_one_core(cores == "one"):
+            for name, run in tqdm(runners.items(), desc=f"fer comparison, {cores} core(s)", leave=False):
+                per_photo = [median_ms(lambda r=run, i=image: r(i), repeats) for _, image in images]
+                totals[name][cores] = sum(per_photo) / len(images)
     fer_name = next(iter(runners))
     lines = [
-        f"| pipeline (in-process, decoded photo) | ms per photo (mean of per-photo medians, {repeats} runs) "
-        f"| faces found ({', '.join(PHOTOS)}) | fer time ÷ this |",
-        "|---|---:|---|---:|",
+        f"| pipeline (in-process, decoded photo) | ms per photo, all {os.cpu_count()} cores | fer ÷ this "
+        f"| ms per photo, pinned to one core | fer ÷ this | faces found ({', '.join(PHOTOS)}) |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name in runners:
-        ratio = totals[fer_name] / totals[name]
-        lines.append(f"| {name} | {totals[name]:.1f} | {', '.join(map(str, faces[name]))} | {ratio:.2f}× |")
+        cells = " | ".join(
+            f"{totals[name][c]:.1f} | {totals[fer_name][c] / totals[name][c]:.2f}×" for c in ("all", "one")
+        )
+        lines.append(f"| {name} | {cells} | {', '.join(map(str, faces[name]))} |")
+    lines.append(f"\nMean of per-photo medians, {repeats} runs each.")
     return lines
+
+
+@contextlib.contextmanager
+def pinned_to_one_core(pin: bool) -> Iterator[None]:
+    """This process (all its threads) on one CPU core while inside, when ``pin``; the affinity restored after."""
+    if not pin or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 # --- 2 and 3. the real server under load -----------------------------------------------------------
@@ -345,6 +367,7 @@ def main() -> int:
     parser.add_argument("--no-compare", action="store_true", help="skip the run with micro-batching off")
     parser.add_argument("--ab-rounds", type=int, default=3, help="alternating batching on/off rounds; 0 = none")
     parser.add_argument("--ab-only", action="store_true", help="run only the batching on/off rounds")
+    parser.add_argument("--fer-only", action="store_true", help="run only the comparison with the fer package")
     parser.add_argument("--quick", action="store_true", help="few repeats everywhere (a smoke run)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/mien-bench-server.log"))
@@ -366,7 +389,9 @@ def main() -> int:
         sections.extend(text)
 
     soak_ok = True
-    if not args.ab_only:
+    if args.fer_only:
+        section("The fer package and mien on the same photos", bench_fer(args.models, settings, args.fer_repeats))
+    elif not args.ab_only:
         section("Classifiers: ms per face (predict_crops on real face crops; resize and normalise included)",
                 bench_classifiers(args.models, settings, args.quick))  # fmt: skip
         section("The fer package and mien on the same photos", bench_fer(args.models, settings, args.fer_repeats))
@@ -381,7 +406,7 @@ def main() -> int:
                     "turn; httpx client on the same machine)", rows)  # fmt: skip
             if soak_lines:
                 section(f"Soak (detector {detector})", soak_lines)
-    if args.ab_rounds:
+    if args.ab_rounds and not args.fer_only:
         ab = bench_batching_ab(args.models, max(levels), args.requests, args.ab_rounds, args.server_log)
         section(f"Micro-batching on and off, alternating rounds at concurrency {max(levels)}", ab)
     load1, load5, _ = os.getloadavg()
