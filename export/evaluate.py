@@ -1,4 +1,5 @@
-"""`mien eval`: accuracy, per-class precision/recall/F1 and a confusion matrix on one split.
+"""`mien eval`: accuracy, per-class precision/recall/F1, a confusion matrix and calibration (ECE, NLL, Brier,
+a reliability diagram) on one split.
 
 Works on a training checkpoint (.pt, run with torch) or an exported ONNX file (run with
 onnxruntime, preprocessed by the spec stored in the file), so the figure in a model card is the
@@ -16,6 +17,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from mien.export.calibration import calibration_report, plot_reliability
 from mien.spec import PreprocessSpec
 from mien.training.data import CARVED_SPLIT, DataError, FaceDataset, load_dataset, load_with_validation, select_labels
 
@@ -130,8 +132,11 @@ def eval_split(
 
 def score_faces(classifier: Classifier, faces: SplitFaces, batch_size: int = 256) -> dict:
     """The classification report of ``classifier`` on ``faces``: its most likely scored class against the truth."""
-    probs = classifier.predict_crops(list(faces.images), batch_size)
-    return classification_report(faces.truth, probs[:, faces.columns].argmax(1), faces.names)
+    probs = classifier.predict_crops(list(faces.images), batch_size)[:, faces.columns]
+    report = classification_report(faces.truth, probs.argmax(1), faces.names)
+    # Calibration of the scored classes (renormalised when the model has classes the label set lacks).
+    report["calibration"] = calibration_report(probs / probs.sum(axis=1, keepdims=True), faces.truth)
+    return report
 
 
 def score_classifier(
@@ -204,6 +209,9 @@ def evaluate_path(
         out_dir / "confusion.png",
         f"{model_path.name} on {split} ({label_source}): accuracy {report['accuracy']:.3f}",
     )
+    calibration = report["calibration"]
+    plot_reliability(calibration, out_dir / "reliability.png", f"{model_path.name} on {split} ({label_source})")
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    log.info("%s on %s: accuracy %.4f, macro-F1 %.4f", model_path, split, report["accuracy"], report["macro_f1"])
+    log.info("%s on %s: accuracy %.4f, macro-F1 %.4f; ECE %.4f, NLL %.4f, Brier %.4f", model_path, split,
+             report["accuracy"], report["macro_f1"], *(calibration[k] for k in ("ece", "nll", "brier")))  # fmt: skip
     return report

@@ -1,0 +1,124 @@
+"""Do a model's probabilities mean what they say? Calibration measures, the temperature fit, the reliability diagram.
+
+- :func:`expected_calibration_error` (ECE): the top label's confidence against its accuracy in equal-width
+  confidence bins (15 by default, Guo et al. 2017), weighted by the share of faces in each bin;
+- :func:`negative_log_likelihood` (NLL) and :func:`brier_score` (the mean squared distance between the
+  probability vector and the one-hot truth, summed over classes);
+- :func:`fit_temperature`: the one temperature T that minimises the NLL of ``softmax(log p / T)`` on held-out
+  faces. For a single network ``log p`` is its logits up to a constant, so this is temperature scaling of
+  the logits; for an averaged model (flip TTA, an ensemble) it scales the log of the averaged probabilities.
+  Argmax never changes (dividing by a positive T keeps the order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+BINS = 15
+EPS = 1e-12
+
+
+def rescale(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` row by row: probabilities made sharper (T < 1) or softer (T > 1)."""
+    logits = np.log(np.clip(probs, EPS, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def reliability_bins(probs: np.ndarray, truth: np.ndarray, bins: int = BINS) -> list[dict]:
+    """Per equal-width confidence bin of the top label: its edges, face count, mean confidence, accuracy."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == truth
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # A confidence of exactly 1 belongs to the last bin; each other bin is [low, high).
+    index = np.minimum(np.digitize(confidence, edges[1:-1], right=False), bins - 1)
+    out = []
+    for b in range(bins):
+        inside = index == b
+        count = int(inside.sum())
+        out.append({
+            "low": float(edges[b]),
+            "high": float(edges[b + 1]),
+            "count": count,
+            "confidence": float(confidence[inside].mean()) if count else None,
+            "accuracy": float(correct[inside].mean()) if count else None,
+        })  # fmt: skip
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, truth: np.ndarray, bins: int = BINS) -> float:
+    """Σ over bins of (faces in the bin / faces) × |accuracy − mean confidence| of the top label."""
+    total = len(truth)
+    return float(
+        sum(
+            b["count"] / total * abs(b["accuracy"] - b["confidence"])
+            for b in reliability_bins(probs, truth, bins)
+            if b["count"]
+        )  # fmt: skip
+    )
+
+
+def negative_log_likelihood(probs: np.ndarray, truth: np.ndarray) -> float:
+    """Mean −log p(true class), natural log."""
+    return float(-np.log(np.clip(probs[np.arange(len(truth)), truth], EPS, 1.0)).mean())
+
+
+def brier_score(probs: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over faces of Σ over classes (p − one-hot truth)²: 0 is perfect, 2 the worst."""
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(truth)), truth] = 1.0
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def calibration_report(probs: np.ndarray, truth: np.ndarray, bins: int = BINS) -> dict:
+    """ECE (top label, ``bins`` equal-width bins), NLL and Brier score, and the bins themselves."""
+    return {
+        "ece": expected_calibration_error(probs, truth, bins),
+        "nll": negative_log_likelihood(probs, truth),
+        "brier": brier_score(probs, truth),
+        "bins": reliability_bins(probs, truth, bins),
+    }
+
+
+def fit_temperature(probs: np.ndarray, truth: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature minimising the NLL of :func:`rescale` on (held-out) ``probs`` and their ``truth``.
+
+    One parameter, a smooth and (in log T) well-behaved objective: a bounded scalar search on log T.
+    """
+    from scipy.optimize import minimize_scalar
+
+    def loss(log_t: float) -> float:
+        return negative_log_likelihood(rescale(probs, float(np.exp(log_t))), truth)
+
+    found = minimize_scalar(loss, bounds=tuple(np.log(bounds)), method="bounded", options={"xatol": 1e-5})
+    return float(np.exp(found.x))
+
+
+def plot_reliability(report: dict, path: str | Path, title: str) -> None:
+    """The reliability diagram: accuracy per confidence bin against the diagonal, with the share of faces."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in report["bins"] if b["count"]]
+    total = sum(b["count"] for b in report["bins"])
+    width = report["bins"][0]["high"] - report["bins"][0]["low"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, height_ratios=(3, 1))
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    top.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
+            edgecolor="black", color="#4c72b0", label="accuracy")  # fmt: skip
+    top.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="#dd8452",
+             label="mean confidence vs accuracy")  # fmt: skip
+    scores = f"ECE {report['ece']:.2%} · NLL {report['nll']:.3f} · Brier {report['brier']:.3f}"
+    top.set(ylabel="accuracy of the top label", ylim=(0, 1), xlim=(0, 1), title=f"{title}\n{scores}")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar([b["low"] for b in bins], [b["count"] / total for b in bins], width=width, align="edge",
+               edgecolor="black", color="#8c8c8c")  # fmt: skip
+    bottom.set(xlabel="confidence of the top label", ylabel="share of faces")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

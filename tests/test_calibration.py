@@ -1,0 +1,110 @@
+"""Calibration measures against hand-computed cases, the temperature fit on synthetic over- and under-confident
+models, and calibration in the scoring report."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mien.export.calibration import (
+    brier_score,
+    calibration_report,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    plot_reliability,
+    reliability_bins,
+    rescale,
+)
+from mien.export.evaluate import SplitFaces, score_faces
+from mien.spec import PreprocessSpec
+
+# Four faces, two classes: top confidences 0.9 (right), 0.9 (wrong), 0.62 (right), 0.78 (right).
+PROBS = np.array([[0.9, 0.1], [0.9, 0.1], [0.62, 0.38], [0.22, 0.78]])
+TRUTH = np.array([0, 1, 0, 1])
+
+
+def test_ece_by_hand():
+    # 15 bins of width 1/15: 0.9 and 0.9 share a bin (accuracy 0.5), 0.62 and 0.78 are alone (accuracy 1).
+    expected = 2 / 4 * abs(0.5 - 0.9) + 1 / 4 * abs(1 - 0.62) + 1 / 4 * abs(1 - 0.78)
+    assert expected_calibration_error(PROBS, TRUTH) == pytest.approx(expected)  # 0.35
+    filled = [b for b in reliability_bins(PROBS, TRUTH) if b["count"]]
+    assert [(b["count"], b["accuracy"]) for b in filled] == [(1, 1.0), (1, 1.0), (2, 0.5)]
+    assert sum(b["count"] for b in reliability_bins(PROBS, TRUTH)) == 4
+
+
+def test_a_confidence_of_one_lands_in_the_last_bin_and_perfect_calibration_scores_zero():
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert reliability_bins(probs, np.array([0, 1]))[-1]["count"] == 2
+    assert expected_calibration_error(probs, np.array([0, 1])) == 0.0
+
+
+def test_nll_and_brier_by_hand():
+    nll = -(math.log(0.9) + math.log(0.1) + math.log(0.62) + math.log(0.78)) / 4
+    assert negative_log_likelihood(PROBS, TRUTH) == pytest.approx(nll)
+    brier = (2 * 0.1**2 + 2 * 0.9**2 + 2 * 0.38**2 + 2 * 0.22**2) / 4
+    assert brier_score(PROBS, TRUTH) == pytest.approx(brier)
+    report = calibration_report(PROBS, TRUTH)
+    assert set(report) == {"ece", "nll", "brier", "bins"} and len(report["bins"]) == 15
+
+
+def synthetic(scale: float, n: int = 20_000, classes: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Truth drawn from softmax(z) (a calibrated model), and the probabilities of a model whose logits are
+    ``scale`` × z: over-confident for scale > 1, under-confident below."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n, classes))
+    calibrated = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    truth = np.array([rng.choice(classes, p=row) for row in calibrated])
+    scaled = np.exp(scale * z) / np.exp(scale * z).sum(axis=1, keepdims=True)
+    return scaled, truth
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_the_temperature_fit_recovers_the_known_temperature(scale):
+    probs, truth = synthetic(scale)
+    temperature = fit_temperature(probs, truth)
+    assert temperature == pytest.approx(scale, rel=0.05)
+    fixed = rescale(probs, temperature)
+    assert expected_calibration_error(fixed, truth) < expected_calibration_error(probs, truth)
+    assert expected_calibration_error(fixed, truth) < 0.02
+    assert negative_log_likelihood(fixed, truth) < negative_log_likelihood(probs, truth)
+
+
+def test_rescaling_never_changes_the_argmax_and_keeps_probabilities():
+    probs, _ = synthetic(3.0, n=2000)
+    for temperature in (0.3, 1.0, 2.5):
+        out = rescale(probs, temperature)
+        assert (out.argmax(1) == probs.argmax(1)).all()
+        np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(rescale(probs, 1.0), probs, atol=1e-9)
+
+
+def test_the_reliability_diagram_is_drawn(tmp_path):
+    path = tmp_path / "reliability.png"
+    plot_reliability(calibration_report(PROBS, TRUTH), path, "four faces")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class Fixed:
+    """A classifier that answers fixed probabilities over three classes."""
+
+    spec = PreprocessSpec(labels=("a", "b", "c"))
+
+    def __init__(self, probs: np.ndarray) -> None:
+        self.probs = probs
+
+    def predict_crops(self, crops, batch_size=256):
+        return self.probs[: len(crops)]
+
+
+def test_scoring_reports_calibration_of_the_scored_classes():
+    # Scored on classes a and c only: b's probability is left out and the rest renormalised.
+    probs = np.array([[0.6, 0.2, 0.2], [0.1, 0.5, 0.4]])
+    faces = SplitFaces(np.zeros((2, 48, 48), np.uint8), np.array([0, 1]), ("a", "c"), [0, 2])
+    report = score_faces(Fixed(probs), faces)
+    scored = np.array([[0.75, 0.25], [0.2, 0.8]])
+    assert report["calibration"]["nll"] == pytest.approx(negative_log_likelihood(scored, np.array([0, 1])))
+    assert report["calibration"]["ece"] == pytest.approx(expected_calibration_error(scored, np.array([0, 1])))
+    assert report["accuracy"] == 1.0
