@@ -1,5 +1,5 @@
 """Export's subcommands of ``mien``: ``export`` (a checkpoint, ``detector`` or ``triton``), ``ensemble``,
-``eval`` and ``results``. ``mien.cli`` only dispatches to :func:`add_commands`.
+``eval``, ``calibrate`` and ``results``. ``mien.cli`` only dispatches to :func:`add_commands`.
 
 Heavy imports (torch, onnx) happen inside each command, so that ``mien --help`` is instant and
 ``mien serve`` works without the ``train`` extra; they also let tests replace a command's function
@@ -19,8 +19,8 @@ LABEL_SOURCES = ("fer2013", "ferplus", "ferplus7")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``export``, ``ensemble``, ``eval`` and ``results`` to the ``mien`` parser's subcommands."""
-    for add in (_add_export, _add_ensemble, _add_eval, _add_results):
+    """Add ``export``, ``ensemble``, ``eval``, ``calibrate`` and ``results`` to the ``mien`` parser's subcommands."""
+    for add in (_add_export, _add_ensemble, _add_eval, _add_calibrate, _add_results):
         add(sub)
 
 
@@ -98,6 +98,36 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "(ferplus7); a model is scored on the classes it shares with the label set")  # fmt: skip
     p.add_argument("--ferplus-votes", default="", help="FER+ votes csv (default: ferplus_votes.csv beside --data)")
     p.set_defaults(func=_run_eval)
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="fit a temperature on the validation split and put it inside the ONNX graph",
+                       description="Temperature scaling: one temperature fitted by NLL on --fit-split (the split "
+                       "carved from Training), applied inside the graph as a division of the logits; the card "
+                       "records it with ECE/NLL/Brier before and after on --fit-split and --test-split.")  # fmt: skip
+    p.add_argument("model", help="an .onnx file from `mien export` (its card beside it is updated)")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--fit-split", default="val", help="the split the temperature is fitted on (default val)")
+    p.add_argument("--test-split", default="public_test", help="the split the card reports too")
+    p.add_argument("--out", default=None, help="write here instead of in place")
+    p.add_argument("--force", action="store_true", help="calibrate even when the card does not show the fit "
+                   "split was held out from training")  # fmt: skip
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from mien.export.calibrate import CalibrationError, calibrate
+
+    try:
+        block = calibrate(args.model, args.data, args.fit_split, args.test_split, args.out, args.force)
+    except CalibrationError as exc:
+        print(f"mien calibrate: {exc}", file=sys.stderr)
+        return 2
+    split = args.test_split
+    print(f"temperature {block['temperature']:.4f} (fitted on {args.fit_split}); {split}: "
+          f"ECE {block['before'][split]['ece']:.4f} -> {block['after'][split]['ece']:.4f}, "
+          f"NLL {block['before'][split]['nll']:.4f} -> {block['after'][split]['nll']:.4f}")  # fmt: skip
+    return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:

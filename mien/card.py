@@ -95,6 +95,16 @@ class ExportInfo(_Block):
     date: str
 
 
+class Calibration(_Block):
+    """The temperature inside the served graph (``mien calibrate``) and what it changed."""
+
+    temperature: float
+    fitted_on: str | None = None  # the split whose NLL the temperature minimises (val: carved from Training)
+    before: dict[str, dict[str, float]] = {}  # split -> ece, nll, brier of the uncalibrated file
+    after: dict[str, dict[str, float]] = {}  # the same, calibrated
+    measured_by: str | None = None
+
+
 class Member(_Block):
     """One model of an ensemble, with its own accuracy from its card (None when it has none)."""
 
@@ -122,6 +132,7 @@ class Card(_Block):
     metrics: Metrics | None = None
     training: Training | None = None
     parity: Parity | None = None
+    calibration: Calibration | None = None
     export: ExportInfo | None = None
 
     @field_validator("spec")

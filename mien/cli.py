@@ -1,7 +1,8 @@
 """The ``mien`` command. It only dispatches: each part owns its subcommands and adds them here.
 
 * ``mien.training.cli``: ``train``, ``recipe``, ``pretrain-sr``
-* ``mien.export.cli``: ``export`` (also ``export detector``, ``export triton``), ``ensemble``, ``eval``, ``results``
+* ``mien.export.cli``: ``export`` (also ``export detector``, ``export triton``), ``ensemble``, ``eval``,
+  ``calibrate``, ``results``
 * ``mien.service.cli``: ``serve``
 
 This is the one module above the parts (docs/architecture.md): the ground layer below it imports none of

@@ -42,7 +42,7 @@ def test_unknown_keys_are_kept_in_place_and_optional_blocks_may_be_absent(tmp_pa
         "file": "m.onnx",
         "labels": ["a", "b"],
         "metrics": {"split": "public_test", "accuracy": 0.5, "from_the_future": {"x": 1}},
-        "calibration": {"temperature": 1.3},
+        "fairness": {"groups": 3},
     }
     path = write_card(tmp_path / "m.card.json", data)
     card = read_card(path)
