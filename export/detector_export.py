@@ -164,9 +164,13 @@ def _parity(net: nn.Module, name: str, path: Path, seed: int = 0) -> float:
     shapes = (
         [(1, 3, 12, 12), (2, 3, 37, 53), (1, 3, 240, 320)] if side is None else [(1, 3, side, side), (9, 3, side, side)]
     )
+    return worst_output_diff(net, session, [rng.uniform(-1.0, 1.0, size=shape).astype(np.float32) for shape in shapes])
+
+
+def worst_output_diff(net: nn.Module, session: ort.InferenceSession, inputs: list[np.ndarray]) -> float:
+    """Worst |torch - onnxruntime| over every output of ``net`` and ``session`` (input ``image``) on ``inputs``."""
     worst = 0.0
-    for shape in shapes:
-        x = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+    for x in inputs:
         with torch.no_grad():
             expected = [t.numpy() for t in net(torch.from_numpy(x))]
         got = session.run(None, {"image": x})

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mien.export import yunet_weights as wheel_file
+from mien.export.detector_export import worst_output_diff
 from mien.export.yunet_weights import TABLE, YunetWeights
 from mien.paths import DETECTOR_FOLDER
 
@@ -221,14 +222,8 @@ def _parity(net: YuNet, path: Path, seed: int = 0) -> float:
     """Worst |torch - onnxruntime| over every output, on random 0-255 images of several sizes and batches."""
     rng = np.random.default_rng(seed)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for shape in [(1, 3, 32, 32), (2, 3, 96, 160), (1, 3, 320, 256)]:
-        x = rng.integers(0, 256, size=shape).astype(np.float32)
-        with torch.no_grad():
-            expected = [t.numpy() for t in net(torch.from_numpy(x))]
-        got = session.run(None, {"image": x})
-        worst = max(worst, *(float(np.abs(e - g).max()) for e, g in zip(expected, got, strict=True)))
-    return worst
+    shapes = [(1, 3, 32, 32), (2, 3, 96, 160), (1, 3, 320, 256)]
+    return worst_output_diff(net, session, [rng.integers(0, 256, size=shape).astype(np.float32) for shape in shapes])
 
 
 @dataclass
