@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from mien.schemas import HealthResponse, ReadyResponse, error_responses
 from mien.service.deps import ModelsDep
 from mien.service.exceptions import NotReady
-from mien.service.schemas import HealthResponse, ReadyResponse, error_responses
 
 router = APIRouter(tags=["health"])
 

@@ -10,10 +10,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mien.schemas import error_responses
 from mien.service.deps import MODEL_PARAM, MetricsDep, requested_model_id
 from mien.service.metrics import ServiceMetrics
 from mien.service.registry import ModelRegistry
-from mien.service.schemas import error_responses
 from mien.service.security import MetricsKey
 
 router = APIRouter(tags=["metrics"])

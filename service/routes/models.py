@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from mien.schemas import ModelInfo, ModelsResponse, error_responses
 from mien.service.deps import ModelsDep
-from mien.service.schemas import ModelInfo, ModelsResponse, error_responses
 
 router = APIRouter(tags=["models"])
 

@@ -13,6 +13,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
+from mien.schemas import Box, Face, ImageSize, PredictResponse, Timings, error_responses
 from mien.service.deps import DetectorsDep, MetricsDep, ModelDep, SettingsDep, one_upload, pick_detector
 from mien.service.detectors import DetectorName, resolve
 from mien.service.exceptions import TooLarge
@@ -20,7 +21,6 @@ from mien.service.imaging import SUPPORTED, Photo, check_media_type, decode_phot
 from mien.service.metrics import ServiceMetrics
 from mien.service.pipeline import Prediction, StageTimer, predict_faces
 from mien.service.registry import LoadedModel
-from mien.service.schemas import Box, Face, ImageSize, PredictResponse, Timings, error_responses
 from mien.service.security import ApiKey
 
 log = logging.getLogger(__name__)

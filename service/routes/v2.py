@@ -43,10 +43,10 @@ from starlette.concurrency import run_in_threadpool
 
 from mien import __version__
 from mien.runtime import OnnxClassifier
+from mien.schemas import error_responses
 from mien.service.deps import OptionalModelsDep, PathModelDep, PathModelVersionDep
 from mien.service.exceptions import BadInferRequest, ProtocolNotReady, UnsupportedModel
 from mien.service.registry import LoadedModel
-from mien.service.schemas import error_responses
 from mien.service.security import ApiKey
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])

@@ -1,5 +1,8 @@
 """Request and response shapes of the HTTP API (what OpenAPI documents and clients rely on).
 
+In the ground layer (pydantic only, no part of mien imported) so that the service answers with these classes
+and the Python client (:mod:`mien.client`) parses into the very same ones without importing the service.
+
 Every error, whatever its status, has the body :class:`ErrorResponse`:
 ``{"error": {"code": "<stable snake_case code>", "message": "<what to do about it>"}}``.
 """
