@@ -16,16 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mien.ensemble import temper
+
 BINS = 15
 EPS = 1e-12
 
 
-def rescale(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(log p / T)`` row by row: probabilities made sharper (T < 1) or softer (T > 1)."""
-    logits = np.log(np.clip(probs, EPS, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(axis=1, keepdims=True)
+#: ``softmax(log p / T)`` row by row; the ground's function, which the served ensemble applies too.
+rescale = temper
 
 
 def reliability_bins(probs: np.ndarray, truth: np.ndarray, bins: int = BINS) -> list[dict]:

@@ -105,7 +105,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                        description="Temperature scaling: one temperature fitted by NLL on --fit-split (the split "
                        "carved from Training), applied inside the graph as a division of the logits; the card "
                        "records it with ECE/NLL/Brier before and after on --fit-split and --test-split.")  # fmt: skip
-    p.add_argument("model", help="an .onnx file from `mien export` (its card beside it is updated)")
+    p.add_argument("model", help="an .onnx file from `mien export`, or an .ensemble.json from `mien ensemble` (the "
+                   "temperature then goes into that file, applied after averaging); its card is updated")  # fmt: skip
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--fit-split", default="val", help="the split the temperature is fitted on (default val)")
     p.add_argument("--test-split", default="public_test", help="the split the card reports too")

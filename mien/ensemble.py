@@ -8,7 +8,9 @@ Each member preprocesses the face crops by its own spec (sizes and normalisation
 ensemble averages their class probabilities, weighted by ``weights`` (optional, one non-negative number
 per member, normalised to sum to 1; equal weights when absent; ``mien ensemble --weights fit`` fits them
 on the validation split), and with ``"flip": true`` also those of the mirrored crops (horizontal-flip
-test-time augmentation). Members must share one label list. The ensemble
+test-time augmentation). An optional ``"temperature"`` (written by ``mien calibrate``, fitted on the
+validation split) calibrates the averaged probabilities: ``softmax(log p / T)``, applied here and nowhere
+else (an ensemble has no graph of its own to put it in). Members must share one label list. The ensemble
 quacks like :class:`mien.runtime.OnnxClassifier` where the service and ``mien eval`` use it
 (``spec``, ``model_id``, ``version``, ``provider``, ``predict_crops``), so it is served, listed and
 evaluated like any other model. ``mien ensemble`` writes the file and its card.
@@ -26,6 +28,14 @@ import numpy as np
 from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
 
 ENSEMBLE_SUFFIX = ".ensemble.json"
+
+
+def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` row by row: probabilities made sharper (T < 1) or softer (T > 1); argmax unchanged."""
+    logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
 
 
 class EnsembleError(ValueError):
@@ -54,7 +64,13 @@ def read_ensemble_config(path: str | Path) -> dict:
             weights = normalised_weights(weights, len(members))
         except ValueError as exc:
             raise EnsembleError(f"{path}: {exc}") from None
-    return {"model_id": str(model_id), "members": members, "flip": flip, "weights": weights}
+    temperature = config.get("temperature")
+    if temperature is not None and not (
+        isinstance(temperature, int | float) and not isinstance(temperature, bool) and 0 < temperature < 1e3
+    ):
+        raise EnsembleError(f"{path}: 'temperature' must be a positive number, got {temperature!r}")
+    return {"model_id": str(model_id), "members": members, "flip": flip, "weights": weights,
+            "temperature": None if temperature is None else float(temperature)}  # fmt: skip
 
 
 def normalised_weights(weights: list, count: int) -> list[float]:
@@ -70,10 +86,16 @@ def normalised_weights(weights: list, count: int) -> list[float]:
 
 
 class EnsembleClassifier:
-    """Weighted mean of the members' probabilities (and of their mirrored crops with ``flip``)."""
+    """Weighted mean of the members' probabilities (and of their mirrored crops with ``flip``), tempered by
+    ``temperature`` when one is given."""
 
     def __init__(
-        self, model_id: str, members: list[OnnxClassifier], flip: bool = False, weights: list[float] | None = None
+        self,
+        model_id: str,
+        members: list[OnnxClassifier],
+        flip: bool = False,
+        weights: list[float] | None = None,
+        temperature: float | None = None,
     ) -> None:
         if len(members) < 2:
             raise EnsembleError(f"ensemble {model_id!r} needs at least two members, got {len(members)}")
@@ -83,15 +105,22 @@ class EnsembleClassifier:
             raise EnsembleError(f"ensemble {model_id!r}: members disagree on labels ({names})")
         self.members, self.flip, self.model_id = members, flip, model_id
         self.weights = normalised_weights(list(weights), len(members)) if weights is not None else None
+        if temperature is not None and not temperature > 0:
+            raise EnsembleError(f"ensemble {model_id!r}: a temperature must be positive, got {temperature}")
+        self.temperature = temperature
         # The crop the service cuts for the ensemble: the first member's framing, probabilities as output.
         self.spec = replace(members[0].spec, output="probabilities")
         identity = [[m.model_id, m.version] for m in members] + [flip]
         digest = hashlib.sha256(json.dumps(identity + ([self.weights] if self.weights else [])).encode())
-        self.version = digest.hexdigest()[:12]  # equal weights keep the version they had before weights existed
+        # equal weights keep the version they had before weights existed; a temperature marks it as calibrated files
+        # are marked (their probabilities changed, their argmax did not)
+        self.version = digest.hexdigest()[:12] + (f"-t{temperature:.3f}" if temperature is not None else "")
         members_text = ",".join(m.model_id for m in members)
         self.metadata = {"mien.ensemble.members": members_text, "mien.ensemble.flip": str(flip)}
         if self.weights:
             self.metadata["mien.ensemble.weights"] = ",".join(f"{w:.6g}" for w in self.weights)
+        if temperature is not None:
+            self.metadata["mien.temperature"] = f"{temperature:.6g}"
 
     @property
     def provider(self) -> str:
@@ -109,7 +138,10 @@ class EnsembleClassifier:
         weights = self.weights or [1.0 / len(self.members)] * len(self.members)
         total = sum(w * m.predict_crops(view, batch_size) for m, w in zip(self.members, weights, strict=True)
                     for view in views)  # fmt: skip
-        return (total / len(views)).astype(np.float32)
+        averaged = total / len(views)
+        if self.temperature is not None:
+            averaged = temper(averaged, self.temperature)
+        return averaged.astype(np.float32)
 
     @classmethod
     def from_config(cls, path: str | Path, available: dict[str, OnnxClassifier]) -> EnsembleClassifier:
@@ -121,7 +153,8 @@ class EnsembleClassifier:
                 f"{Path(path).name}: member(s) {', '.join(missing)} not among the loaded models "
                 f"({', '.join(sorted(available)) or 'none'})"
             )
-        return cls(config["model_id"], [available[m] for m in config["members"]], config["flip"], config["weights"])
+        members = [available[m] for m in config["members"]]
+        return cls(config["model_id"], members, config["flip"], config["weights"], config["temperature"])
 
     @classmethod
     def from_path(

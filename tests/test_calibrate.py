@@ -95,3 +95,42 @@ def test_a_model_not_selected_on_val_is_refused_unless_forced(model_copy, tiny_n
     assert "--force" in capsys.readouterr().err
     assert main(["calibrate", str(model_copy), "--data", str(tiny_npz), "--force"]) == 0
     assert temperature_of(onnx.load(model_copy)) != 1.0
+
+
+def test_an_ensemble_is_calibrated_after_averaging_through_its_file(model_copy, tiny_npz):
+    from mien.ensemble import EnsembleClassifier, EnsembleError, read_ensemble_config
+    from mien.export.ensemble import write_ensemble
+    from tests.test_ensemble import relabel
+
+    folder = model_copy.parent
+    relabel(model_copy, folder / "twin.onnx", "twin")
+    write_ensemble(["mini_xception", "twin"], folder, model_id="pair", data=str(tiny_npz), flip=True)
+    card_file = folder / "pair.card.json"
+    card = json.loads(card_file.read_text())
+    card["metrics"]["selected_on"] = "val"  # as when every member was selected on val (twin has no card)
+    card_file.write_text(json.dumps(card))
+    path = folder / "pair.ensemble.json"
+    faces = list(np.random.default_rng(1).integers(0, 255, (16, 48, 48), dtype=np.uint8))
+    before = EnsembleClassifier.from_path(path, CPU).predict_crops(faces)
+
+    block = calibrate(path, tiny_npz)
+    temperature = block["temperature"]
+    assert read_ensemble_config(path)["temperature"] == temperature and temperature != pytest.approx(1.0, abs=1e-3)
+    served = EnsembleClassifier.from_path(path, CPU)
+    after = served.predict_crops(faces)
+    np.testing.assert_allclose(after, rescale(before, temperature), atol=1e-5)  # applied once, after averaging
+    assert (after.argmax(1) == before.argmax(1)).all()
+    assert block["after"]["val"]["nll"] <= block["before"]["val"]["nll"] + 1e-9
+    written = json.loads(card_file.read_text())
+    assert written["calibration"]["temperature"] == temperature and written["version"] == served.version
+    assert served.version.endswith(f"-t{temperature:.3f}") and served.metadata["mien.temperature"]
+    # the members' files are untouched: their own temperature stays 1
+    assert temperature_of(onnx.load(folder / "twin.onnx")) == 1.0
+    again = calibrate(path, tiny_npz)  # refitted on the untempered average
+    assert again["temperature"] == pytest.approx(temperature, rel=1e-4)
+
+    config = json.loads(path.read_text())
+    for bad in (0, -1.5, "2", True):
+        path.write_text(json.dumps(config | {"temperature": bad}))
+        with pytest.raises(EnsembleError, match="temperature"):
+            read_ensemble_config(path)
