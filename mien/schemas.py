@@ -25,8 +25,13 @@ class Box(BaseModel):
 
 class Face(BaseModel):
     box: Box
-    label: str = Field(description="the most probable expression")
-    score: float = Field(description="probability of `label`")
+    label: str | None = Field(
+        description="the most probable expression; null when its probability is below min_confidence (uncertain)"
+    )
+    score: float = Field(description="probability of the most probable expression (of `label` when there is one)")
+    uncertain: bool = Field(
+        False, description="the top probability is below min_confidence: no label is given, probabilities still are"
+    )
     probabilities: dict[str, float] = Field(description="probability of every label the model knows; sums to 1")
     landmarks: list[tuple[float, float]] | None = Field(
         None,
@@ -66,6 +71,32 @@ class PredictResponse(BaseModel):
     timings_ms: Timings
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. bad_image, too_large, unknown_model")
+    message: str = Field(description="what went wrong and what to do about it")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class BatchItem(BaseModel):
+    """One photo of a batch: its prediction, or the error POST /predict would have answered for it."""
+
+    index: int = Field(description="position of the file in the request, from 0")
+    filename: str | None = Field(description="the file name the client sent (never used for anything else)")
+    status: int = Field(description="200, or the HTTP status POST /predict would have answered for this photo")
+    prediction: PredictResponse | None = Field(description="as POST /predict answers it; null when `error` is set")
+    error: ErrorDetail | None = Field(description="as POST /predict's error body; null when `prediction` is set")
+
+
+class BatchResponse(BaseModel):
+    model: str = Field(description="id of the model that classified the faces")
+    model_version: str
+    provider: str = Field(description="onnxruntime execution provider that really ran")
+    results: list[BatchItem] = Field(description="one per uploaded file, in the order they were sent")
+
+
 class ModelInfo(BaseModel):
     id: str
     version: str
@@ -94,15 +125,6 @@ class ReadyResponse(BaseModel):
         default_factory=dict, description="the onnxruntime provider each model runs on, e.g. CUDAExecutionProvider"
     )
     refused: dict[str, str] = Field(default_factory=dict, description="model files not served, with the reason")
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(description="stable machine-readable code, e.g. bad_image, too_large, unknown_model")
-    message: str = Field(description="what went wrong and what to do about it")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

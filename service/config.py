@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * MEGABYTE, gt=0, le=1024 * MEGABYTE, description="largest accepted image file")
     max_pixels: int = Field(40_000_000, gt=0, le=OPENCV_MAX_PIXELS, description="largest accepted width × height")
     max_faces: int = Field(50, gt=0, le=1000, description="faces classified per image, largest first")
+    max_batch_files: int = Field(16, ge=1, le=1000, description="most files in one POST /predict/batch")
+    max_batch_bytes: int | None = Field(
+        None, gt=0, le=16 * 1024 * MEGABYTE,
+        description="largest POST /predict/batch body (each file still at most max_upload_bytes); unset: "
+        "max_batch_files × max_upload_bytes",
+    )  # fmt: skip
+    min_confidence: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="a face whose top probability is below it gets no label (label null, uncertain true; "
+        "the query min_confidence default); unset: every face is labelled",
+    )  # fmt: skip
     # Load limits on the inference routes (/predict, /v2/.../infer), enforced in service/limits.py.
     max_concurrency: int = Field(32, gt=0, le=1024, description="inference requests worked on at once")
     max_queue: int = Field(64, ge=0, le=100_000, description="inference requests waiting beyond those; more get 503")
@@ -98,6 +109,10 @@ class Settings(BaseSettings):
         description="detector score a face needs (the threshold default, for the detectors with scores); unset: "
         "each detector's own (MTCNN 0.9, YuNet 0.5)",
     )  # fmt: skip
+
+    def batch_body_bytes(self) -> int:
+        """The body limit of POST /predict/batch: ``max_batch_bytes``, else room for ``max_batch_files`` files."""
+        return self.max_batch_bytes or self.max_batch_files * self.max_upload_bytes
 
     def detect_slots(self) -> int:
         """How many ONNX face detections may run at once (``detect_concurrency``, 0 meaning one per core)."""

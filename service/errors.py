@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mien.schemas import ErrorDetail
 from mien.service.exceptions import (
     BadImage,
     BadInferRequest,
@@ -96,14 +97,29 @@ def _headers(exc: MienError) -> dict[str, str] | None:
     return None
 
 
+INTERNAL_ERROR = ErrorDetail(
+    code="internal_error", message="the service failed unexpectedly; the error is in the server log"
+)
+
+
+def error_detail(exc: Exception) -> tuple[int, ErrorDetail]:
+    """The status and error body any exception met while working on a photo gets: one of mien's own by
+    :data:`STATUS`; anything else (a bug, or a start-up error such as DetectorNotLoaded during a request) is
+    logged and answered 500 ``internal_error``. POST /predict answers with it, and POST /predict/batch puts it
+    in the result of the one photo that failed."""
+    mapped = status_of(exc) if isinstance(exc, MienError) else None
+    if mapped is None:
+        log.error("unexpected %s while handling a request", type(exc).__name__, exc_info=exc)
+        return 500, INTERNAL_ERROR
+    status, code = mapped
+    return status, ErrorDetail(code=code, message=exc.message)
+
+
 def mien_error_response(exc: MienError) -> JSONResponse:
     """The answer to one of mien's own errors (the routes' handler below, and the limits middleware)."""
-    mapped = status_of(exc)
-    if mapped is None:  # a start-up error (DetectorNotLoaded) during a request is a bug: answered as one
-        log.error("unexpected %s while handling a request", type(exc).__name__, exc_info=exc)
-        return _internal_error()
-    status, code = mapped
-    return error_response(status, code, exc.message, headers=_headers(exc))
+    status, detail = error_detail(exc)
+    headers = _headers(exc) if status != 500 else None
+    return error_response(status, detail.code, detail.message, headers=headers)
 
 
 def _where(loc: tuple) -> str:
@@ -157,12 +173,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             "no image uploaded: send the image as multipart/form-data in a field named 'file' "
             "(e.g. curl -F file=@photo.jpg http://host:port/predict)",
         )
+    if any(tuple(err.get("loc", ()))[:2] == ("body", "files") for err in errors):  # POST /predict/batch
+        return error_response(
+            400,
+            "missing_file",
+            "no images uploaded: send each image as multipart/form-data in the field 'files', repeated "
+            "(e.g. curl -F files=@a.jpg -F files=@b.jpg http://host:port/predict/batch)",
+        )
     problems = "; ".join(f"{_where(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}" for err in errors)
     return error_response(400, "invalid_request", problems or "invalid request")
 
 
 def _internal_error() -> JSONResponse:
-    return error_response(500, "internal_error", "the service failed unexpectedly; the error is in the server log")
+    return error_response(500, INTERNAL_ERROR.code, INTERNAL_ERROR.message)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

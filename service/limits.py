@@ -8,6 +8,8 @@ limit (setting)         applies to                            answer
 ======================  ====================================  ======================================
 ``max_query_bytes``     every request                         414 ``uri_too_long``
 ``max_upload_bytes``    every request body (+ multipart room)  413 ``too_large``, without reading it
+``max_batch_bytes``     the body of ``POST /predict/batch``    413 ``too_large``, without reading it
+``max_batch_files``     files in one ``POST /predict/batch``   400 ``too_many_files`` (in the route)
 ``max_concurrency``     inference routes: worked on at once   beyond it, requests wait in the queue
 ``max_queue``           inference routes: waiting             beyond it, 503 ``busy`` + Retry-After
 ``request_timeout``     inference routes, queue included      504 ``timeout``
@@ -17,13 +19,18 @@ The two limits that need the image itself are applied where the image is read, f
 ``max_pixels`` by :func:`mien.service.imaging.decode_image` from the file header before decoding (413
 ``too_many_pixels``), ``max_faces`` by the pipeline (faces beyond it are counted in ``faces_omitted``).
 
+A batch carries several photos, so ``POST /predict/batch`` has its own body limit, ``max_batch_bytes``, unset
+by default meaning ``max_batch_files × max_upload_bytes`` (16 × 10 MiB), plus the same multipart room; each
+of its files is still held to ``max_upload_bytes`` where it is read (413 ``too_large`` in that file's result).
+
 A declared ``Content-Length`` over the body limit is answered with 413 before a byte of the body is read;
 a body without one (chunked) is counted while it streams and stopped as soon as it passes the limit.
 Uploads are parsed in memory only (:func:`keep_uploads_in_memory`): the body limit bounds that memory,
 and no image ever touches the disk.
 
-The inference routes (``POST /predict``, ``POST /v2/models/.../infer``) are admitted while fewer than
-``max_concurrency + max_queue`` are in flight; the rest get 503 at once instead of queueing without bound.
+The inference routes (``POST /predict``, ``POST /predict/batch``, ``POST /v2/models/.../infer``) are admitted
+while fewer than ``max_concurrency + max_queue`` are in flight; the rest get 503 at once instead of queueing
+without bound (a batch is one request: it holds one slot while it works on its photos one after the other).
 ``/health``, ``/ready``, ``/metrics`` and the rest are never queued, so probes answer under load. A
 request that is not answered within ``request_timeout`` seconds gets 504; work already running in a
 worker thread cannot be interrupted, so it keeps its slot until it ends and its result is dropped.
@@ -49,14 +56,20 @@ log = logging.getLogger(__name__)
 
 # Room for the multipart envelope (boundaries, part headers, other small fields) around the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+BATCH_PATH = "/predict/batch"
 
 
 def is_inference(scope: Scope) -> bool:
-    """POST /predict and POST /v2/models/{id}[/versions/{v}]/infer: the routes that run models."""
+    """POST /predict, POST /predict/batch and POST /v2/models/{id}[/versions/{v}]/infer: the routes that run
+    models."""
     path = scope["path"].rstrip("/")
     return scope["method"] == "POST" and (
-        path == "/predict" or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        path in ("/predict", BATCH_PATH) or (path.startswith("/v2/models/") and path.endswith("/infer"))
     )
+
+
+def is_batch(scope: Scope) -> bool:
+    return scope["path"].rstrip("/") == BATCH_PATH
 
 
 def keep_uploads_in_memory() -> None:
@@ -123,14 +136,24 @@ class RequestLimitsMiddleware:
         self.app = app
         self.max_body_bytes = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
         self.max_upload_bytes = settings.max_upload_bytes
+        self.max_batch_body_bytes = settings.batch_body_bytes() + MULTIPART_OVERHEAD_BYTES
         self.max_query_bytes = settings.max_query_bytes
         self.timeout = settings.request_timeout
         self.retry_after = settings.retry_after
         self.limiter = limiter
         self._abandoned: set[asyncio.Task[None]] = set()  # timed-out work still running; kept from the GC
 
-    def _too_large(self, size: int | None) -> str:
+    def _body_limit(self, scope: Scope) -> int:
+        return self.max_batch_body_bytes if is_batch(scope) else self.max_body_bytes
+
+    def _too_large(self, scope: Scope, size: int | None) -> str:
         got = f"the request body is {size} bytes" if size is not None else "the request body is too large"
+        if is_batch(scope):
+            return (
+                f"{got}, over the batch limit of {self.max_batch_body_bytes} bytes (MIEN_MAX_BATCH_BYTES, unset: "
+                "MIEN_MAX_BATCH_FILES × MIEN_MAX_UPLOAD_BYTES, plus room for the multipart envelope); send fewer or "
+                "smaller images per batch"
+            )
         return (
             f"{got}, over the limit of {self.max_body_bytes} bytes (MIEN_MAX_UPLOAD_BYTES={self.max_upload_bytes} "
             "plus room for the multipart envelope); send a smaller image, or fewer faces per /v2 request"
@@ -145,8 +168,8 @@ class RequestLimitsMiddleware:
                 "(MIEN_MAX_QUERY_BYTES); send the image in the body and only short parameters such as ?model=..."
             )
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise TooLarge(self._too_large(int(declared)), body_unread=True)
+        if declared is not None and declared.isdigit() and int(declared) > self._body_limit(scope):
+            raise TooLarge(self._too_large(scope, int(declared)), body_unread=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,15 +182,16 @@ class RequestLimitsMiddleware:
             return
 
         received = 0
+        limit = self._body_limit(scope)
 
         async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     # Raised inside the app (its body parsing or route): its error handler answers.
-                    raise TooLarge(self._too_large(None))
+                    raise TooLarge(self._too_large(scope, None))
             return message
 
         if not is_inference(scope):

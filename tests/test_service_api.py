@@ -40,7 +40,8 @@ def assert_error(response, status: int, code: str | None = None) -> str:
 
 
 def assert_face(face: dict, labels: list[str]) -> None:
-    assert set(face) == {"box", "label", "score", "probabilities", "landmarks", "detection_score"}
+    assert set(face) == {"box", "label", "score", "uncertain", "probabilities", "landmarks", "detection_score"}
+    assert face["uncertain"] is False  # no min_confidence: every face is labelled
     probs = face["probabilities"]
     assert list(probs) == labels
     assert abs(sum(probs.values()) - 1.0) < 1e-5

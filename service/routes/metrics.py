@@ -1,5 +1,7 @@
 """GET /metrics (Prometheus text exposition of this app's own registry), and the middleware that counts
-every POST /predict by model and status, including requests refused before the route runs."""
+every POST /predict and POST /predict/batch by model and status, including requests refused before the route
+runs (a batch counts once, whatever its photos' own results; their faces and stage times are recorded per
+photo by the route, as for /predict)."""
 
 from __future__ import annotations
 
@@ -42,14 +44,15 @@ def _model_label(scope: Scope) -> str:
 
 
 class PredictMetricsMiddleware:
-    """Counts every /predict request by model and final status, including ones refused before the route."""
+    """Counts every /predict and /predict/batch request by model and final status, including ones refused
+    before the route."""
 
-    def __init__(self, app: ASGIApp, path: str = "/predict") -> None:
+    def __init__(self, app: ASGIApp, paths: tuple[str, ...] = ("/predict", "/predict/batch")) -> None:
         self.app = app
-        self.path = path
+        self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         status = 500  # what the client sees if the app raises before answering
