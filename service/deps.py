@@ -102,7 +102,8 @@ async def one_upload(request: Request) -> None:
     if len(files) > 1:
         fields = ", ".join(sorted({key for key, value in form.multi_items() if isinstance(value, UploadFile)}))
         raise TooManyFiles(f"the request carries {len(files)} files (form fields: {fields}); "
-                           "send one image per request, in the field 'file'")  # fmt: skip
+                           "send one image per request, in the field 'file' (or several to POST /predict/batch, "
+                           "in the field 'files')")  # fmt: skip
 
 
 def get_metrics(request: Request) -> ServiceMetrics:

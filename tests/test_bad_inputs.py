@@ -28,6 +28,7 @@ ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 # Where the astronaut's face is in skimage's 512×512 photo (as in test_service_api.py).
 FACE_X, FACE_Y = (170, 275), (55, 170)
 V2_INFER = "/v2/models/mini_xception/infer"
+BATCH = "/predict/batch"
 
 
 # --- images, made in code ------------------------------------------------------------------------
@@ -180,6 +181,31 @@ def _one_pixel_whole_image(body: dict) -> None:
     assert len(body["faces"]) == 1 and body["faces"][0]["box"] == {"x": 0, "y": 0, "width": 1, "height": 1}
 
 
+def batch(*photos: tuple[str, bytes, str]) -> dict:
+    """Several files in the repeated field 'files' of POST /predict/batch."""
+    return {"files": [("files", photo) for photo in photos]}
+
+
+def astronaut_jpeg(name: str = "a.jpg") -> tuple[str, bytes, str]:
+    return name, encode(astronaut(), ".jpg"), "image/jpeg"
+
+
+def batch_results(*expected: tuple[int, str | None]) -> Callable[[dict], None]:
+    """Each file's (status, error code), in the order sent; the good ones find the astronaut."""
+
+    def check(body: dict) -> None:
+        got = [(item["status"], (item["error"] or {}).get("code")) for item in body["results"]]
+        assert got == list(expected), body
+        assert [item["index"] for item in body["results"]] == list(range(len(expected)))
+        for item in body["results"]:
+            if item["status"] == 200:
+                one_face_at_the_astronaut(item["prediction"])
+            else:
+                assert item["prediction"] is None and item["error"]["message"].strip()
+
+    return check
+
+
 MULTIPART_NO_BOUNDARY = {"content": b"--x\r\n\r\n", "headers": {"content-type": "multipart/form-data"}}
 INFER_OK = {"inputs": [{"name": "input", "shape": [1, 1, 48, 48], "datatype": "FP32", "data": [0.5] * 48 * 48}]}
 
@@ -280,6 +306,26 @@ CATALOGUE = [
          check=message_has("GET /predict", "POST")),
     Case("unknown-path", lambda: files(b"x"), 404, "not_found", url="/predictions",
          check=message_has("POST /predictions", "/docs")),
+    # Several photos in one POST /predict/batch: each gets its own result, a bad one never fails the others.
+    Case("batch-one-corrupt-among-good", lambda: batch(astronaut_jpeg(), ("bad.jpg", garbage(), "image/jpeg"),
+                                                       astronaut_jpeg("b.jpg")), 200, None, url=BATCH,
+         check=batch_results((200, None), (400, "bad_image"), (200, None))),
+    Case("batch-file-with-wrong-media-type", lambda: batch(astronaut_jpeg(), ("a.txt", b"hello", "text/plain")),
+         200, None, url=BATCH, check=batch_results((200, None), (415, "unsupported_media_type"))),
+    Case("batch-file-over-the-upload-limit", lambda: batch(("big.jpg", bytes(11 * 1024 * 1024), "image/jpeg"),
+                                                           astronaut_jpeg()), 200, None, url=BATCH,
+         check=batch_results((413, "too_large"), (200, None))),
+    Case("batch-empty", lambda: {}, 400, "missing_file", url=BATCH, check=message_has("'files'")),
+    Case("batch-files-in-the-field-file", lambda: files(encode(astronaut(), ".jpg")), 400, "missing_file", url=BATCH,
+         check=message_has("'files'")),
+    Case("batch-too-many-files", lambda: batch(*[(f"{i}.jpg", b"x", "image/jpeg") for i in range(17)]), 400,
+         "too_many_files", url=BATCH, check=message_has("17 files", "MIEN_MAX_BATCH_FILES")),
+    Case("batch-unknown-model", lambda: batch(astronaut_jpeg()), 404, "unknown_model", url=BATCH,
+         params={"model": "resnet9000"}),
+    Case("batch-min-confidence-zero", lambda: batch(astronaut_jpeg()), 400, "invalid_request", url=BATCH,
+         params={"min_confidence": "0"}, check=message_has("min_confidence")),
+    Case("min-confidence-not-a-number", lambda: files(b"x"), 400, "invalid_request",
+         params={"min_confidence": "sure"}, check=message_has("min_confidence")),
     # The same kinds of mistakes on the v2 inference route.
     Case("v2-invalid-json", lambda: {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
          "invalid_infer_request", url=V2_INFER),
