@@ -182,8 +182,9 @@ def _run_ensemble(args: argparse.Namespace) -> int:
 def _add_results(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("results", help="measure every bundled model and write docs/results.md with figures",
                        description="Accuracy, macro-F1, occluded accuracy, parameters, MACs and ms per face of "
-                       "every model in --model-dir, the STN/SR ablation, confusion matrices, training curves, "
-                       "STN warps and a t-SNE of the triplet embeddings.")  # fmt: skip
+                       "every model in --model-dir, calibration (ECE, NLL, Brier, reliability diagrams), the STN/SR "
+                       "ablation, confusion matrices, training curves, STN warps and a t-SNE of the triplet "
+                       "embeddings.")  # fmt: skip
     p.add_argument("--model-dir", default="models")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--split", default="public_test")
@@ -194,6 +195,8 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default="docs/figures/fer_package.json",
                    help="another package's figures on the same faces, drawn in the speed plot "
                    "(benchmarks/fer_package_accuracy.py writes it; '' for none)")  # fmt: skip
+    p.add_argument("--default-model", default="mini_xception",
+                   help="the model the service serves by default: its reliability diagram is shown")  # fmt: skip
     p.set_defaults(func=_run_results)
 
 
@@ -202,10 +205,11 @@ def _run_results(args: argparse.Namespace) -> int:
 
     cfg = ResultsConfig(model_dir=args.model_dir, data=args.data, split=args.split, out=args.out,
                         figures=args.figures, threads=args.threads, repeats=args.repeats,
-                        reference=args.reference)  # fmt: skip
+                        reference=args.reference, default_model=args.default_model)  # fmt: skip
     rows = write_results(cfg, "mien " + shlex.join(sys.argv[1:]))
     for row in sorted(rows, key=lambda r: -r["accuracy"]):
         print(f"{row['model_id']:24s} accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "
-              f"occluded {row['occluded_accuracy']:.4f}  {row['ms_per_face_b1']:.2f} ms/face")  # fmt: skip
+              f"occluded {row['occluded_accuracy']:.4f}  ECE {row['ece']:.4f}  NLL {row['nll']:.3f}  "
+              f"{row['ms_per_face_b1']:.2f} ms/face")  # fmt: skip
     print(f"wrote {args.out}")
     return 0

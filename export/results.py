@@ -4,7 +4,8 @@ For each ``models/*.onnx`` and ``models/*.ensemble.json`` (through the same clas
 serves them with): accuracy and macro-F1 on the split, accuracy with a grey patch over 25% of each
 face at a random place (the same patches for every model), parameters and MACs (from the card),
 milliseconds per face on the onnxruntime CPU provider at batch 1 and 32 (preprocessing included),
-epochs and seconds per epoch (from the card). Figures: a confusion matrix and training curves per
+epochs and seconds per epoch (from the card), and calibration: ECE (15 bins, top label), NLL and Brier score
+with a reliability diagram per model, and the temperature each was calibrated with. Figures: a confusion matrix and training curves per
 model, what each spatial transformer does to faces (its warp, read from the ONNX graph), and a
 t-SNE map of the triplet model's embeddings. Also the STN/SR ablation in the form of the paper's
 Table 2 and the targets of the issue next to the measured figures.
@@ -24,6 +25,7 @@ import numpy as np
 
 from mien.card import Card, CardError, card_for
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
+from mien.export.calibration import plot_reliability
 from mien.export.evaluate import plot_confusion, score_classifier
 from mien.export.figures import has_op, plot_card_curves, plot_speed_accuracy, plot_stn, plot_tsne
 from mien.machine import describe_cpu, median_ms
@@ -37,6 +39,8 @@ ABLATION_ROWS = {"base_cnn": "Base", "stn_cnn": "+STN", "sr_cnn": "+SR", "stn_sr
 #: PublicTest accuracy targets set for the bundled models (issue 4), in %.
 TARGETS = {"mini_xception": 66.0, "se_sepconv": 65.2, "dcnn": 66.0, "stn_sr_cnn": 70.0, "ensemble": 74.0}
 BEST_SINGLE_TARGET = 72.0
+#: The most expected calibration error (top label, 15 bins) any served model may have on the test split, in %.
+ECE_TARGET = 2.0
 SPEED_FIGURE = "accuracy_vs_speed.png"
 
 
@@ -52,6 +56,7 @@ class ResultsConfig:
     threads: int = 1  # onnxruntime intra-op threads for the timing (1 = one core, comparable across machines)
     repeats: int = 30  # timed calls per batch size; the median is reported
     tsne_faces: int = 1500
+    default_model: str = "mini_xception"  # the model served by default: its reliability diagram is shown first
     # another package's figures on the same faces, drawn beside ours (benchmarks/fer_package_accuracy.py)
     reference: str = "docs/figures/fer_package.json"
 
@@ -104,6 +109,8 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     occluded_acc = float((occluded[:, faces.columns].argmax(1) == truth).mean())
     plot_confusion(report, figures / f"{model_id}_confusion.png",
                    f"{model_id} on {cfg.split}: accuracy {report['accuracy']:.3f}")  # fmt: skip
+    calibration = report["calibration"]
+    plot_reliability(calibration, figures / f"{model_id}_reliability.png", f"{model_id} on {cfg.split}")
     from_card = card_figures(card)
     row = {  # in the key order results.json has always had
         "model_id": model_id,
@@ -117,8 +124,11 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
         "ms_per_face_b1": ms_per_face(classifier, images, 1, cfg.repeats),
         "ms_per_face_b32": ms_per_face(classifier, images, 32, max(5, cfg.repeats // 3)),
         "per_class_f1": {name: scores["f1"] for name, scores in report["per_class"].items()},
+        "ece": calibration["ece"],
+        "nll": calibration["nll"],
+        "brier": calibration["brier"],
         **from_card,
-        "figures": {"confusion": f"{model_id}_confusion.png"},
+        "figures": {"confusion": f"{model_id}_confusion.png", "reliability": f"{model_id}_reliability.png"},
     }
     if plot_card_curves(card, figures / f"{model_id}_curves.png"):
         row["figures"]["curves"] = f"{model_id}_curves.png"
@@ -151,6 +161,8 @@ def card_figures(card: Card | None) -> dict:
         "flip_tta": export.flip_tta if export and export.flip_tta is not None else (card.flip if card else None),
         "members": [m.model_id for m in card.members or []] or None if card else None,
         "selected_on": card.selected_on if card else None,
+        "temperature": card.calibration.temperature if card and card.calibration else None,
+        "temperature_fitted_on": card.calibration.fitted_on if card and card.calibration else None,
     }
 
 
@@ -176,6 +188,7 @@ def render(rows: list[dict], cfg: ResultsConfig, command: str) -> str:
     lines = _summary(rows, cfg, command)
     lines += ["", f"![accuracy against speed]({figures_rel}/{SPEED_FIGURE})"]
     lines += _per_class(rows, cfg.split)
+    lines += _calibration(rows, cfg, figures_rel)
     if all(m in by_id for m in ABLATION_ROWS):
         lines += _ablation(by_id, cfg.split)
     lines += _targets(rows)
@@ -241,6 +254,33 @@ def _per_class(rows: list[dict], split: str) -> list[str]:
     for r in sorted(rows, key=lambda r: -r["accuracy"]):
         cells = [_pct(r["per_class_f1"].get(n)) if n in r["per_class_f1"] else "—" for n in names]
         lines.append(f"| `{r['model_id']}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list[str]:
+    """ECE, NLL and Brier per model, the temperature it was calibrated with, and two reliability diagrams."""
+    lines = [
+        "",
+        f"## Calibration on {cfg.split}",
+        "",
+        "Do the probabilities mean what they say? ECE: the gap between the top label's confidence and its accuracy "
+        "in 15 equal-width confidence bins, weighted by the faces in each (0 is perfect); NLL: mean −log p(true "
+        "label); Brier: mean squared distance to the one-hot truth. Temperature: the one `mien calibrate` fitted "
+        "on the split named (blank: never calibrated, its probabilities are the network's own). Models selected "
+        f"on {cfg.split} cannot be calibrated honestly (no held-out faces of theirs are left), so they stay blank "
+        f"until retrained with the validation split. Target: ECE ≤ {ECE_TARGET}% for every served model.",
+        "",
+        "| model | ECE % | NLL | Brier | temperature | fitted on | ECE ≤ target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["ece"]):
+        temperature = "" if r["temperature"] is None else f"{r['temperature']:.3f}"
+        met = "yes" if 100 * r["ece"] <= ECE_TARGET else "no"
+        lines.append(f"| `{r['model_id']}` | {_pct(r['ece'])} | {r['nll']:.3f} | {r['brier']:.3f} | {temperature} "
+                     f"| {r['temperature_fitted_on'] or ''} | {met} |")  # fmt: skip
+    shown = [r for r in rows if r["model_id"] == cfg.default_model] + [r for r in rows if r["members"]]
+    if shown:
+        lines += [""] + [f"![{r['model_id']} reliability]({figures_rel}/{r['figures']['reliability']})" for r in shown]
     return lines
 
 

@@ -91,9 +91,24 @@ def test_speed_plot_per_class_table_and_selection_split(results, tiny_npz, tmp_p
 def test_figures_per_model(results):
     _, rows, _ = results
     figures = {r["model_id"]: set(r["figures"]) for r in rows}
-    assert figures["mini_xception"] == {"confusion", "curves"}  # its card carries the training history
-    assert figures["stn_resnet10_triplet"] == {"confusion", "stn", "tsne"}  # no history: never trained
-    assert figures["ensemble"] == {"confusion"}
+    assert figures["mini_xception"] == {"confusion", "reliability", "curves"}  # its card carries the history
+    assert figures["stn_resnet10_triplet"] == {"confusion", "reliability", "stn", "tsne"}  # no history: never trained
+    assert figures["ensemble"] == {"confusion", "reliability"}
+
+
+def test_calibration_table_matches_mien_eval_and_shows_the_default_and_the_ensemble(results, tiny_npz, tmp_path):
+    root, rows, text = results
+    assert "## Calibration on public_test" in text
+    for row in rows:
+        report = evaluate_path(str(root / "models" / row["file"]), str(tiny_npz), "public_test", str(tmp_path))
+        for key in ("ece", "nll", "brier"):
+            assert row[key] == pytest.approx(report["calibration"][key]), (row["model_id"], key)
+        assert f"| `{row['model_id']}` | {100 * row['ece']:.2f} | {row['nll']:.3f} | {row['brier']:.3f} |" in text
+        assert row["temperature"] is None  # none of them was calibrated
+    section = text.split("## Calibration on public_test")[1].split("\n## ")[0]
+    shown = [line for line in section.splitlines() if line.startswith("![")]
+    assert shown == ["![mini_xception reliability](figures/results/mini_xception_reliability.png)",
+                     "![ensemble reliability](figures/results/ensemble_reliability.png)"]  # fmt: skip
 
 
 def test_intermediate_reads_the_stn_warp_and_the_embedding(results, tiny_npz):
