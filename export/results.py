@@ -4,11 +4,11 @@ For each ``models/*.onnx`` and ``models/*.ensemble.json`` (through the same clas
 serves them with): accuracy and macro-F1 on the split, accuracy with a grey patch over 25% of each
 face at a random place (the same patches for every model), parameters and MACs (from the card),
 milliseconds per face on the onnxruntime CPU provider at batch 1 and 32 (preprocessing included),
-epochs and seconds per epoch (from the card), and calibration: ECE (15 bins, top label), NLL and Brier score
-with a reliability diagram per model, and the temperature each was calibrated with. Figures: a confusion matrix and training curves per
-model, what each spatial transformer does to faces (its warp, read from the ONNX graph), and a
-t-SNE map of the triplet model's embeddings. Also the STN/SR ablation in the form of the paper's
-Table 2 and the targets of the issue next to the measured figures.
+epochs and seconds per epoch (from the card), and calibration: ECE (15 bins, top label), NLL and Brier
+score with a reliability diagram per model, and the temperature each was calibrated with. Figures: a
+confusion matrix and training curves per model, what each spatial transformer does to faces (its warp,
+read from the ONNX graph), and a t-SNE map of the triplet model's embeddings. Also the STN/SR ablation in
+the form of the paper's Table 2 and the targets of the issue next to the measured figures.
 """
 
 from __future__ import annotations
