@@ -69,10 +69,16 @@ def test_api_answers_every_generated_request_as_its_schema_says(case, fuzzed_app
             case.path_parameters["version"] = loaded.version
     if case.path == "/predict" and isinstance(case.body, dict) and "file" in case.body and _coin(case, "file"):
         case.body["file"] = photo
+    # POST /predict/batch: the generated files are sent as the repeated field 'files'; in half the cases every
+    # other one becomes the photo, so that a batch mixing predictions and per-photo errors is checked too.
+    if case.path == "/predict/batch" and isinstance(case.body, dict) and isinstance(case.body.get("files"), list):
+        if case.body["files"] and _coin(case, "files"):
+            case.body["files"] = [photo if i % 2 == 0 else item for i, item in enumerate(case.body["files"])]
     case.call_and_validate(app=fuzzed_app, checks=CHECKS)
 
 
 def _coin(case, name: str) -> bool:
     """A fair, repeatable coin per generated case (Python's str hash is salted per process; crc32 is not)."""
-    value = (case.path_parameters or {}).get(name) if name != "file" else (case.body or {}).get(name)
+    body = case.body if isinstance(case.body, dict) else {}
+    value = body.get(name) if name in ("file", "files") else (case.path_parameters or {}).get(name)
     return value is not None and zlib.crc32(repr(value).encode()) % 2 == 0
