@@ -651,7 +651,7 @@ def plot_timeline(
         axes[0].text(0.5, 0.5, "no tracked face", ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_axis_off()
     for ax, key in zip(axes, chosen, strict=False):
-        times, probs = series[key]
+        times, probs = _broken_at_gaps(*series[key])
         for i, label in enumerate(labels):
             ax.plot(times, probs[:, i], label=label, linewidth=1.2, marker="." if len(times) < 50 else None)
         ax.set_ylim(-0.02, 1.02)
@@ -660,12 +660,27 @@ def plot_timeline(
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("seconds")
     if chosen:
-        axes[0].legend(loc="upper right", ncol=min(len(labels), 7), fontsize=8)
+        handles, names = axes[0].get_legend_handles_labels()
+        figure.legend(handles, names, loc="outside upper center", ncol=min(len(labels), 7), fontsize=8)
     if len(series) > len(chosen):
         figure.suptitle(f"the {len(chosen)} longest of {len(series)} tracks", fontsize=10)
     path = Path(path)
     figure.savefig(path, dpi=100)
     return path
+
+
+def _broken_at_gaps(times: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A NaN point inserted where the face was missed (a step over 1.5 × the usual one), so that the plotted
+    lines stop there instead of joining across the gap."""
+    if len(times) < 3:
+        return times, probs
+    steps = np.diff(times)
+    gaps = np.flatnonzero(steps > 1.5 * np.median(steps))
+    if not len(gaps):
+        return times, probs
+    times = np.insert(times, gaps + 1, times[gaps] + steps[gaps] / 2)
+    probs = np.insert(probs, gaps + 1, np.nan, axis=0)
+    return times, probs
 
 
 def _matplotlib_figure():

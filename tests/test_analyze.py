@@ -166,6 +166,41 @@ def test_bad_sources_are_refused_with_a_reason(tmp_path):
     assert source_kind(0) == source_kind("1") == "camera"
 
 
+class FakeCamera:
+    """Stands in for cv2.VideoCapture(index): the moving head for ``count`` frames, then nothing."""
+
+    def __init__(self, index, count: int = 12) -> None:
+        self.index, self.left = index, count
+        self.face = head()
+
+    def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
+        return self.index == 0
+
+    def read(self):
+        if self.left == 0:
+            return False, None
+        self.left -= 1
+        return True, canvas(320, 240, [(10 + 5 * (12 - self.left), 60, self.face)])
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_camera_is_read_until_it_stops_and_its_faces_are_tracked(monkeypatch, tmp_path, capsys):
+    import mien.service.frames as frames
+
+    monkeypatch.setattr(frames.cv2, "VideoCapture", FakeCamera)
+    got = list(open_frames("0"))
+    assert [frame.index for frame in got] == list(range(12)) and {frame.source for frame in got} == {"camera:0"}
+    assert all(b.timestamp >= a.timestamp for a, b in zip(got, got[1:], strict=False)) and not got[0].still
+    assert probe(0).frames is None  # a camera has no end known in advance
+    with pytest.raises(BadSource, match="camera 3"):
+        list(open_frames(3))
+    assert main(["analyze", "0", "--out", str(tmp_path / "cam.jsonl"), "--no-progress"]) == 0
+    rows = read_back(tmp_path / "cam.jsonl")
+    assert len(rows) == 12 and len({row["track"] for row in rows}) == 1 and rows[0]["track"] is not None
+
+
 def test_a_batch_is_classified_in_one_call(analyzer, video):
     calls = []
     real = analyzer.classifier.predict_crops
