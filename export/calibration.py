@@ -4,6 +4,8 @@
   confidence bins (15 by default, Guo et al. 2017), weighted by the share of faces in each bin;
 - :func:`negative_log_likelihood` (NLL) and :func:`brier_score` (the mean squared distance between the
   probability vector and the one-hot truth, summed over classes);
+- :func:`coverage_curve`: for each ``min_confidence`` the service may be given, the share of faces it still
+  labels (top probability ≥ the threshold; the others come back ``uncertain``) and the accuracy of those labels;
 - :func:`fit_temperature`: the one temperature T that minimises the NLL of ``softmax(log p / T)`` on held-out
   faces. For a single network ``log p`` is its logits up to a constant, so this is temperature scaling of
   the logits; for an averaged model (flip TTA, an ensemble) it scales the log of the averaged probabilities.
@@ -19,6 +21,8 @@ import numpy as np
 from mien.ensemble import temper
 
 BINS = 15
+#: The ``min_confidence`` values the accuracy-versus-coverage curve is measured at: 0.30, 0.35, …, 0.90.
+THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(13))
 EPS = 1e-12
 
 
@@ -71,13 +75,32 @@ def brier_score(probs: np.ndarray, truth: np.ndarray) -> float:
     return float(((probs - onehot) ** 2).sum(axis=1).mean())
 
 
+def coverage_curve(probs: np.ndarray, truth: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS) -> list[dict]:
+    """Per threshold: the share of faces whose top probability reaches it (labelled; the rest are uncertain),
+    and the accuracy of the labelled ones (None when none is labelled)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == truth
+    out = []
+    for threshold in thresholds:
+        kept = confidence >= threshold
+        out.append({
+            "min_confidence": float(threshold),
+            "coverage": float(kept.mean()),
+            "accuracy": float(correct[kept].mean()) if kept.any() else None,
+            "faces": int(kept.sum()),
+        })  # fmt: skip
+    return out
+
+
 def calibration_report(probs: np.ndarray, truth: np.ndarray, bins: int = BINS) -> dict:
-    """ECE (top label, ``bins`` equal-width bins), NLL and Brier score, and the bins themselves."""
+    """ECE (top label, ``bins`` equal-width bins), NLL and Brier score, the bins themselves, and the
+    accuracy-versus-coverage curve of ``min_confidence``."""
     return {
         "ece": expected_calibration_error(probs, truth, bins),
         "nll": negative_log_likelihood(probs, truth),
         "brier": brier_score(probs, truth),
         "bins": reliability_bins(probs, truth, bins),
+        "coverage": coverage_curve(probs, truth),
     }
 
 
@@ -117,6 +140,34 @@ def plot_reliability(report: dict, path: str | Path, title: str) -> None:
     bottom.bar([b["low"] for b in bins], [b["count"] / total for b in bins], width=width, align="edge",
                edgecolor="black", color="#8c8c8c")  # fmt: skip
     bottom.set(xlabel="confidence of the top label", ylabel="share of faces")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_coverage(report: dict, path: str | Path, title: str) -> None:
+    """Accuracy of the labelled faces and the share labelled, against ``min_confidence``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report["coverage"]
+    thresholds = [c["min_confidence"] for c in curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(thresholds, [c["coverage"] for c in curve], "o-", color="#8c8c8c", label="faces labelled (coverage)")
+    ax.plot(thresholds, [np.nan if c["accuracy"] is None else c["accuracy"] for c in curve], "o-", color="#4c72b0",
+            label="accuracy of the labelled faces")  # fmt: skip
+    for c in curve[::2]:
+        if c["accuracy"] is not None:
+            ax.annotate(f"{c['accuracy']:.0%}", (c["min_confidence"], c["accuracy"]), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
+        ax.annotate(f"{c['coverage']:.0%}", (c["min_confidence"], c["coverage"]), textcoords="offset points",
+                    xytext=(0, -12), ha="center", fontsize=7)  # fmt: skip
+    ax.set(xlabel="min_confidence (top probability a face needs to be labelled)", ylabel="share", ylim=(0, 1.05),
+           title=title)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,7 +17,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from mien.export.calibration import calibration_report, plot_reliability
+from mien.export.calibration import calibration_report, plot_coverage, plot_reliability
 from mien.spec import PreprocessSpec
 from mien.training.data import CARVED_SPLIT, DataError, FaceDataset, load_dataset, load_with_validation, select_labels
 
@@ -211,6 +211,7 @@ def evaluate_path(
     )
     calibration = report["calibration"]
     plot_reliability(calibration, out_dir / "reliability.png", f"{model_path.name} on {split} ({label_source})")
+    plot_coverage(calibration, out_dir / "coverage.png", f"{model_path.name} on {split}: accuracy vs coverage")
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     log.info("%s on %s: accuracy %.4f, macro-F1 %.4f; ECE %.4f, NLL %.4f, Brier %.4f", model_path, split,
              report["accuracy"], report["macro_f1"], *(calibration[k] for k in ("ece", "nll", "brier")))  # fmt: skip

@@ -25,7 +25,7 @@ import numpy as np
 
 from mien.card import Card, CardError, card_for
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
-from mien.export.calibration import plot_reliability
+from mien.export.calibration import plot_coverage, plot_reliability
 from mien.export.evaluate import plot_confusion, score_classifier
 from mien.export.figures import has_op, plot_card_curves, plot_speed_accuracy, plot_stn, plot_tsne
 from mien.machine import describe_cpu, median_ms
@@ -111,6 +111,9 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
                    f"{model_id} on {cfg.split}: accuracy {report['accuracy']:.3f}")  # fmt: skip
     calibration = report["calibration"]
     plot_reliability(calibration, figures / f"{model_id}_reliability.png", f"{model_id} on {cfg.split}")
+    if model_id == cfg.default_model:
+        plot_coverage(calibration, figures / f"{model_id}_coverage.png",
+                      f"{model_id} on {cfg.split}: accuracy against coverage")  # fmt: skip
     from_card = card_figures(card)
     row = {  # in the key order results.json has always had
         "model_id": model_id,
@@ -127,11 +130,14 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
         "ece": calibration["ece"],
         "nll": calibration["nll"],
         "brier": calibration["brier"],
+        "coverage": calibration["coverage"],
         **from_card,
         "figures": {"confusion": f"{model_id}_confusion.png", "reliability": f"{model_id}_reliability.png"},
     }
     if plot_card_curves(card, figures / f"{model_id}_curves.png"):
         row["figures"]["curves"] = f"{model_id}_curves.png"
+    if model_id == cfg.default_model:
+        row["figures"]["coverage"] = f"{model_id}_coverage.png"
     if has_op(path, "GridSample"):
         pick = np.random.default_rng(cfg.seed).permutation(len(images))[:10]
         plot_stn(path, classifier, images[pick], figures / f"{model_id}_stn.png")
@@ -281,6 +287,32 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
     shown = [r for r in rows if r["model_id"] == cfg.default_model] + [r for r in rows if r["members"]]
     if shown:
         lines += [""] + [f"![{r['model_id']} reliability]({figures_rel}/{r['figures']['reliability']})" for r in shown]
+    default = next((r for r in rows if r["model_id"] == cfg.default_model), None)
+    if default is not None:
+        lines += _coverage(default, cfg.split, figures_rel)
+    return lines
+
+
+def _coverage(row: dict, split: str, figures_rel: str) -> list[str]:
+    """The default model's accuracy against coverage: what ``min_confidence`` trades."""
+    curve = row["coverage"]
+    lines = [
+        "",
+        f"### Choosing `min_confidence`: accuracy against coverage of `{row['model_id']}` on {split}",
+        "",
+        "With `min_confidence=t` (query parameter or `MIEN_MIN_CONFIDENCE`) a face whose top probability is below "
+        "t comes back with all its probabilities but `label: null` and `uncertain: true`. Coverage: the share of "
+        "faces still labelled; accuracy: how often those labels are right.",
+        "",
+        "| min_confidence | " + " | ".join(f"{c['min_confidence']:.2f}" for c in curve) + " |",
+        "|---|" + "---|" * len(curve),
+        "| coverage % | " + " | ".join(f"{100 * c['coverage']:.1f}" for c in curve) + " |",
+        "| accuracy % | "
+        + " | ".join("—" if c["accuracy"] is None else f"{100 * c['accuracy']:.1f}" for c in curve)
+        + " |",
+        "",
+        f"![{row['model_id']} accuracy against coverage]({figures_rel}/{row['figures']['coverage']})",
+    ]
     return lines
 
 

@@ -11,9 +11,11 @@ import pytest
 from mien.export.calibration import (
     brier_score,
     calibration_report,
+    coverage_curve,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    plot_coverage,
     plot_reliability,
     reliability_bins,
     rescale,
@@ -47,7 +49,7 @@ def test_nll_and_brier_by_hand():
     brier = (2 * 0.1**2 + 2 * 0.9**2 + 2 * 0.38**2 + 2 * 0.22**2) / 4
     assert brier_score(PROBS, TRUTH) == pytest.approx(brier)
     report = calibration_report(PROBS, TRUTH)
-    assert set(report) == {"ece", "nll", "brier", "bins"} and len(report["bins"]) == 15
+    assert set(report) == {"ece", "nll", "brier", "bins", "coverage"} and len(report["bins"]) == 15
 
 
 def synthetic(scale: float, n: int = 20_000, classes: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -81,10 +83,25 @@ def test_rescaling_never_changes_the_argmax_and_keeps_probabilities():
     np.testing.assert_allclose(rescale(probs, 1.0), probs, atol=1e-9)
 
 
-def test_the_reliability_diagram_is_drawn(tmp_path):
-    path = tmp_path / "reliability.png"
-    plot_reliability(calibration_report(PROBS, TRUTH), path, "four faces")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_the_reliability_diagram_and_the_coverage_curve_are_drawn(tmp_path):
+    for plot, name in ((plot_reliability, "reliability.png"), (plot_coverage, "coverage.png")):
+        plot(calibration_report(PROBS, TRUTH), tmp_path / name, "four faces")
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coverage_by_hand():
+    # top confidences 0.9 (right), 0.9 (wrong), 0.62 (right), 0.78 (right)
+    curve = {c["min_confidence"]: c for c in coverage_curve(PROBS, TRUTH, (0.5, 0.62, 0.7, 0.85, 0.95))}
+    assert [(t, c["coverage"], c["accuracy"]) for t, c in curve.items()] == [
+        (0.5, 1.0, 0.75),  # every face labelled
+        (0.62, 1.0, 0.75),  # a top probability equal to the threshold is labelled (only below is uncertain)
+        (0.7, 0.75, 2 / 3),
+        (0.85, 0.5, 0.5),
+        (0.95, 0.0, None),  # no label left: no accuracy to report
+    ]
+    default = coverage_curve(PROBS, TRUTH)
+    assert [c["min_confidence"] for c in default] == pytest.approx([0.3 + 0.05 * i for i in range(13)])
+    assert default[0]["min_confidence"] == 0.3 and default[-1]["min_confidence"] == 0.9
 
 
 class Fixed:

@@ -91,7 +91,7 @@ def test_speed_plot_per_class_table_and_selection_split(results, tiny_npz, tmp_p
 def test_figures_per_model(results):
     _, rows, _ = results
     figures = {r["model_id"]: set(r["figures"]) for r in rows}
-    assert figures["mini_xception"] == {"confusion", "reliability", "curves"}  # its card carries the history
+    assert figures["mini_xception"] == {"confusion", "reliability", "coverage", "curves"}  # the default; a history
     assert figures["stn_resnet10_triplet"] == {"confusion", "reliability", "stn", "tsne"}  # no history: never trained
     assert figures["ensemble"] == {"confusion", "reliability"}
 
@@ -107,8 +107,15 @@ def test_calibration_table_matches_mien_eval_and_shows_the_default_and_the_ensem
         assert row["temperature"] is None  # none of them was calibrated
     section = text.split("## Calibration on public_test")[1].split("\n## ")[0]
     shown = [line for line in section.splitlines() if line.startswith("![")]
-    assert shown == ["![mini_xception reliability](figures/results/mini_xception_reliability.png)",
-                     "![ensemble reliability](figures/results/ensemble_reliability.png)"]  # fmt: skip
+    assert shown == [
+        "![mini_xception reliability](figures/results/mini_xception_reliability.png)",
+        "![ensemble reliability](figures/results/ensemble_reliability.png)",
+        "![mini_xception accuracy against coverage](figures/results/mini_xception_coverage.png)",
+    ]
+    default = next(r for r in rows if r["model_id"] == "mini_xception")
+    report = evaluate_path(str(root / "models" / "mini_xception.onnx"), str(tiny_npz), "public_test", str(tmp_path))
+    assert default["coverage"] == report["calibration"]["coverage"]
+    assert "| coverage % | " + " | ".join(f"{100 * c['coverage']:.1f}" for c in default["coverage"]) in section
 
 
 def test_intermediate_reads_the_stn_warp_and_the_embedding(results, tiny_npz):
