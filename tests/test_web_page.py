@@ -326,6 +326,22 @@ def test_a_service_with_an_api_key_asks_for_it_and_then_answers(open_page, chrom
         assert error.is_hidden()
 
 
+def test_a_face_below_min_confidence_shows_not_sure_with_its_probabilities(open_page, chromium_path, astronaut_rgb):
+    from mien.service.config import Settings
+    from mien.service.main import create_app
+
+    settings = Settings(model_dir=BUNDLED_MODELS, providers=CPU, threads=1, min_confidence=1.0)  # nothing reaches 1
+    with LiveServer(create_app(settings)) as server:
+        page = open_page(server.url)
+        upload(page, "astronaut.jpg", jpeg(astronaut_rgb))
+        page.wait_for_selector("[data-testid=face-card]")
+        assert page.locator("[data-testid=top-label]").inner_text() == "not sure"
+        assert page.locator("[data-testid=status]").inner_text() == "1 face: not sure."
+        probabilities = bars(page)
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)  # still every probability
+        assert max(probabilities, key=probabilities.get) == "happy"
+
+
 def test_the_camera_sends_frames_one_at_a_time_and_draws_boxes(open_page, bundled_server):
     page = open_page(bundled_server)
     button = page.locator("[data-testid=camera-button]")

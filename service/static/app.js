@@ -156,7 +156,7 @@
     if (n === 0) {
       setStatus(state.mode === "camera" ? "No face found in the camera picture." : "No face found in this picture.");
     } else {
-      setStatus(n === 1 ? `1 face: ${body.faces[0].label}.` : `${n} faces.`);
+      setStatus(n === 1 ? `1 face: ${shownLabel(body.faces[0])}.` : `${n} faces.`);
     }
   }
 
@@ -167,6 +167,11 @@
     overlay.dataset.boxes = "0";
     stage.dataset.faces = "0";
     state.boxes = { faces: [], scale: 1 };
+  }
+
+  // With min_confidence set, a face below it has no label (`uncertain: true`), but all its probabilities.
+  function shownLabel(face) {
+    return face.uncertain ? "not sure" : face.label;
   }
 
   function percent(p) {
@@ -191,7 +196,7 @@
       ctx.lineWidth = line;
       ctx.strokeStyle = color;
       ctx.strokeRect(x, y, w, h);
-      const text = `${i + 1}. ${face.label} ${Math.round(100 * face.score)}%`;
+      const text = `${i + 1}. ${shownLabel(face)} ${Math.round(100 * face.score)}%`;
       const pad = Math.round(fontSize / 4);
       const textWidth = ctx.measureText(text).width + 2 * pad;
       const textHeight = fontSize + 2 * pad;
@@ -211,14 +216,14 @@
       const card = document.createElement("section");
       card.className = "face";
       card.dataset.testid = "face-card";
-      card.dataset.label = face.label;
+      card.dataset.label = shownLabel(face);
       card.style.setProperty("--face-color", COLORS[i % COLORS.length]);
       const title = document.createElement("h2");
       title.append(`Face ${i + 1}: `);
       const top = document.createElement("strong");
       top.className = "top-label";
       top.dataset.testid = "top-label";
-      top.textContent = face.label;
+      top.textContent = shownLabel(face);
       title.append(top, ` ${percent(face.score)}`);
       card.append(title);
 
