@@ -269,7 +269,8 @@ def count_sampled(total: int, native_fps: float, fps: float | None) -> int:
 
 def probe(source: str | int | Path, fps: float | None = None) -> SourceInfo:
     """What :func:`open_frames` will yield, without decoding any frame: the frame count (None when unknown)
-    for a progress bar's ETA, and the rate (for the annotated video)."""
+    for a progress bar's ETA, and the rate (for the annotated video). BadSource for a missing path, a video
+    that cannot be opened or one without a frame."""
     check_fps(fps)
     kind = source_kind(source)
     if kind == "camera":
@@ -283,6 +284,8 @@ def probe(source: str | int | Path, fps: float | None = None) -> SourceInfo:
     try:
         native = _native_fps(capture)
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if total <= 0 and not capture.grab():  # the container does not say: is there a frame at all?
+            raise BadSource(f"{path}: the video has no frame that OpenCV (FFmpeg) can read")
     finally:
         capture.release()
     rate = native if fps is None or native is None else min(fps, native)

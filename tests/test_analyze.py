@@ -158,6 +158,12 @@ def test_bad_sources_are_refused_with_a_reason(tmp_path):
     (tmp_path / "fake.mp4").write_text("this is not a video")
     with pytest.raises(BadSource, match="cannot open|no frame"):
         list(open_frames(tmp_path / "fake.mp4"))
+    zero = cv2.VideoWriter(str(tmp_path / "zero.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    zero.release()  # a valid container with no frame
+    with pytest.raises(BadSource, match="no frame"):
+        probe(tmp_path / "zero.avi")
+    with pytest.raises(BadSource, match="no frame"):
+        list(open_frames(tmp_path / "zero.avi"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadSource, match="no image"):
         list(open_frames(tmp_path / "empty"))
@@ -411,6 +417,7 @@ def test_options_and_outputs_are_checked():
     [
         ("missing", "no such file"),
         ("unreadable", "cannot open|no frame"),
+        ("zero_frames", "no frame"),
         ("extension", "unknown output format"),
         ("model", "unknown model"),
         ("plot_image", "needs a video"),
@@ -421,9 +428,12 @@ def test_bad_input_exits_2_with_a_message(case, message, video, tmp_path, capsys
     fake.write_bytes(b"\x00\x01 not a video at all" * 10)
     image = tmp_path / "face.jpg"
     cv2.imwrite(str(image), canvas(200, 200, [(50, 50, head())]))
+    zero = tmp_path / "zero.avi"
+    cv2.VideoWriter(str(zero), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48)).release()
     argv = {
         "missing": [str(tmp_path / "nothing.mp4")],
         "unreadable": [str(fake), "--out", str(tmp_path / "rows.jsonl")],
+        "zero_frames": [str(zero), "--out", str(tmp_path / "rows.jsonl")],
         "extension": [str(video), "--out", str(tmp_path / "rows.xlsx")],
         "model": [str(video), "--model", "vgg"],
         "plot_image": [str(image), "--plot", str(tmp_path / "t.png")],
@@ -432,7 +442,7 @@ def test_bad_input_exits_2_with_a_message(case, message, video, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mien analyze: ")
     assert pytest.importorskip("re").search(message, err[-1])
-    assert not (tmp_path / "rows.xlsx").exists()
+    assert not (tmp_path / "rows.xlsx").exists() and not (tmp_path / "rows.jsonl").exists()  # refused before work
 
 
 # --- memory: bounded by the batch, not by the video ----------------------------------------------------
