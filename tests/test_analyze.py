@@ -126,6 +126,19 @@ def test_fps_samples_the_video_by_timestamp(analyzer, video):
     assert [row.frame for row in fast.analyze(video)] == list(range(0, 30, 4))
 
 
+@pytest.mark.parametrize("suffix, fourcc", [("mp4", "mp4v"), ("webm", "VP80"), ("mov", "mp4v"), ("avi", "MJPG")])
+def test_each_container_is_read_with_its_frame_count_and_times(suffix, fourcc, tmp_path):
+    path = tmp_path / f"grey.{suffix}"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 8, (64, 48))
+    for i in range(9):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    frames = list(open_frames(path))
+    assert probe(path).frames == len(frames) == 9
+    assert [frame.timestamp for frame in frames] == pytest.approx([i / 8 for i in range(9)])
+    assert all(frame.image.shape == (48, 64, 3) and frame.image.dtype == np.uint8 for frame in frames)
+
+
 def test_an_image_and_a_folder_are_not_tracked(analyzer, tmp_path):
     face = canvas(300, 260, [(100, 80, head())])
     (tmp_path / "b" / "c").mkdir(parents=True)
