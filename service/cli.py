@@ -182,7 +182,9 @@ def _analyze(args: argparse.Namespace, settings) -> int:
                     "tracks": [s.to_dict() for s in summaries]}  # fmt: skip
         Path(args.summary_json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     report = sys.stderr if args.out == "-" else sys.stdout
-    print(f"{frames} frames, {faces} faces ({analyzer.model_id}, {analyzer.detector_name})", file=sys.stderr)
+    stages = ", ".join(f"{name} {ms / max(frames, 1):.1f}" for name, ms in analyzer.timer.ms.items())
+    print(f"{frames} frames, {faces} faces ({analyzer.model_id}, {analyzer.detector_name}); ms per frame: {stages}",
+          file=sys.stderr)  # fmt: skip
     if show_summary:
         print(format_summary(summaries, labels), file=report)
     return 0
