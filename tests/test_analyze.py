@@ -347,6 +347,16 @@ def test_jsonl_csv_and_parquet_hold_the_same_rows(video, tmp_path, capsys):
     assert sum(value for key, value in row.items() if key.startswith("p_")) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_rows_to_stdout_and_the_summary_by_default(video, capsys):
+    assert main(["analyze", str(video), "--out", "-", "--no-progress", "--summary"]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 30 and rows[0]["frame"] == 0  # only rows on stdout: the summary goes to stderr
+    assert "dominant" in err and "30 frames, 30 faces" in err
+    assert main(["analyze", str(video), "--no-progress"]) == 0  # no output asked for: the summary is printed
+    assert "dominant" in capsys.readouterr().out
+
+
 def test_folder_rows_have_an_empty_track(tmp_path):
     (tmp_path / "in").mkdir()
     cv2.imwrite(str(tmp_path / "in" / "face.png"), canvas(300, 260, [(100, 80, head())]))
