@@ -443,6 +443,17 @@ class CsvWriter(RowWriter):
         self.stream.close()
 
 
+def record_schema(labels: Iterable[str]):
+    """The Arrow schema of :meth:`FaceRow.record` (parquet files, and the Ray actors' output batches)."""
+    pa, _ = _pyarrow()
+    fields = [("source", pa.string()), ("frame", pa.int64()), ("timestamp", pa.float64()), ("track", pa.int64()),
+              ("x", pa.int64()), ("y", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
+              ("landmarks", pa.list_(pa.list_(pa.float64()))), ("label", pa.string()), ("score", pa.float64()),
+              ("detection_score", pa.float64()), ("smoothed", pa.bool_())]  # fmt: skip
+    fields += [(f"p_{label}", pa.float64()) for label in labels]
+    return pa.schema(fields)
+
+
 class ParquetRowWriter(RowWriter):
     """Parquet through ``pyarrow.parquet.ParquetWriter``, a row group every ``group_rows`` rows (and at the
     end): memory holds at most one row group."""
@@ -451,12 +462,7 @@ class ParquetRowWriter(RowWriter):
         super().__init__(labels)
         pa, pq = _pyarrow()
         self.pa = pa
-        fields = [("source", pa.string()), ("frame", pa.int64()), ("timestamp", pa.float64()), ("track", pa.int64()),
-                  ("x", pa.int64()), ("y", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
-                  ("landmarks", pa.list_(pa.list_(pa.float64()))), ("label", pa.string()), ("score", pa.float64()),
-                  ("detection_score", pa.float64()), ("smoothed", pa.bool_())]  # fmt: skip
-        fields += [(f"p_{label}", pa.float64()) for label in self.labels]
-        self.schema = pa.schema(fields)
+        self.schema = record_schema(self.labels)
         self.writer = pq.ParquetWriter(str(path), self.schema)
         self.group_rows = group_rows
         self.buffer: list[dict[str, Any]] = []
