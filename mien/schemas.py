@@ -97,6 +97,77 @@ class BatchResponse(BaseModel):
     results: list[BatchItem] = Field(description="one per uploaded file, in the order they were sent")
 
 
+class VideoInfo(BaseModel):
+    """What POST /analyze/video read of the uploaded video."""
+
+    width: int
+    height: int
+    fps: float | None = Field(description="the container's frame rate; null when it does not say")
+    duration_seconds: float | None = Field(description="frames over fps, as the container declares; null when unknown")
+    frames: int | None = Field(description="the frames the container declares; null when it does not say")
+    frames_sampled: int = Field(description="frames analysed (the video sampled at sample_fps)")
+    sample_fps: float = Field(description="frames analysed per second of video: the fps asked, at most the video's")
+
+
+class VideoFace(BaseModel):
+    """One face in one frame of a video."""
+
+    track: int = Field(description="the face's track id: the same person from frame to frame, from 1")
+    box: Box
+    label: str | None = Field(description="the most probable expression; null when below min_confidence (uncertain)")
+    score: float = Field(description="probability of the most probable expression")
+    uncertain: bool = Field(False, description="the top probability is below min_confidence")
+    probabilities: dict[str, float] = Field(description="every label's probability (smoothed when `smoothed`)")
+    detection_score: float | None = Field(None, description="the detector's confidence; null for haar")
+
+
+class VideoFrame(BaseModel):
+    """A sampled frame in which at least one face was found."""
+
+    frame: int = Field(description="the frame's index in the video, every frame counted (sampled or not)")
+    timestamp: float = Field(description="seconds from the start of the video: frame / the video's fps")
+    faces: list[VideoFace] = Field(description="largest face first")
+
+
+class VideoTrack(BaseModel):
+    """One tracked face over the whole video (the summary `mien analyze` prints)."""
+
+    track: int
+    first_seen: float = Field(description="timestamp of its first frame, seconds")
+    last_seen: float = Field(description="timestamp of its last frame, seconds")
+    seconds: float = Field(description="frames it was seen in × the sampled frame interval (1 / sample_fps)")
+    frames: int = Field(description="sampled frames it was seen in")
+    dominant: str = Field(description="the expression that was the top one in most of its frames")
+    shares: dict[str, float] = Field(description="per label, the share of its frames where it was the top one; sum 1")
+    mean_probabilities: dict[str, float] = Field(description="per label, its mean probability over the track's frames")
+
+
+class VideoTimings(BaseModel):
+    """Milliseconds spent on this request."""
+
+    upload: float = Field(description="receiving the upload into its temporary file")
+    detect: float
+    preprocess: float
+    classify: float
+    total: float = Field(description="from the first byte of the upload to the answer")
+
+
+class VideoAnalysisResponse(BaseModel):
+    model: str = Field(description="id of the model that classified the faces")
+    model_version: str
+    provider: str = Field(description="onnxruntime execution provider that really ran")
+    detector: str = Field(description="the face detector that ran")
+    aligned: bool = Field(description="faces were rotated and framed from their landmarks before classification")
+    smoothed: bool = Field(description="probabilities were smoothed over each track (the `smooth` query parameter)")
+    video: VideoInfo
+    tracks: list[VideoTrack] = Field(description="one per tracked face, in the order they first appeared; empty "
+                                     "when no face was found")  # fmt: skip
+    timeline: list[VideoFrame] = Field(
+        description="every sampled frame with at least one face, in order (frames without a face are left out)"
+    )
+    timings_ms: VideoTimings
+
+
 class ModelInfo(BaseModel):
     id: str
     version: str

@@ -51,7 +51,24 @@ class Settings(BaseSettings):
         description="a face whose top probability is below it gets no label (label null, uncertain true; "
         "the query min_confidence default); unset: every face is labelled",
     )  # fmt: skip
-    # Load limits on the inference routes (/predict, /v2/.../infer), enforced in service/limits.py.
+    # POST /analyze/video (service/routes/analyze.py): refused with a 413 before any frame is analysed.
+    max_video_bytes: int = Field(
+        200 * MEGABYTE, gt=0, le=16 * 1024 * MEGABYTE, description="largest accepted video file (POST /analyze/video)"
+    )
+    max_video_seconds: float = Field(
+        600.0, gt=0.0, le=24 * 3600.0, description="longest accepted video, seconds (its declared or read duration)"
+    )
+    max_video_frames: int = Field(
+        3000, ge=1, le=1_000_000, description="most frames of one video analysed (after sampling at the fps asked)"
+    )
+    video_fps: float = Field(
+        5.0, gt=0.0, le=60.0, description="frames sampled per second of video unless the query's fps says otherwise"
+    )
+    video_timeout: float = Field(
+        600.0, gt=0.0, le=24 * 3600.0,
+        description="seconds a POST /analyze/video may take before it is answered 504 (request_timeout for the rest)",
+    )  # fmt: skip
+    # Load limits on the inference routes (/predict, /analyze/video, /v2/.../infer), enforced in service/limits.py.
     max_concurrency: int = Field(32, gt=0, le=1024, description="inference requests worked on at once")
     max_queue: int = Field(64, ge=0, le=100_000, description="inference requests waiting beyond those; more get 503")
     request_timeout: float = Field(

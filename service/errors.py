@@ -16,13 +16,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mien.schemas import ErrorDetail
+from mien.service.analysis import AnalyzeError
 from mien.service.exceptions import (
     BadImage,
     BadInferRequest,
+    BadMultipart,
+    BadVideo,
     Busy,
     DetectorUnavailable,
     EmptyFile,
+    EmptyVideo,
     MienError,
+    MissingFile,
     ModelNotFound,
     NotReady,
     ProtocolNotReady,
@@ -31,11 +36,13 @@ from mien.service.exceptions import (
     TimedOut,
     TooLarge,
     TooManyFiles,
+    TooManyFrames,
     TooManyPixels,
     Unauthorized,
     UnsupportedMediaType,
     UnsupportedModel,
     VersionNotFound,
+    VideoTooLong,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,11 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[MienError], tuple[int, str]] = {
     BadImage: (400, "bad_image"),
     EmptyFile: (400, "empty_file"),
+    BadVideo: (400, "bad_video"),
+    EmptyVideo: (400, "empty_video"),
+    MissingFile: (400, "missing_file"),
+    BadMultipart: (400, "bad_multipart"),
+    AnalyzeError: (400, "invalid_analysis"),  # mien analyze's engine (frames.py's BadSource is a BadImage)
     TooManyFiles: (400, "too_many_files"),
     DetectorUnavailable: (400, "unavailable_detector"),
     BadInferRequest: (400, "invalid_infer_request"),
@@ -55,6 +67,8 @@ STATUS: dict[type[MienError], tuple[int, str]] = {
     StaticFileNotFound: (404, "not_found"),
     TooLarge: (413, "too_large"),
     TooManyPixels: (413, "too_many_pixels"),
+    VideoTooLong: (413, "video_too_long"),
+    TooManyFrames: (413, "too_many_frames"),
     QueryTooLong: (414, "uri_too_long"),
     UnsupportedMediaType: (415, "unsupported_media_type"),
     NotReady: (503, "not_ready"),

@@ -26,6 +26,22 @@ class EmptyFile(BadImage):
     """The uploaded file has no bytes."""
 
 
+class MissingFile(MienError):
+    """A request without the file it needs in the field it needs it (a route that reads its own multipart body)."""
+
+
+class BadMultipart(MienError):
+    """A multipart/form-data body that cannot be read (no boundary, malformed parts)."""
+
+
+class BadVideo(BadImage):
+    """An uploaded video OpenCV cannot open or read frames from (corrupt, truncated, no video stream)."""
+
+
+class EmptyVideo(BadVideo):
+    """A video file that opens but holds no frame."""
+
+
 class UnsupportedMediaType(MienError):
     """A declared or sniffed format that mien does not read (TIFF, PDF, text, ...)."""
 
@@ -44,6 +60,14 @@ class TooLarge(MienError):
 
 class TooManyPixels(TooLarge):
     """Width × height over the decoding limit, read from the header or the decoded image."""
+
+
+class VideoTooLong(TooLarge):
+    """A video whose declared (or read) duration is over the limit."""
+
+
+class TooManyFrames(TooLarge):
+    """A video that would give more sampled frames than the limit."""
 
 
 class QueryTooLong(MienError):

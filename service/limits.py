@@ -10,9 +10,11 @@ limit (setting)         applies to                            answer
 ``max_upload_bytes``    every request body (+ multipart room)  413 ``too_large``, without reading it
 ``max_batch_bytes``     the body of ``POST /predict/batch``    413 ``too_large``, without reading it
 ``max_batch_files``     files in one ``POST /predict/batch``   400 ``too_many_files`` (in the route)
+``max_video_bytes``     the body of ``POST /analyze/video``    413 ``too_large``, without reading it
+``video_timeout``       ``POST /analyze/video``, queue incl.   504 ``timeout``
 ``max_concurrency``     inference routes: worked on at once   beyond it, requests wait in the queue
 ``max_queue``           inference routes: waiting             beyond it, 503 ``busy`` + Retry-After
-``request_timeout``     inference routes, queue included      504 ``timeout``
+``request_timeout``     the other inference routes            504 ``timeout``
 ======================  ====================================  ======================================
 
 The two limits that need the image itself are applied where the image is read, from the same settings:
@@ -23,12 +25,19 @@ A batch carries several photos, so ``POST /predict/batch`` has its own body limi
 by default meaning ``max_batch_files × max_upload_bytes`` (16 × 10 MiB), plus the same multipart room; each
 of its files is still held to ``max_upload_bytes`` where it is read (413 ``too_large`` in that file's result).
 
+A video is bigger and takes longer than a photo: ``POST /analyze/video`` has the body limit
+``max_video_bytes`` (plus the multipart room) and the time limit ``video_timeout``; its duration and frame
+limits (``max_video_seconds``, ``max_video_frames``) need the file's header and are applied by the route
+(:mod:`mien.service.routes.analyze`), which also streams the upload into a temporary file itself (the video
+decoder reads files) instead of letting Starlette hold it in memory.
+
 A declared ``Content-Length`` over the body limit is answered with 413 before a byte of the body is read;
 a body without one (chunked) is counted while it streams and stopped as soon as it passes the limit.
 Uploads are parsed in memory only (:func:`keep_uploads_in_memory`): the body limit bounds that memory,
 and no image ever touches the disk.
 
-The inference routes (``POST /predict``, ``POST /predict/batch``, ``POST /v2/models/.../infer``) are admitted
+The inference routes (``POST /predict``, ``POST /predict/batch``, ``POST /analyze/video``,
+``POST /v2/models/.../infer``) are admitted
 while fewer than ``max_concurrency + max_queue`` are in flight; the rest get 503 at once instead of queueing
 without bound (a batch is one request: it holds one slot while it works on its photos one after the other).
 ``/health``, ``/ready``, ``/metrics`` and the rest are never queued, so probes answer under load. A
@@ -57,19 +66,24 @@ log = logging.getLogger(__name__)
 # Room for the multipart envelope (boundaries, part headers, other small fields) around the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 BATCH_PATH = "/predict/batch"
+VIDEO_PATH = "/analyze/video"
 
 
 def is_inference(scope: Scope) -> bool:
-    """POST /predict, POST /predict/batch and POST /v2/models/{id}[/versions/{v}]/infer: the routes that run
-    models."""
+    """POST /predict, POST /predict/batch, POST /analyze/video and POST /v2/models/{id}[/versions/{v}]/infer: the
+    routes that run models."""
     path = scope["path"].rstrip("/")
     return scope["method"] == "POST" and (
-        path in ("/predict", BATCH_PATH) or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        path in ("/predict", BATCH_PATH, VIDEO_PATH) or (path.startswith("/v2/models/") and path.endswith("/infer"))
     )
 
 
 def is_batch(scope: Scope) -> bool:
     return scope["path"].rstrip("/") == BATCH_PATH
+
+
+def is_video(scope: Scope) -> bool:
+    return scope["path"].rstrip("/") == VIDEO_PATH
 
 
 def keep_uploads_in_memory() -> None:
@@ -137,17 +151,30 @@ class RequestLimitsMiddleware:
         self.max_body_bytes = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
         self.max_upload_bytes = settings.max_upload_bytes
         self.max_batch_body_bytes = settings.batch_body_bytes() + MULTIPART_OVERHEAD_BYTES
+        self.max_video_bytes = settings.max_video_bytes
+        self.max_video_body_bytes = settings.max_video_bytes + MULTIPART_OVERHEAD_BYTES
         self.max_query_bytes = settings.max_query_bytes
         self.timeout = settings.request_timeout
+        self.video_timeout = settings.video_timeout
         self.retry_after = settings.retry_after
         self.limiter = limiter
         self._abandoned: set[asyncio.Task[None]] = set()  # timed-out work still running; kept from the GC
 
     def _body_limit(self, scope: Scope) -> int:
+        if is_video(scope):
+            return self.max_video_body_bytes
         return self.max_batch_body_bytes if is_batch(scope) else self.max_body_bytes
+
+    def _timeout(self, scope: Scope) -> float:
+        return self.video_timeout if is_video(scope) else self.timeout
 
     def _too_large(self, scope: Scope, size: int | None) -> str:
         got = f"the request body is {size} bytes" if size is not None else "the request body is too large"
+        if is_video(scope):
+            return (
+                f"{got}, over the video limit of {self.max_video_body_bytes} bytes (MIEN_MAX_VIDEO_BYTES="
+                f"{self.max_video_bytes} plus room for the multipart envelope); send a shorter or more compressed video"
+            )
         if is_batch(scope):
             return (
                 f"{got}, over the batch limit of {self.max_batch_body_bytes} bytes (MIEN_MAX_BATCH_BYTES, unset: "
@@ -233,7 +260,8 @@ class RequestLimitsMiddleware:
                 limiter.release()
 
         task = asyncio.ensure_future(run())
-        done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        timeout = self._timeout(scope)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
         if done or answered:
             await task  # finished, or streaming its answer: let it end (and raise what it raised)
             return
@@ -247,8 +275,9 @@ class RequestLimitsMiddleware:
             task.cancel()
             where = "was still waiting for a free slot"
         timed_out_error = TimedOut(
-            f"the request took longer than {self.timeout:g} s (MIEN_REQUEST_TIMEOUT) and {where}; "
-            "retry, or send a smaller image or fewer faces",
+            f"the request took longer than {timeout:g} s "
+            f"({'MIEN_VIDEO_TIMEOUT' if is_video(scope) else 'MIEN_REQUEST_TIMEOUT'}) and {where}; "
+            "retry, or send a smaller image or fewer faces (a shorter video, or a lower fps)",
             self.retry_after,
         )
         await mien_error_response(timed_out_error)(scope, receive, send)

@@ -19,7 +19,7 @@ from mien.service.errors import install_error_handlers
 from mien.service.limits import install_limits
 from mien.service.metrics import ServiceMetrics
 from mien.service.registry import ModelRegistry
-from mien.service.routes import health, metrics, models, predict, v2, web
+from mien.service.routes import analyze, health, metrics, models, predict, v2, web
 from mien.service.routes.metrics import PredictMetricsMiddleware
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
-    # Added last = runs first: metrics see every /predict answer, including the limits' 413, 414, 503 and 504.
+    # Added last = runs first: metrics see every /predict and /analyze/video answer, including the limits' 413, 414,
+    # 503 and 504.
     install_limits(app, settings)  # body, query, concurrency, queue and timeout: service/limits.py
     app.add_middleware(PredictMetricsMiddleware)
-    for module in (predict, models, health, metrics, v2, web):
+    for module in (predict, analyze, models, health, metrics, v2, web):
         app.include_router(module.router)
     return app

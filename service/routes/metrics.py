@@ -1,7 +1,7 @@
 """GET /metrics (Prometheus text exposition of this app's own registry), and the middleware that counts
-every POST /predict and POST /predict/batch by model and status, including requests refused before the route
-runs (a batch counts once, whatever its photos' own results; their faces and stage times are recorded per
-photo by the route, as for /predict)."""
+every POST /predict, POST /predict/batch and POST /analyze/video by model and status, including requests refused
+before the route runs (a batch counts once, whatever its photos' own results; their faces and stage times are
+recorded per photo by the route, as for /predict; a video counts once, its stage times over all its frames)."""
 
 from __future__ import annotations
 
@@ -44,10 +44,10 @@ def _model_label(scope: Scope) -> str:
 
 
 class PredictMetricsMiddleware:
-    """Counts every /predict and /predict/batch request by model and final status, including ones refused
-    before the route."""
+    """Counts every /predict, /predict/batch and /analyze/video request by model and final status, including ones
+    refused before the route."""
 
-    def __init__(self, app: ASGIApp, paths: tuple[str, ...] = ("/predict", "/predict/batch")) -> None:
+    def __init__(self, app: ASGIApp, paths: tuple[str, ...] = ("/predict", "/predict/batch", "/analyze/video")) -> None:
         self.app = app
         self.paths = paths
 
