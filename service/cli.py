@@ -77,6 +77,12 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--summary", action="store_true", help="print the summary per track")
     p.add_argument("--summary-json", default=None, metavar="JSON", help="write the summary per track as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="still images over Ray actors (pip install 'mien[scale]'): a local instance, or the cluster "
+                   "at ADDRESS ('auto', 'host:6379', 'ray://host:10001'); SOURCE a folder, an image or a .txt list "
+                   "of paths; docs/scale.md")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray actors, one model each (default: 2 locally, one per CPU of a cluster)")  # fmt: skip
     p.set_defaults(func=run_analyze)
 
 
@@ -135,6 +141,10 @@ def _analyze(args: argparse.Namespace, settings) -> int:
         detect_max_pixels=_pick(args.detect_max_pixels, settings.detect_max_pixels), max_pixels=settings.max_pixels,
         max_missed=args.max_missed, iou=args.iou, smooth=args.smooth, threads=settings.threads,
     )  # fmt: skip
+    if args.ray is not None:
+        return _analyze_ray(args, settings, options)
+    if args.workers is not None:
+        raise AnalyzeError("--workers is the number of Ray actors: it needs --ray")
     info = probe(args.source, options.fps)  # BadSource now for a missing path or an unreadable video
     if args.out is not None:
         check_output(args.out)
@@ -187,4 +197,50 @@ def _analyze(args: argparse.Namespace, settings) -> int:
           file=sys.stderr)  # fmt: skip
     if show_summary:
         print(format_summary(summaries, labels), file=report)
+    return 0
+
+
+def _analyze_ray(args: argparse.Namespace, settings, options) -> int:
+    """``--ray``: the still images of SOURCE analysed by Ray actors, written as the single-process run writes them
+    (rows in the same order); options about sequences (--annotate, --plot) are refused. docs/scale.md."""
+    import contextlib
+    import json
+    from pathlib import Path
+
+    from mien.service.analysis import AnalyzeError, SummaryBuilder, check_output, format_summary, open_writer
+    from mien.service.scale import RayAnalyzer, connected, image_items, import_ray
+
+    for flag, value in (("--annotate", args.annotate), ("--plot", args.plot)):
+        if value is not None:
+            raise AnalyzeError(f"{flag} needs the frames of a video in order: it is not available with --ray")
+    items = image_items(args.source)  # a video or a camera is refused here
+    if args.out is not None:
+        check_output(args.out)
+    if args.summary_json is not None and Path(args.summary_json).suffix.lower() != ".json":
+        raise AnalyzeError(f"{args.summary_json}: --summary-json writes a .json file")
+    import_ray()  # the extra to install, before anything is loaded
+    show_summary = args.summary or not any((args.out, args.summary_json))
+    detector_folder = _pick(args.detector_dir, settings.detector_dir)
+    analyzer = RayAnalyzer(_pick(args.model_dir, settings.model_dir), options, settings.providers, detector_folder,
+                           args.workers)  # fmt: skip
+    labels = analyzer.labels
+    summary = SummaryBuilder(labels)
+    faces = 0
+    with connected(args.ray, args.workers, analyzer.options.threads), contextlib.ExitStack() as stack:
+        writer = stack.enter_context(open_writer(args.out, labels)) if args.out else None
+        for row in analyzer.analyze(items, progress=not args.no_progress):
+            faces += 1
+            if writer is not None:
+                writer.write([row])
+            summary.add(row)
+    summaries = summary.result()
+    if args.summary_json is not None:
+        document = {"source": str(args.source), "model": analyzer.model_id, "detector": analyzer.detector_name,
+                    "images": len(items), "faces": faces, "smoothed": False, "workers": analyzer.workers,
+                    "tracks": [s.to_dict() for s in summaries]}  # fmt: skip
+        Path(args.summary_json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    print(f"{len(items)} images, {faces} faces ({analyzer.model_id}, {analyzer.detector_name}); "
+          f"{analyzer.workers} Ray actors", file=sys.stderr)  # fmt: skip
+    if show_summary:
+        print(format_summary(summaries, labels), file=sys.stderr if args.out == "-" else sys.stdout)
     return 0
