@@ -37,7 +37,15 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from mien.schemas import BatchResponse, ErrorResponse, HealthResponse, ModelsResponse, PredictResponse, ReadyResponse
+from mien.schemas import (
+    BatchResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelsResponse,
+    PredictResponse,
+    ReadyResponse,
+    VideoAnalysisResponse,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: The header the service reads the API key from (mien.service.security.API_KEY_HEADER; a client cannot import it).
@@ -232,9 +240,10 @@ class MienClient(_Base):
         return self._request("POST", "/predict/batch", BatchResponse, params=query_params(model, query),
                              **self._batch_files(images))  # fmt: skip
 
-    def analyze_video(self, video: str | Path | bytes, model: str | None = None, **query: Any) -> dict[str, Any]:
-        """POST /analyze/video (the video in the multipart field ``file``): its parsed JSON answer."""
-        return self._request("POST", "/analyze/video", None, params=query_params(model, query),
+    def analyze_video(self, video: str | Path | bytes, model: str | None = None, **query: Any) -> VideoAnalysisResponse:
+        """POST /analyze/video (the video in the multipart field ``file``): every face followed over the video, a
+        timeline and a summary per track. Query keywords: ``fps``, ``smooth``, ``max_missed`` and /predict's."""
+        return self._request("POST", "/analyze/video", VideoAnalysisResponse, params=query_params(model, query),
                              files={"file": video_part(video)})  # fmt: skip
 
     def models(self) -> ModelsResponse:
@@ -303,10 +312,13 @@ class AsyncMienClient(_Base):
         return await self._request("POST", "/predict/batch", BatchResponse, params=query_params(model, query),
                                    **self._batch_files(images))  # fmt: skip
 
-    async def analyze_video(self, video: str | Path | bytes, model: str | None = None, **query: Any) -> dict[str, Any]:
-        """POST /analyze/video (the video in the multipart field ``file``): its parsed JSON answer."""
-        return await self._request("POST", "/analyze/video", None, params=query_params(model, query),
-                                   files={"file": video_part(video)})  # fmt: skip
+    async def analyze_video(
+        self, video: str | Path | bytes, model: str | None = None, **query: Any
+    ) -> VideoAnalysisResponse:
+        """POST /analyze/video (the video in the multipart field ``file``): every face followed over the video, a
+        timeline and a summary per track. Query keywords: ``fps``, ``smooth``, ``max_missed`` and /predict's."""
+        return await self._request("POST", "/analyze/video", VideoAnalysisResponse,
+                                   params=query_params(model, query), files={"file": video_part(video)})  # fmt: skip
 
     async def models(self) -> ModelsResponse:
         return await self._request("GET", "/models", ModelsResponse)

@@ -1,6 +1,6 @@
 """mien.client against the real app: the sync client through Starlette's TestClient (an httpx.Client), the async
 one through httpx.ASGITransport; retries on 503 busy forced on the real admission limiter; errors, API keys,
-image arrays. analyze_video is checked on a mock transport only (POST /analyze/video is not served yet)."""
+image arrays; analyze_video with short generated videos, sync and async."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import pytest
 from skimage import data
 
 from mien.client import API_KEY_HEADER, AsyncMienClient, MienClient, MienError, error_of, retry_after_seconds
-from mien.schemas import BatchResponse, HealthResponse, ModelsResponse, PredictResponse, ReadyResponse
+from mien.schemas import (
+    BatchResponse,
+    HealthResponse,
+    ModelsResponse,
+    PredictResponse,
+    ReadyResponse,
+    VideoAnalysisResponse,
+)
 from mien.service.config import Settings
 from mien.service.main import create_app
 from mien.service.security import API_KEY_HEADER as SERVICE_KEY_HEADER
@@ -213,24 +220,33 @@ def test_base_url_headers_and_closing():
         MienClient(max_retries=-1)
 
 
-def test_analyze_video_posts_the_file_to_analyze_video():
-    """Not against the app yet (POST /analyze/video is another piece of work): what goes on the wire."""
-    seen = []
+def small_video(path: Path, count: int = 20, fps: float = 10.0) -> Path:
+    """The astronaut's head moving over a 320×240 grey canvas, mp4v."""
+    face = cv2.resize(astronaut_bgr()[20:220, 125:325], (100, 100), interpolation=cv2.INTER_AREA)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (320, 240))
+    for i in range(count):
+        frame = np.full((240, 320, 3), 110, np.uint8)
+        frame[60:160, 20 + 4 * i : 120 + 4 * i] = face
+        writer.write(frame)
+    writer.release()
+    return path
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"frames": [], "model": "mini_xception"})
 
-    client = MienClient("http://mien.test", transport=httpx.MockTransport(handler))
-    assert client.analyze_video(b"\x00\x00\x00\x18ftypmp42", model="stn_cnn", sample_fps=2) == {
-        "frames": [],
-        "model": "mini_xception",
-    }
-    request = seen[0]
-    assert request.method == "POST" and request.url.path == "/analyze/video"
-    assert dict(request.url.params) == {"model": "stn_cnn", "sample_fps": "2"}
-    body = request.read()
-    assert b'name="file"' in body and b"ftypmp42" in body
+def test_analyze_video_takes_a_path_or_bytes_and_answers_the_services_schema(mien, tmp_path):
+    video = small_video(tmp_path / "clip.mp4")
+    from_path = mien.analyze_video(video, fps=10, smooth=0.5)
+    from_bytes = mien.analyze_video(video.read_bytes(), model="mini_xception", fps=10, smooth=0.5)
+    for result in (from_path, from_bytes):
+        assert isinstance(result, VideoAnalysisResponse) and result.model == "mini_xception" and result.smoothed
+        assert result.video.frames_sampled == 20 and result.video.sample_fps == 10.0
+        assert len(result.tracks) == 1 and result.tracks[0].frames == 20
+    assert from_path.model_dump(exclude={"timings_ms"}) == from_bytes.model_dump(exclude={"timings_ms"})
+    with pytest.raises(MienError) as caught:
+        mien.analyze_video(GARBAGE)
+    assert (caught.value.status, caught.value.code) == (400, "bad_video")
+    with pytest.raises(MienError) as caught:
+        mien.analyze_video(video, fps=0)
+    assert (caught.value.status, caught.value.code) == (400, "invalid_request")
 
 
 # --- the async client ----------------------------------------------------------------------------
@@ -269,21 +285,19 @@ def test_the_async_client_on_the_real_app_with_its_retries(model_dir):
     assert waits == [1.0]  # Retry-After: 1 (MIEN_RETRY_AFTER's default) beats the first backoff, 0.5
 
 
-def test_the_async_client_sends_analyze_video_as_the_sync_one_does(tmp_path: Path):
-    seen = []
+def test_the_async_client_analyzes_a_video_as_the_sync_one_does(model_dir, app_client, tmp_path: Path):
+    video = small_video(tmp_path / "clip.mp4")
+    app = create_app(Settings(model_dir=model_dir, providers=CPU))
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"ok": True})
+    async def run() -> VideoAnalysisResponse:
+        async with app.router.lifespan_context(app):
+            async with AsyncMienClient("http://mien", transport=httpx.ASGITransport(app=app)) as c:
+                with pytest.raises(MienError, match="415 unsupported_media_type"):
+                    await c.analyze_video(astronaut_jpeg())  # a still image: POST /predict
+                return await c.analyze_video(video, max_missed=2)
 
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(b"\x00\x00\x00\x18ftypmp42")
-
-    async def run() -> dict:
-        async with AsyncMienClient("http://mien.test", transport=httpx.MockTransport(handler)) as c:
-            return await c.analyze_video(video)
-
-    assert asyncio.run(run()) == {"ok": True}
-    body = seen[0].read()
-    assert b'filename="clip.mp4"' in body and b"Content-Type: video/mp4" in body
-    assert "model" not in seen[0].url.params  # no model named, none sent
+    result = asyncio.run(run())
+    with MienClient(client=app_client) as sync:
+        expected = sync.analyze_video(str(video), max_missed=2)
+    assert isinstance(result, VideoAnalysisResponse) and len(result.tracks) == 1
+    assert result.model_dump(exclude={"timings_ms"}) == expected.model_dump(exclude={"timings_ms"})
