@@ -7,9 +7,12 @@ Every image is made here, from scikit-image's astronaut photo (one face) and cof
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import re
 import struct
+import tempfile
+import wave
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 FACE_X, FACE_Y = (170, 275), (55, 170)
 V2_INFER = "/v2/models/mini_xception/infer"
 BATCH = "/predict/batch"
+VIDEO = "/analyze/video"
 
 
 # --- images, made in code ------------------------------------------------------------------------
@@ -113,6 +117,61 @@ def gif_claiming(width: int, height: int) -> bytes:
 
 def garbage() -> bytes:
     return np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+
+
+# --- videos, made in code (cv2.VideoWriter; there is no ffmpeg here to make an audio-only mp4) ----------------
+
+
+# kind: frames, frames per second, codec, container
+VIDEOS = {"face": (30, 10.0, "mp4v", ".mp4"), "blank": (30, 10.0, "mp4v", ".mp4"), "slow": (10, 0.01, "MJPG", ".avi"),
+          "zero": (0, 10.0, "MJPG", ".avi")}  # fmt: skip
+
+
+@functools.cache
+def video(kind: str) -> bytes:
+    """A short video as bytes: ``face`` (the astronaut's head moving over 320×240, 30 frames at 10 fps, mp4v),
+    ``blank`` (the same canvas with no face), ``slow`` (10 MJPG frames at 0.01 fps: an AVI of about 90 KB that
+    declares 1000 s), ``zero`` (a valid AVI with no frame)."""
+    count, fps, fourcc, suffix = VIDEOS[kind]
+    face = cv2.resize(astronaut()[20:220, 125:325], (100, 100), interpolation=cv2.INTER_AREA)
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / f"v{suffix}")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (320, 240))
+        assert writer.isOpened()
+        for i in range(count):
+            frame = np.full((240, 320, 3), 110, np.uint8)
+            if kind != "blank":
+                frame[60:160, 20 + 5 * i : 120 + 5 * i] = face
+            writer.write(frame)
+        writer.release()
+        return Path(path).read_bytes()
+
+
+def wav() -> bytes:
+    """One second of silence, 8 kHz mono: audio with no picture."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(bytes(16000))
+    return buf.getvalue()
+
+
+def one_track(body: dict) -> None:
+    [track] = body["tracks"]  # (the catalogue's model is the tests' tiny one: its labels mean nothing)
+    assert track["seconds"] == pytest.approx(3.0) and sum(track["shares"].values()) == pytest.approx(1.0), track
+    assert body["video"]["frames_sampled"] == 15 and len(body["timeline"]) == 15
+
+
+def no_tracks(body: dict) -> None:
+    assert body["tracks"] == [] and body["timeline"] == [] and body["video"]["frames_sampled"] == 15
+
+
+# A body that declares 300 MiB: refused from Content-Length, before a byte is read (MIEN_MAX_VIDEO_BYTES: 200 MiB).
+VIDEO_DECLARED_TOO_BIG = {"content": b"--B\r\n",
+                          "headers": {"content-type": "multipart/form-data; boundary=B",
+                                      "content-length": str(300 * 1024 * 1024)}}  # fmt: skip
 
 
 # --- the catalogue -------------------------------------------------------------------------------
@@ -326,6 +385,42 @@ CATALOGUE = [
          params={"min_confidence": "0"}, check=message_has("min_confidence")),
     Case("min-confidence-not-a-number", lambda: files(b"x"), 400, "invalid_request",
          params={"min_confidence": "sure"}, check=message_has("min_confidence")),
+    # POST /analyze/video: a video upload (its own limits: MIEN_MAX_VIDEO_BYTES, _SECONDS, _FRAMES).
+    Case("video-mp4-one-face", lambda: files(video("face"), "video/mp4", "clip.mp4"), 200, None, url=VIDEO,
+         check=one_track),
+    Case("video-without-a-face", lambda: files(video("blank"), "video/mp4", "clip.mp4"), 200, None, url=VIDEO,
+         check=no_tracks),
+    Case("video-octet-stream-is-read", lambda: files(video("face"), "application/octet-stream", "blob"), 200, None,
+         url=VIDEO, check=one_track),
+    Case("video-garbage-bytes", lambda: files(garbage(), "video/mp4", "clip.mp4"), 400, "bad_video", url=VIDEO,
+         check=message_has("corrupt")),
+    Case("video-truncated-mp4", lambda: files(video("face")[: len(video("face")) // 2], "video/mp4", "clip.mp4"),
+         400, "bad_video", url=VIDEO, check=message_has("truncated")),
+    Case("video-with-zero-frames", lambda: files(video("zero"), "video/x-msvideo", "clip.avi"), 400, "empty_video",
+         url=VIDEO, check=message_has("no frame")),
+    Case("video-empty-file", lambda: files(b"", "video/mp4", "clip.mp4"), 400, "empty_file", url=VIDEO),
+    Case("video-audio-only-wav-as-mp4", lambda: files(wav(), "video/mp4", "clip.mp4"), 415, "unsupported_media_type",
+         url=VIDEO, check=message_has("WAV audio")),
+    Case("video-still-image-png", lambda: files(encode(astronaut(), ".png"), "image/png", "a.png"), 415,
+         "unsupported_media_type", url=VIDEO, check=message_has("image/png", "POST /predict")),
+    Case("video-png-as-octet-stream", lambda: files(encode(astronaut(), ".png"), "application/octet-stream"), 415,
+         "unsupported_media_type", url=VIDEO, check=message_has("PNG image")),
+    Case("video-declaring-1000-seconds", lambda: files(video("slow"), "video/x-msvideo", "slow.avi"), 413,
+         "video_too_long", url=VIDEO, check=message_has("1000.0 s", "MIEN_MAX_VIDEO_SECONDS")),
+    Case("video-body-declared-over-the-limit", lambda: VIDEO_DECLARED_TOO_BIG, 413, "too_large", url=VIDEO,
+         check=message_has("MIEN_MAX_VIDEO_BYTES")),
+    Case("video-missing-file", lambda: {}, 400, "missing_file", url=VIDEO, check=message_has("'file'")),
+    Case("video-in-the-wrong-field", lambda: files(video("face"), "video/mp4", "clip.mp4", field="video"), 400,
+         "missing_file", url=VIDEO, check=message_has("form fields: video")),
+    Case("video-two-files", lambda: {"files": [("file", ("a.mp4", video("face"), "video/mp4")),
+                                               ("file", ("b.mp4", video("face"), "video/mp4"))]}, 400,
+         "too_many_files", url=VIDEO, check=message_has("one video per request")),
+    Case("video-fps-zero", lambda: files(video("face"), "video/mp4"), 400, "invalid_request", url=VIDEO,
+         params={"fps": "0"}, check=message_has("fps")),
+    Case("video-smooth-above-one", lambda: files(video("face"), "video/mp4"), 400, "invalid_request", url=VIDEO,
+         params={"smooth": "1.5"}, check=message_has("smooth")),
+    Case("video-unknown-model", lambda: files(video("face"), "video/mp4"), 404, "unknown_model", url=VIDEO,
+         params={"model": "resnet9000"}),
     # The same kinds of mistakes on the v2 inference route.
     Case("v2-invalid-json", lambda: {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
          "invalid_infer_request", url=V2_INFER),
