@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         3000, ge=1, le=1_000_000, description="most frames of one video analysed (after sampling at the fps asked)"
     )
     video_fps: float = Field(
-        5.0, gt=0.0, le=60.0, description="frames sampled per second of video unless the query's fps says otherwise"
+        5.0, ge=0.01, le=60.0, description="frames sampled per second of video unless the query's fps says otherwise"
     )
     video_timeout: float = Field(
         600.0, gt=0.0, le=24 * 3600.0,

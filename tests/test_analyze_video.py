@@ -231,8 +231,8 @@ def test_frames_beyond_the_limits_stop_the_reading_when_the_container_did_not_sa
 
 
 def test_query_parameters_are_checked(client, videos, watched_tmp):
-    for query in ({"fps": "0"}, {"fps": "61"}, {"smooth": "0"}, {"smooth": "1.5"}, {"max_missed": "-1"},
-                  {"detector": "yolo"}, {"fps": "nan"}):  # fmt: skip
+    for query in ({"fps": "0"}, {"fps": "5e-324"}, {"fps": "61"}, {"fps": "nan"}, {"smooth": "0"}, {"smooth": "1.5"},
+                  {"max_missed": "-1"}, {"detector": "yolo"}):  # fmt: skip
         response = client.post(URL, params=query, **upload(videos["face"]))
         assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_request"), query
     response = client.post(URL, params={"model": "nope"}, **upload(videos["face"]))

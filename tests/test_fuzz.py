@@ -45,6 +45,18 @@ def photo() -> bytes:
 
 
 @pytest.fixture(scope="module")
+def video(tmp_path_factory) -> bytes:
+    """Ten frames of the astronaut at 320×240, mp4v: a real video for POST /analyze/video."""
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    frame = cv2.resize(cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR), (320, 240))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
+    for _ in range(10):
+        writer.write(frame)
+    writer.release()
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
 def fuzzed_app(model_dir):
     # The TestClient runs the lifespan (models loaded) for the whole module; the generated requests go to this app.
     with make_client(model_dir) as client:
@@ -59,7 +71,7 @@ def fuzzed_app(model_dir):
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_answers_every_generated_request_as_its_schema_says(case, fuzzed_app, photo):
+def test_api_answers_every_generated_request_as_its_schema_says(case, fuzzed_app, photo, video):
     # Random strings almost never name the served model or hold a decodable photo, so every other case gets
     # the real model id (and version) or a real photo: the success answers are checked against the schema too.
     if _coin(case, "model_id"):
@@ -69,6 +81,8 @@ def test_api_answers_every_generated_request_as_its_schema_says(case, fuzzed_app
             case.path_parameters["version"] = loaded.version
     if case.path == "/predict" and isinstance(case.body, dict) and "file" in case.body and _coin(case, "file"):
         case.body["file"] = photo
+    if case.path == "/analyze/video" and isinstance(case.body, dict) and "file" in case.body and _coin(case, "file"):
+        case.body["file"] = video  # half the cases a real video: its analysis is checked against the schema too
     # POST /predict/batch: the generated files are sent as the repeated field 'files'; in half the cases every
     # other one becomes the photo, so that a batch mixing predictions and per-photo errors is checked too.
     if case.path == "/predict/batch" and isinstance(case.body, dict) and isinstance(case.body.get("files"), list):

@@ -85,7 +85,7 @@ router = APIRouter(tags=["analyze"])
 
 PATH = "/analyze/video"
 FIELD = "file"
-MAX_FPS = 60.0  # the query's fps bound (the setting's too)
+MIN_FPS, MAX_FPS = 0.01, 60.0  # the query's fps bounds (the setting's too): a frame every 100 s at least
 BATCH_FRAMES = 8  # frames decoded and analysed at once: memory is bounded by it, never by the video's length
 _COUNT_EXACTLY = 200_000  # frame counts up to this are sampled exactly before analysis; above, a bound is used
 #: Leading bytes of audio files: named in the 415 answer so the user knows what they sent.
@@ -95,8 +95,9 @@ _FORMATS = "mp4, webm, mov, avi, mkv, ..."
 
 FpsQuery = Annotated[
     float | None,
-    Query(gt=0.0, le=MAX_FPS, allow_inf_nan=False,
-          description="frames analysed per second of video (at most the video's own rate); default MIEN_VIDEO_FPS"),
+    Query(ge=MIN_FPS, le=MAX_FPS, allow_inf_nan=False,
+          description="frames analysed per second of video (at most the video's own rate), 0.01 to 60; default "
+          "MIEN_VIDEO_FPS"),
 ]  # fmt: skip
 SmoothQuery = Annotated[
     float | None,
