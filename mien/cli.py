@@ -3,7 +3,7 @@
 * ``mien.training.cli``: ``train``, ``recipe``, ``pretrain-sr``
 * ``mien.export.cli``: ``export`` (also ``export detector``, ``export triton``), ``ensemble``, ``eval``,
   ``calibrate``, ``results``
-* ``mien.service.cli``: ``serve``
+* ``mien.service.cli``: ``serve``, ``analyze``
 
 This is the one module above the parts (docs/architecture.md): the ground layer below it imports none of
 them. Heavy imports (torch, onnx, uvicorn) happen inside each subcommand's handler, so that ``mien serve``
