@@ -79,8 +79,8 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="still images over Ray actors (pip install 'mien[scale]'): a local instance, or the cluster "
-                   "at ADDRESS ('auto', 'host:6379', 'ray://host:10001'); SOURCE a folder, an image or a .txt list "
-                   "of paths; docs/scale.md")  # fmt: skip
+                   "at ADDRESS ('auto' on one of its nodes, or the head's 'host:6379'); SOURCE a folder, an image or "
+                   "a .txt list of paths; docs/scale.md")  # fmt: skip
     p.add_argument("--workers", type=int, default=None,
                    help="Ray actors, one model each (default: 2 locally, one per CPU of a cluster)")  # fmt: skip
     p.set_defaults(func=run_analyze)

@@ -159,8 +159,8 @@ def import_ray():
 def connected(address: str = LOCAL, workers: int | None = None, threads: int = 1) -> Iterator[Any]:
     """Ray, connected: to the instance already initialised in this process if there is one (left running),
     else a new local instance of ``workers × threads`` CPUs (``address`` "local"), else the cluster at
-    ``address`` ("auto", "host:6379", "ray://host:10001"); what this call started or joined is shut down
-    on exit. Usage statistics are off (no network at start) and so is the dashboard."""
+    ``address`` ("auto", "host:6379"; "ray://host:10001" is Ray Client, untested); what this call started or
+    joined is shut down on exit. Usage statistics are off (no network at start) and so is the dashboard."""
     ray = import_ray()
     if ray.is_initialized():
         yield ray
@@ -173,7 +173,10 @@ def connected(address: str = LOCAL, workers: int | None = None, threads: int = 1
         try:
             ray.init(address=address)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise AnalyzeError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+            raise AnalyzeError(
+                f"cannot reach the Ray cluster at {address}: {exc} (a cluster with token authentication also needs "
+                "RAY_AUTH_MODE=token and its token in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from None
     try:
         yield ray
     finally:
