@@ -55,7 +55,6 @@ STATUS: dict[type[MienError], tuple[int, str]] = {
     EmptyVideo: (400, "empty_video"),
     MissingFile: (400, "missing_file"),
     BadMultipart: (400, "bad_multipart"),
-    AnalyzeError: (400, "invalid_analysis"),  # mien analyze's engine (frames.py's BadSource is a BadImage)
     TooManyFiles: (400, "too_many_files"),
     DetectorUnavailable: (400, "unavailable_detector"),
     BadInferRequest: (400, "invalid_infer_request"),
@@ -76,6 +75,13 @@ STATUS: dict[type[MienError], tuple[int, str]] = {
     TimedOut: (504, "timeout"),
 }
 
+#: Errors of mien's own defined outside :mod:`mien.service.exceptions`: the in-process engine of ``mien analyze``
+#: (service/analysis.py), which POST /analyze/video runs. Its frames' BadSource is a BadImage (``bad_image``);
+#: the route turns the ones an upload can cause into ``bad_video`` and ``empty_video``.
+ENGINE_STATUS: dict[type[MienError], tuple[int, str]] = {
+    AnalyzeError: (400, "invalid_analysis"),
+}
+
 # Codes for errors raised by FastAPI/Starlette themselves (unknown route, wrong method, bad multipart).
 _DEFAULT_CODES = {
     400: "bad_request",
@@ -94,10 +100,13 @@ def error_response(status_code: int, code: str, message: str, headers: dict[str,
 
 
 def status_of(exc: MienError) -> tuple[int, str] | None:
-    """The status and code of ``exc``'s most specific class in :data:`STATUS`; None when no request error."""
+    """The status and code of ``exc``'s most specific class in :data:`STATUS` or :data:`ENGINE_STATUS`; None when
+    no request error."""
     for cls in type(exc).__mro__:
         if cls in STATUS:
             return STATUS[cls]
+        if cls in ENGINE_STATUS:
+            return ENGINE_STATUS[cls]
     return None
 
 

@@ -278,6 +278,16 @@ def test_metrics_count_video_requests(client, videos):
     assert (count("200"), count("415")) == (before_ok + 1, before_bad + 1)
 
 
+def test_the_engines_errors_are_answered_400_not_500():
+    from mien.service.analysis import AnalyzeError
+    from mien.service.errors import mien_error_response
+    from mien.service.frames import BadSource
+
+    assert mien_error_response(AnalyzeError("smooth must be in (0, 1]")).status_code == 400
+    assert b"invalid_analysis" in mien_error_response(AnalyzeError("x")).body
+    assert b"bad_image" in mien_error_response(BadSource("x: cannot be read")).body
+
+
 def test_openapi_documents_the_route():
     from mien.service.main import create_app
 
