@@ -266,7 +266,13 @@ class RequestLimitsMiddleware:
             await task  # finished, or streaming its answer: let it end (and raise what it raised)
             return
         timed_out = True
-        if started:
+        if started and is_video(scope):
+            # The video route stops its worker at the next frame when cancelled (routes/analyze.py): its slot and
+            # its temporary file are given back before the 504 goes out.
+            task.cancel()
+            await asyncio.wait({task})
+            where = "was being worked on"
+        elif started:
             # A worker thread cannot be stopped: let the work end in the background, still holding its slot.
             self._abandoned.add(task)
             task.add_done_callback(self._forget)

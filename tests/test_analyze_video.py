@@ -230,6 +230,47 @@ def test_frames_beyond_the_limits_stop_the_reading_when_the_container_did_not_sa
         list(route.guarded(frames, Settings(max_video_seconds=0.9), Path("v")))
 
 
+def test_frames_end_once_the_request_is_given_up():
+    import threading
+
+    stop = threading.Event()
+    frames = (Frame("v", i, i / 10, np.zeros((2, 2, 3), np.uint8)) for i in range(10))
+    kept = []
+    for frame in route.guarded(frames, Settings(), Path("v"), stop):
+        kept.append(frame.index)
+        if frame.index == 3:
+            stop.set()
+    assert kept == [0, 1, 2, 3]
+
+
+def test_a_timed_out_analysis_stops_and_gives_its_file_back(models, videos, watched_tmp, monkeypatch):
+    import threading
+    import time
+
+    read, finished = [], threading.Event()
+    real = route.video_frames
+
+    def slow(path, fps):  # a long video: each frame takes a while to decode
+        try:
+            for frame in real(path, fps):
+                for _ in range(100):
+                    read.append(frame.index)
+                    time.sleep(0.02)
+                    yield frame
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(route, "video_frames", slow)
+    with make_client(models, video_timeout=0.5, max_concurrency=1, max_queue=0) as c:
+        answer = c.post(URL, **upload(videos["face"]))
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout"
+        assert watched_tmp[1] and not any(Path(watched_tmp[0], name).exists() for name in watched_tmp[1])
+        photo = cv2.imencode(".png", head())[1].tobytes()
+        assert c.post("/predict", files={"file": ("f.png", photo, "image/png")}).status_code == 200  # slot freed
+        assert finished.wait(10)  # the worker stopped at its next frame rather than reading the whole video
+    assert 0 < len(read) < 100 * COUNT / 2
+
+
 def test_query_parameters_are_checked(client, videos, watched_tmp):
     for query in ({"fps": "0"}, {"fps": "5e-324"}, {"fps": "61"}, {"fps": "nan"}, {"smooth": "0"}, {"smooth": "1.5"},
                   {"max_missed": "-1"}, {"detector": "yolo"}):  # fmt: skip

@@ -24,12 +24,14 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Annotated, Any
 
+import anyio.to_thread
 import cv2
 import python_multipart as multipart
 from fastapi import APIRouter, Depends, Query, Request
@@ -400,12 +402,17 @@ def too_many(what: str, settings: Settings) -> TooManyFrames:
                          "a lower fps or send a shorter clip")  # fmt: skip
 
 
-def guarded(frames: Iterator[Frame], settings: Settings, path: Path) -> Iterator[Frame]:
+def guarded(
+    frames: Iterator[Frame], settings: Settings, path: Path, stop: threading.Event | None = None
+) -> Iterator[Frame]:
     """The frames, stopped with VideoTooLong or TooManyFrames as soon as the video proves longer than the limits
-    (a container may declare no length, or a false one), and with BadVideo when a frame cannot be decoded."""
+    (a container may declare no length, or a false one), and with BadVideo when a frame cannot be decoded; they
+    simply end once ``stop`` is set (the request was answered 504 or its client left: nobody wants the rest)."""
     kept = 0
     try:
         for frame in frames:
+            if stop is not None and stop.is_set():
+                return
             if frame.timestamp is not None and frame.timestamp > settings.max_video_seconds:
                 raise too_long(f"the video has a frame at {frame.timestamp:.1f} s", settings)
             kept += 1
@@ -429,9 +436,15 @@ def video_face(row: FaceRow, min_confidence: float | None) -> VideoFace:
 
 
 def analyse(
-    received: ReceivedVideo, loaded: LoadedModel, options: VideoOptions, settings: Settings, upload_ms: float
+    received: ReceivedVideo,
+    loaded: LoadedModel,
+    options: VideoOptions,
+    settings: Settings,
+    upload_ms: float,
+    stop: threading.Event | None = None,
 ) -> VideoAnalysisResponse:
-    """The whole analysis of a received video (blocking: run in a worker thread)."""
+    """The whole analysis of a received video (blocking: run in a worker thread); it ends early once ``stop`` is
+    set, and its answer is then thrown away."""
     start = time.perf_counter()
     check_video_bytes(received.head)
     header = read_header(received.path)
@@ -442,7 +455,7 @@ def analyse(
     summary = SummaryBuilder(analyzer.labels, 1.0 / sample_fps)
     timeline: list[VideoFrame] = []
     sampled = faces = 0
-    frames = guarded(video_frames(received.path, options.fps), settings, received.path)
+    frames = guarded(video_frames(received.path, options.fps), settings, received.path, stop)
     for frame, rows in analyzer.analyze_frames(frames):
         sampled += 1
         faces += len(rows)
@@ -529,14 +542,20 @@ async def analyze_video(
 ) -> VideoAnalysisResponse:
     """The body is read here, as it streams (not by FastAPI: it would hold the whole video in memory); decoding
     and inference run in a worker thread, so the event loop never blocks. The temporary file is deleted once the
-    worker is done (a worker thread is not abandoned on cancellation: anyio waits for it)."""
+    request ends. When it is cancelled (the 504 of ``video_timeout``, a client gone), the worker is told to stop
+    at its next frame and is not waited for: its slot and the file are given back now, not when the video would
+    have ended (the decoder keeps reading the deleted file's data until it closes it)."""
     start = time.perf_counter()
     upload = _VideoUpload(settings.max_video_bytes)
+    stop = threading.Event()
     try:
         received = await receive_video(request, upload)
         upload_ms = (time.perf_counter() - start) * 1000.0
-        answer = await run_in_threadpool(analyse, received, loaded, options, settings, upload_ms)
+        answer = await anyio.to_thread.run_sync(
+            analyse, received, loaded, options, settings, upload_ms, stop, abandon_on_cancel=True
+        )
         record(metrics, answer)
         return answer
     finally:
+        stop.set()
         delete(upload.path)
