@@ -42,7 +42,9 @@ while fewer than ``max_concurrency + max_queue`` are in flight; the rest get 503
 without bound (a batch is one request: it holds one slot while it works on its photos one after the other).
 ``/health``, ``/ready``, ``/metrics`` and the rest are never queued, so probes answer under load. A
 request that is not answered within ``request_timeout`` seconds gets 504; work already running in a
-worker thread cannot be interrupted, so it keeps its slot until it ends and its result is dropped.
+worker thread cannot be interrupted, so it keeps its slot until it ends and its result is dropped. The video
+route is the exception (``video_timeout``): it is cancelled, its worker stops at the next frame, and its slot
+and temporary file are given back before the 504 is sent.
 """
 
 from __future__ import annotations
