@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model-dir", default=str(ROOT / "models"))
     parser.add_argument("--json", default=str(ROOT / "docs" / "figures" / "bench_ray.json"))
+    parser.add_argument("--note", default="", help="what else the machine was doing, recorded with the figures")
     args = parser.parse_args(argv)
 
     import ray
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "ray": ray.__version__,
         "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "note": "a PyTorch training run was using the same 2 cores throughout; figures are depressed and noisy",
+        "note": args.note,
         "results": results,
         "ray_2_over_1_workers": round(by_workers[2] / by_workers[1], 3),
         "ray_4_images_1_actor_seconds": round(overhead, 3),
