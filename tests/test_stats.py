@@ -1,0 +1,99 @@
+"""export/stats.py against cases worked out by hand: McNemar's test, the bootstrap intervals, the verdict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mien.export.stats import EXACT_BELOW, bootstrap_ci, mcnemar, paired_bootstrap_diff, verdict
+
+
+def pairs(b10: int, b01: int, both_right: int = 30, both_wrong: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Per-face correctness of models a and b: ``b10`` faces only a gets right, ``b01`` only b."""
+    a = [1] * b10 + [0] * b01 + [1] * both_right + [0] * both_wrong
+    b = [0] * b10 + [1] * b01 + [1] * both_right + [0] * both_wrong
+    return np.array(a, bool), np.array(b, bool)
+
+
+def test_mcnemar_chi_squared_with_continuity_correction_textbook_case():
+    a, b = pairs(b10=15, b01=5)
+    test = mcnemar(a, b, exact=False)
+    assert (test["b10"], test["b01"]) == (15, 5)
+    assert test["statistic"] == pytest.approx((abs(15 - 5) - 1) ** 2 / 20) == pytest.approx(4.05)
+    assert test["p_value"] == pytest.approx(0.0442, abs=5e-5) and not test["exact"]
+    # 20 discordant faces are fewer than EXACT_BELOW: by default the exact binomial test answers
+    assert EXACT_BELOW == 25
+    auto = mcnemar(a, b)
+    assert auto["exact"] and auto["p_value"] == pytest.approx(2 * sum(_binom(20, k) for k in range(6)) / 2**20)
+
+
+def _binom(n: int, k: int) -> int:
+    from math import comb
+
+    return comb(n, k)
+
+
+def test_mcnemar_exact_binomial_case_and_symmetry():
+    a, b = pairs(b10=6, b01=1)
+    test = mcnemar(a, b)
+    assert test["exact"] and test["statistic"] == 1.0
+    assert test["p_value"] == pytest.approx(0.125)  # 2 · (1 + 7) / 2**7
+    swapped = mcnemar(b, a)
+    assert (swapped["b01"], swapped["b10"]) == (6, 1) and swapped["p_value"] == pytest.approx(0.125)
+
+
+def test_mcnemar_switches_to_chi_squared_at_25_discordant_faces():
+    a, b = pairs(b10=30, b01=10)
+    test = mcnemar(a, b)
+    assert not test["exact"] and test["statistic"] == pytest.approx(19**2 / 40)
+    assert test["p_value"] == pytest.approx(0.002663, rel=1e-3)
+    balanced = mcnemar(*pairs(b10=20, b01=20))
+    assert balanced["statistic"] == 0.0 and balanced["p_value"] == 1.0  # the correction never goes negative
+
+
+def test_identical_predictors_have_p_one_and_a_zero_difference():
+    correct = np.random.default_rng(0).random(300) < 0.6
+    test = mcnemar(correct, correct)
+    assert (test["b01"], test["b10"], test["p_value"]) == (0, 0, 1.0)
+    assert paired_bootstrap_diff(correct, correct) == (0.0, 0.0)
+    assert verdict(0.0, test["p_value"]) == "no measurable effect"
+
+
+def test_bootstrap_ci_contains_the_accuracy_narrows_with_n_and_is_deterministic():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (100, 1000, 10000):
+        correct = rng.random(n) < 0.65
+        low, high = bootstrap_ci(correct)
+        assert low <= correct.mean() <= high
+        widths.append(high - low)
+        assert bootstrap_ci(correct, seed=3) == bootstrap_ci(correct, seed=3)
+        # the width of a 95% interval of a proportion: about 2 · 1.96 · sqrt(p(1-p)/n)
+        assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.65 * 0.35 / n), rel=0.15)
+    assert widths[0] > widths[1] > widths[2]
+    low90, high90 = bootstrap_ci(correct, confidence=0.9)
+    low95, high95 = bootstrap_ci(correct, confidence=0.95)
+    assert low95 <= low90 and high90 <= high95
+    assert bootstrap_ci(np.ones(50, bool)) == (1.0, 1.0)
+
+
+def test_paired_bootstrap_interval_of_the_difference():
+    a, b = pairs(b10=10, b01=40, both_right=400, both_wrong=150)  # b is 5 points better on 600 faces
+    low, high = paired_bootstrap_diff(a, b)
+    assert b.mean() - a.mean() == pytest.approx(0.05) and low < 0.05 < high
+    assert low > 0  # clearly better: the interval excludes 0 ...
+    assert mcnemar(a, b)["p_value"] < 0.001 and verdict(0.05, mcnemar(a, b)["p_value"]) == "helps"
+    # ... and pairing matters: the unpaired intervals of the two accuracies overlap
+    assert bootstrap_ci(a)[1] > bootstrap_ci(b)[0]
+    assert paired_bootstrap_diff(a, b, seed=7) == paired_bootstrap_diff(a, b, seed=7)
+    back = paired_bootstrap_diff(b, a)
+    assert back[0] == pytest.approx(-high, abs=0.01) and back[1] == pytest.approx(-low, abs=0.01)
+
+
+def test_verdict_and_input_checks():
+    assert verdict(0.02, 0.01) == "helps" and verdict(-0.02, 0.01) == "hurts"
+    assert verdict(0.02, 0.2) == "no measurable effect" and verdict(0.02, None) == "no measurable effect"
+    with pytest.raises(ValueError, match="different faces"):
+        mcnemar(np.ones(3, bool), np.ones(4, bool))
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        bootstrap_ci(np.array([], bool))
