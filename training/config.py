@@ -125,6 +125,10 @@ class TrainConfig:
         "", "warm start from a best.pt: copy its layers that match by name and shape (e.g. base_cnn's classifier "
         "into sr_cnn)"
     )  # fmt: skip
+    stn_reg: float = option(
+        0.01, "weight of the spatial transformer's pull to the identity warp, mean ‖θ − I‖² added to the loss "
+        "(models with an STN only; 0 = off, as the STN models bundled before issue 17 were trained)"
+    )  # fmt: skip
     label_source: str = option(
         "fer2013", "FER2013's labels, or the FER+ votes: 8 FER+ classes (ferplus) or FER2013's 7 (ferplus7, "
         "contempt votes dropped); see training/ferplus.py", choices=LABEL_SOURCES

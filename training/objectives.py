@@ -14,6 +14,11 @@ the default :class:`CrossEntropy`):
 * ``sgan`` (sgan): semi-supervised GAN; the discriminator learns the classes, real-vs-fake, and the
   generator learns by feature matching (Salimans et al., 2016), each with its own optimiser.
 
+Every objective adds ``stn_reg`` · mean ‖θ − I‖² to the loss of a model with a spatial transformer
+(``training/layers/stn.py``), so the warp starts at the identity and stays near it unless moving pays; the
+epoch's mean penalty (``stn_penalty``) and what the warps do to the validation faces (``stn_scale``,
+``stn_rotation_deg``, ``stn_translation``) go into the run's history.
+
 Every random draw comes from the run's ``torch.Generator`` (or the seeded global RNG), whose states
 ``last.pt`` saves, so resuming a run reproduces the uninterrupted one exactly.
 """
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from mien.spec import PreprocessSpec
 from mien.training.distill import distillation_loss, load_teachers, teacher_targets
 from mien.training.hardware import in_layout
+from mien.training.layers.stn import affine_stats, has_spatial_transformer, identity_penalty, recorded_thetas
 from mien.training.losses import batch_hard_triplet_loss
 from mien.training.occlusion import random_occlusion
 from mien.training.tencrop import random_ten_crop, ten_crop_logits
@@ -139,6 +145,9 @@ class CrossEntropy:
         self.val_tf = build_transforms(spec, train=False)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.teachers = load_teachers(cfg.teacher, spec, cfg.threads) if cfg.teacher else []
+        self.has_stn = model is not None and has_spatial_transformer(model)
+        self.stn_reg = getattr(cfg, "stn_reg", 0.0) if self.has_stn else 0.0
+        self._stn_penalties: list[float] = []  # this epoch's, reported (and cleared) by validate
 
     def set_context(self, context: StepContext) -> None:
         self.context = context
@@ -179,15 +188,38 @@ class CrossEntropy:
             y_mix = ctx.shard(y[order]).to(ctx.device)
         soft = ctx.shard(teacher_targets(self.teachers, x, cfg.distill_temperature)) if self.teachers else None
         x, y = ctx.shard(x).to(ctx.device), ctx.shard(y).to(ctx.device)
-        with ctx.autocast():
+        with ctx.autocast(), recorded_thetas(model, enabled=self.stn_reg > 0) as thetas:
             loss, logits = self.loss(model, x, y)
             if self.mixes:
                 loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_mix, label_smoothing=cfg.label_smoothing)
             if soft is not None:
                 loss = distillation_loss(logits, loss, soft, cfg.distill_temperature, cfg.distill_weight)
         optimizer.zero_grad(set_to_none=True)
-        self.backward_and_step(loss, optimizer)
+        # the STN's penalty is optimised but reported apart (stn_penalty), so train_loss compares across arms
+        self.backward_and_step(self.add_stn_penalty(loss, thetas), optimizer)
         return loss.item(), logits.detach().float().cpu()
+
+    def add_stn_penalty(self, loss: torch.Tensor, thetas: list[torch.Tensor]) -> torch.Tensor:
+        """``loss`` + ``stn_reg`` · the identity penalty of every θ the step's forward predicted (none: ``loss``)."""
+        if not thetas:
+            return loss
+        penalty = sum(identity_penalty(theta) for theta in thetas)
+        self._stn_penalties.append(penalty.item())
+        return loss + self.stn_reg * penalty
+
+    def stn_metrics(self, thetas: list[torch.Tensor]) -> dict[str, float]:
+        """The epoch's mean identity penalty (then cleared) and what the warps ``thetas`` (predicted for the
+        validation faces) do: mean scale, rotation and shift (see :func:`affine_stats`). Empty without an STN."""
+        if not self.has_stn:
+            return {}
+        metrics = {}
+        if self._stn_penalties:
+            metrics["stn_penalty"] = sum(self._stn_penalties) / len(self._stn_penalties)
+            self._stn_penalties.clear()
+        if thetas:
+            stats = affine_stats(torch.cat(thetas))
+            metrics.update({f"stn_{k}": stats[k] for k in ("scale", "rotation_deg", "translation")})
+        return metrics
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Backward (scaled for fp16), clip the gradients' global norm if asked, step."""
@@ -201,10 +233,12 @@ class CrossEntropy:
 
     def validate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """``val_loss`` and ``val_acc`` (which selects best.pt), plus any objective-specific figures."""
-        logits = predict_logits(model, images, self.val_tf, channels_last=self.cfg.channels_last)
+        with recorded_thetas(model, enabled=self.has_stn) as thetas:
+            logits = predict_logits(model, images, self.val_tf, channels_last=self.cfg.channels_last)
         return {
             "val_loss": F.cross_entropy(logits, labels).item(),
             "val_acc": (logits.argmax(1) == labels).float().mean().item(),
+            **self.stn_metrics(thetas),
         }
 
     def state_dict(self) -> dict:
