@@ -108,3 +108,49 @@ def sr_cnn(num_classes: int = 7, **kwargs) -> FrontEndCNN:
 @register_model("stn_sr_cnn", SPEC)
 def stn_sr_cnn(num_classes: int = 7, **kwargs) -> FrontEndCNN:
     return FrontEndCNN(num_classes, stn=True, sr=True, **kwargs)
+
+
+#: The ablation's arms, in the paper's order: model id → the front end in front of the shared classifier.
+ABLATION_ARMS = {
+    "base_cnn": (False, False),
+    "stn_cnn": (True, False),
+    "sr_cnn": (False, True),
+    "stn_sr_cnn": (True, True),
+}
+
+
+def ablation_model_kwargs(
+    widths: tuple[int, ...] = (32, 64, 128, 256),
+    hidden: int = 256,
+    sr_blocks: int = EDSR_SMALL["num_blocks"],
+    sr_features: int = EDSR_SMALL["features"],
+    **classifier_kwargs,
+) -> dict[str, dict]:
+    """The ``model_kwargs`` of each arm (for ``mien train --model-kwargs``): one classifier for all four,
+    and the same EDSR(B = ``sr_blocks``, F = ``sr_features``) in both SR arms (the paper: B=16, F=128)."""
+    classifier = {"widths": list(widths), "hidden": hidden, **classifier_kwargs}
+    sr_kwargs = {"num_blocks": sr_blocks, "features": sr_features}
+    return {arm: {**classifier, **({"sr_kwargs": sr_kwargs} if sr else {})} for arm, (_, sr) in ABLATION_ARMS.items()}
+
+
+def ablation_arms(
+    widths: tuple[int, ...] = (32, 64, 128, 256),
+    hidden: int = 256,
+    sr_blocks: int = EDSR_SMALL["num_blocks"],
+    sr_features: int = EDSR_SMALL["features"],
+    num_classes: int = 7,
+    same_init: bool = True,
+    **classifier_kwargs,
+) -> dict[str, FrontEndCNN]:
+    """Base, +STN, +SR and +STN+SR (by model id) with the same classifier at the same width: only the front
+    end differs. ``same_init``: the four classifiers start from the same weights too (Base's), so at step 0
+    the arms differ in nothing but their front end. (``mien train`` with one seed does not give that: the
+    front end is built first and draws from the seeded generator before the classifier does.)
+    """
+    kwargs = ablation_model_kwargs(widths, hidden, sr_blocks, sr_features, **classifier_kwargs)
+    arms = {arm: FrontEndCNN(num_classes, **kwargs[arm], stn=stn, sr=sr) for arm, (stn, sr) in ABLATION_ARMS.items()}
+    if same_init:
+        state = arms["base_cnn"].classifier.state_dict()
+        for model in arms.values():
+            model.classifier.load_state_dict(state)
+    return arms

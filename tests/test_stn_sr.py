@@ -1,0 +1,261 @@
+"""Issue 17's front ends: the STN starts at the identity and its regulariser keeps it there unless moving
+pays; the SR front end is EDSR (no batch norm, L1, pixel shuffle) and is scored against bicubic with PSNR
+and SSIM; the four ablation arms differ only in their front end. Tiny data and a few steps only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mien.cli import main
+from mien.training.config import SRPretrainConfig, TrainConfig
+from mien.training.data import load_dataset
+from mien.training.layers import EDSR, EDSR_PAPER, SpatialTransformer
+from mien.training.layers.stn import affine_stats, identity_penalty, recorded_thetas
+from mien.training.models import create_model, default_spec
+from mien.training.models.base_cnn import ABLATION_ARMS, ablation_arms, ablation_model_kwargs
+from mien.training.objectives import build_objective
+from mien.training.sr_pretrain import evaluate_sr, l1_step, pretrain_sr, psnr, ssim
+from mien.training.train import train
+from mien.training.transforms import normalize
+from tests.conftest import write_npz
+
+SMALL = {"widths": (8, 16, 16, 32), "hidden": 16}
+IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory):
+    return write_npz(tmp_path_factory.mktemp("stn_sr") / "small.npz", train_per_class=10, test_per_class=3)
+
+
+def _faces(npz, split: str = "train", n: int = 32) -> torch.Tensor:
+    return torch.from_numpy(load_dataset(npz).subset(split)[0][:n])
+
+
+def _warp(scale: float, degrees: float, tx: float = 0.0, ty: float = 0.0) -> torch.Tensor:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return torch.tensor([[scale * c, -scale * s, tx], [scale * s, scale * c, ty]])
+
+
+# --- the STN: identity start, regulariser, statistics ------------------------------------------------------------
+
+
+def test_an_untrained_stn_is_the_identity_alone_and_in_front_of_stn_cnn():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 48, 48)
+    stn = SpatialTransformer(1, (48, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(stn.theta(x), IDENTITY.expand(4, 2, 3))
+        torch.testing.assert_close(stn(x), x, atol=1e-4, rtol=0)  # float rounding of the grid
+        model = create_model("stn_cnn", **SMALL).eval()
+        torch.testing.assert_close(model.front(x), x, atol=1e-4, rtol=0)
+        # so an untrained stn_cnn classifies exactly as its own classifier does without the STN
+        torch.testing.assert_close(model(x), model.classifier(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_identity_penalty_is_zero_at_identity_and_grows_with_distance():
+    assert identity_penalty(IDENTITY.expand(3, 2, 3)).item() == 0.0
+    offsets = [0.01, 0.1, 0.5, 1.0]
+    penalties = [identity_penalty((IDENTITY + eps).unsqueeze(0)).item() for eps in offsets]
+    assert penalties == pytest.approx([6 * eps**2 for eps in offsets])  # six entries, each eps away
+    assert penalties == sorted(penalties)
+    # the batch mean: one face at the identity and one eps away give half the penalty of the second alone
+    pair = torch.stack([IDENTITY, IDENTITY + 0.1])
+    assert identity_penalty(pair).item() == pytest.approx(0.5 * penalties[1])
+
+
+def test_the_penalty_gradient_pulls_theta_back_to_the_identity():
+    torch.manual_seed(0)
+    theta = (IDENTITY + 0.3 * torch.randn(5, 2, 3)).requires_grad_()
+    identity_penalty(theta).backward()
+    torch.testing.assert_close(theta.grad, 2 * (theta.detach() - IDENTITY) / 5)
+    with torch.no_grad():  # a gradient step moves every matrix toward the identity
+        stepped = theta - 0.5 * theta.grad
+    before = (theta.detach() - IDENTITY).pow(2).sum((1, 2))
+    after = (stepped - IDENTITY).pow(2).sum((1, 2))
+    assert (after < before).all()
+
+
+def _theta_distance_after_steps(npz, stn_reg: float, steps: int = 6) -> float:
+    """Mean ‖θ − I‖² on the batch after a few Adam steps of stn_cnn's objective with ``stn_reg``."""
+    cfg = TrainConfig(data=str(npz), model="stn_cnn", batch_size=32, lr=0.02, stn_reg=stn_reg, channels_last=False)
+    torch.manual_seed(0)
+    model = create_model("stn_cnn", **SMALL)
+    generator = torch.Generator().manual_seed(0)
+    objective = build_objective(cfg, default_spec("stn_cnn"), model, generator)
+    optimizer = objective.build_optimizer(model)
+    data = load_dataset(npz)
+    images, labels = (torch.from_numpy(a[:32]) for a in data.subset("train"))
+    model.train()
+    for _ in range(steps):
+        objective.train_step(model, optimizer, images, labels)
+    with torch.no_grad():
+        x = normalize(images, default_spec("stn_cnn"))
+        return identity_penalty(model.stn.theta(x)).item()
+
+
+def test_a_huge_stn_reg_keeps_theta_near_identity_and_none_lets_it_move(small_npz):
+    free = _theta_distance_after_steps(small_npz, stn_reg=0.0)
+    held = _theta_distance_after_steps(small_npz, stn_reg=1e4)
+    assert free > 1e-3, "without the regulariser the warp should move in a few steps"
+    assert held < 0.05 * free, (held, free)
+
+
+def test_the_penalty_is_logged_in_the_history_and_has_no_effect_without_an_stn(tmp_path, small_npz):
+    common = dict(data=str(small_npz), epochs=1, batch_size=14, warmup_epochs=0, threads=1, model_kwargs=SMALL)
+    train(TrainConfig(**common, model="stn_cnn", out=str(tmp_path / "stn")))
+    row = json.loads((tmp_path / "stn" / "history.jsonl").read_text().splitlines()[0])
+    assert row["stn_penalty"] >= 0 and 0.5 < row["stn_scale"] < 1.5
+    assert {"stn_rotation_deg", "stn_translation"} <= set(row)
+    # a model without a spatial transformer trains exactly alike whatever stn_reg says
+    for reg in (0.0, 10.0):
+        train(TrainConfig(**common, model="base_cnn", out=str(tmp_path / f"base{reg}"), stn_reg=reg))
+    a, b = (json.loads((tmp_path / f"base{reg}" / "history.jsonl").read_text()) for reg in (0.0, 10.0))
+    assert not any(k.startswith("stn_") for k in a)
+    assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+
+
+def test_recorded_thetas_leaves_no_hook_behind():
+    model = create_model("stn_cnn", **SMALL)
+    with recorded_thetas(model) as thetas:
+        model(torch.zeros(2, 1, 48, 48))
+    assert len(thetas) == 1 and thetas[0].shape == (2, 2, 3)
+    assert not model.stn.fc._forward_hooks
+    with recorded_thetas(model, enabled=False) as none:
+        model(torch.zeros(2, 1, 48, 48))
+    assert none == []
+
+
+def test_affine_stats_reads_scale_rotation_and_shift():
+    stats = affine_stats(IDENTITY.expand(10, 2, 3))
+    assert stats["scale"] == pytest.approx(1.0) and stats["rotation_deg"] == pytest.approx(0.0)
+    assert stats["translation"] == pytest.approx(0.0) and stats["scale_std"] == pytest.approx(0.0)
+    assert stats["faces"] == 10 and stats["det_negative"] == 0.0
+    warps = torch.stack([_warp(0.8, 10, 0.3, 0.4), _warp(0.6, 30, 0.0, 0.0)])
+    stats = affine_stats(warps)
+    assert stats["scale"] == pytest.approx(0.7) and stats["scale_std"] == pytest.approx(0.1)
+    assert stats["rotation_deg"] == pytest.approx(20.0) and stats["rotation_deg_std"] == pytest.approx(10.0)
+    assert stats["translation"] == pytest.approx(0.25)
+    assert affine_stats(warps.numpy()) == stats  # numpy in, the same figures
+    mirrored = torch.tensor([[[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    assert affine_stats(mirrored)["det_negative"] == 1.0
+
+
+# --- the SR front end: EDSR, L1 step, PSNR/SSIM against bicubic ---------------------------------------------------
+
+
+def test_edsr_is_the_papers_network_without_batch_norm_and_doubles_the_size():
+    sr = EDSR(1, num_blocks=2, features=8)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in sr.modules())
+    assert any(isinstance(m, nn.PixelShuffle) and m.upscale_factor == 2 for m in sr.modules())
+    assert len(sr.body) == 3  # B residual blocks and the body's closing convolution
+    with torch.no_grad():
+        assert sr(torch.zeros(3, 1, 24, 24)).shape == (3, 1, 48, 48)  # pre-training: 24 → 48
+        assert sr(torch.zeros(2, 1, 48, 48)).shape == (2, 1, 96, 96)  # in front of the classifier: 48 → 96
+    paper = EDSR(1, **EDSR_PAPER)
+    assert (paper.kwargs["num_blocks"], paper.kwargs["features"], paper.kwargs["res_scale"]) == (16, 128, 0.1)
+    with torch.no_grad():
+        assert create_model("sr_cnn", **SMALL, sr_kwargs={"num_blocks": 1, "features": 8}).front(
+            torch.zeros(1, 1, 48, 48)
+        ).shape == (1, 1, 96, 96)
+
+
+def test_one_l1_pretraining_step_lowers_the_l1_of_its_batch(small_npz):
+    torch.manual_seed(0)
+    sr = EDSR(1, num_blocks=1, features=8)
+    hr = normalize(_faces(small_npz), default_spec("sr_cnn"))
+    optimizer = torch.optim.Adam(sr.parameters(), lr=1e-3)
+    from mien.training.sr_pretrain import downscale
+
+    before = l1_step(sr, optimizer, hr)
+    with torch.no_grad():
+        after = F.l1_loss(sr(downscale(hr)), hr).item()
+    assert after < before
+
+
+def test_psnr_and_ssim_on_known_cases():
+    rng = np.random.default_rng(0)
+    faces = rng.integers(20, 200, size=(3, 48, 48)).astype(np.float64)
+    assert np.isinf(psnr(faces, faces)).all()
+    np.testing.assert_allclose(ssim(faces, faces), 1.0)
+    for k in (1, 5, 20):
+        np.testing.assert_allclose(psnr(faces, faces + k), 20 * np.log10(255 / k))
+    noise = rng.normal(0, 1, faces.shape)
+    scores = [ssim(faces, faces + sigma * noise) for sigma in (5, 20, 60)]
+    assert (scores[0] < 1).all() and (scores[1] < scores[0]).all() and (scores[2] < scores[1]).all()
+
+
+def test_sr_eval_scores_the_network_and_bicubic_on_the_same_faces(tmp_path, small_npz):
+    out = tmp_path / "sr.pt"
+    pretrain_sr(SRPretrainConfig(data=str(small_npz), out=str(out), sr_kwargs={"num_blocks": 1, "features": 8},
+                                 epochs=1, batch_size=16, threads=1))  # fmt: skip
+    report = evaluate_sr(out, small_npz, "public_test")
+    assert report["faces"] == 21 and report["split"] == "public_test"
+    # bicubic recomputed independently: grey levels, PSNR of each face, mean
+    spec = default_spec("sr_cnn")
+    hr = _faces(small_npz, "public_test", 21).numpy().astype(np.float64)
+    small = F.interpolate(normalize(torch.from_numpy(hr.astype(np.uint8)), spec), scale_factor=0.5, mode="area")
+    up = F.interpolate(small, size=(48, 48), mode="bicubic", align_corners=False)
+    levels = ((up * 0.5 + 0.5) * 255).round().clamp(0, 255)[:, 0].numpy()
+    assert report["psnr_db"]["bicubic"]["mean"] == pytest.approx(psnr(hr, levels).mean())
+    margin = report["psnr_margin_db"]
+    assert margin["mean"] == pytest.approx(report["psnr_db"]["sr"]["mean"] - report["psnr_db"]["bicubic"]["mean"])
+    assert margin["ci95"][0] <= margin["mean"] <= margin["ci95"][1] and 0 <= margin["sr_better_share"] <= 1
+    assert 0 < report["ssim"]["sr"]["mean"] <= 1 and 0 < report["ssim"]["bicubic"]["mean"] <= 1
+
+    written = tmp_path / "eval.json"
+    assert main(["sr-eval", str(out), "--data", str(small_npz), "--limit", "7", "--out", str(written)]) == 0
+    saved = json.loads(written.read_text())
+    assert saved["faces"] == 7 and set(saved["psnr_db"]) == {"sr", "bicubic"}
+    assert main(["sr-eval", str(out), "--data", str(small_npz), "--limit", "7"]) == 0  # default: beside it
+    assert (tmp_path / "sr.public_test.eval.json").is_file()
+
+
+# --- the ablation arms differ only in their front end ------------------------------------------------------------
+
+
+def _layers(module: nn.Module) -> list[tuple[str, str, list[tuple[int, ...]]]]:
+    return [(name, type(m).__name__, [tuple(p.shape) for p in m.parameters(recurse=False)])
+            for name, m in module.named_modules()]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"widths": (8, 16, 16, 32), "hidden": 16, "sr_blocks": 2, "sr_features": 8}],
+    ids=["default width", "narrow"],
+)
+def test_the_four_arms_share_one_classifier_and_differ_in_their_front_end_only(kwargs):
+    arms = ablation_arms(**kwargs)
+    assert list(arms) == list(ABLATION_ARMS) == ["base_cnn", "stn_cnn", "sr_cnn", "stn_sr_cnn"]
+    base = arms["base_cnn"].classifier
+    for model_id, model in arms.items():
+        stn, sr = ABLATION_ARMS[model_id]
+        assert (model.stn is not None, model.sr is not None) == (stn, sr), model_id
+        clf = model.classifier
+        # the same layers with the same parameter shapes, and the same number of parameters
+        assert _layers(clf.features) == _layers(base.features), model_id
+        assert _layers(clf.head) == _layers(base.head), model_id
+        assert sum(p.numel() for p in clf.parameters()) == sum(p.numel() for p in base.parameters())
+        # the only classifier difference: the SR arms' parameter-free 2×2 pool back to 3×3 maps (96 → 48 input)
+        assert not list(clf.pool.parameters())
+        assert type(clf.pool).__name__ == ("AvgPool2d" if sr else "Identity")
+        for key, tensor in base.state_dict().items():  # same_init: the same starting weights
+            torch.testing.assert_close(clf.state_dict()[key], tensor, rtol=0, atol=0)
+        # the front end is all the rest
+        own = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in clf.parameters())
+        front = sum(p.numel() for part in (model.stn, model.sr) if part is not None for p in part.parameters())
+        assert own == front
+        # and the arm is what `mien train --model <id> --model-kwargs ...` builds
+        built = create_model(model_id, **ablation_model_kwargs(**kwargs)[model_id])
+        assert _layers(built) == _layers(model), model_id
+        with torch.no_grad():
+            assert model.eval()(torch.zeros(2, 1, 48, 48)).shape == (2, 7)
+    sr_sizes = {m.sr.kwargs["num_blocks"] for m in arms.values() if m.sr is not None}
+    assert sr_sizes == {kwargs.get("sr_blocks", 4)}
