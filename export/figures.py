@@ -1,6 +1,7 @@
 """Figures `mien results` draws from exported files: confusion matrices are in :mod:`.evaluate`; here the
 training curves from a card, and two looks inside an ONNX graph without its checkpoint (what a spatial
-transformer does to faces, and a t-SNE map of the triplet model's embeddings).
+transformer does to faces, with the affine matrices it predicts and their statistics, and a t-SNE map of the
+triplet model's embeddings).
 """
 
 from __future__ import annotations
@@ -54,6 +55,37 @@ def has_op(path: Path, op_type: str) -> bool:
     import onnx
 
     return path.suffix == ".onnx" and any(n.op_type == op_type for n in onnx.load(str(path)).graph.node)
+
+
+def stn_thetas(path: Path, classifier, faces: np.ndarray) -> np.ndarray:
+    """The N × 2 × 3 affine matrices the model's first spatial transformer predicts for ``faces`` (uint8 crops),
+    read from the ONNX graph: the input of its first AffineGrid node (with flip TTA in the graph, the first is
+    the unmirrored view's); a graph that builds the grid otherwise is fitted from GridSample's grid by least
+    squares."""
+    x = to_model_input(list(faces), classifier.spec)
+    if has_op(path, "AffineGrid"):
+        return intermediate(path, node_tensor(path, "AffineGrid", take_input=True), x).reshape(-1, 2, 3)
+    grid = intermediate(path, _grid_input(path), x)  # N × H × W × 2 sampling positions
+    n, h, w, _ = grid.shape
+    ys, xs = np.meshgrid((2 * np.arange(h) + 1) / h - 1, (2 * np.arange(w) + 1) / w - 1, indexing="ij")
+    base = np.stack([xs.ravel(), ys.ravel(), np.ones(h * w)], axis=1)  # affine_grid's, align_corners=False
+    fitted = np.linalg.lstsq(base, grid.reshape(n, h * w, 2).transpose(1, 0, 2).reshape(h * w, 2 * n), rcond=None)[0]
+    return fitted.reshape(3, n, 2).transpose(1, 2, 0)
+
+
+def _grid_input(path: Path) -> str:
+    import onnx
+
+    node = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "GridSample")
+    return node.input[1]
+
+
+def stn_stats(path: Path, classifier, faces: np.ndarray) -> dict[str, float]:
+    """What the spatial transformer does to ``faces``: mean scale, rotation, shift and their spread
+    (:func:`mien.training.layers.stn.affine_stats` of :func:`stn_thetas`)."""
+    from mien.training.layers.stn import affine_stats
+
+    return affine_stats(stn_thetas(path, classifier, faces))
 
 
 def plot_stn(path: Path, classifier, faces: np.ndarray, out: Path) -> None:

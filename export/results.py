@@ -7,8 +7,10 @@ milliseconds per face on the onnxruntime CPU provider at batch 1 and 32 (preproc
 epochs and seconds per epoch (from the card), and calibration: ECE (15 bins, top label), NLL and Brier
 score with a reliability diagram per model, and the temperature each was calibrated with. Figures: a
 confusion matrix and training curves per model, what each spatial transformer does to faces (its warp,
-read from the ONNX graph), and a t-SNE map of the triplet model's embeddings. Also the STN/SR ablation in
-the form of the paper's Table 2 and the targets of the issue next to the measured figures.
+read from the ONNX graph, with the mean scale and rotation it learnt), and a t-SNE map of the triplet model's
+embeddings. Also the STN/SR ablation in the form of the paper's Table 2, with a bootstrap interval of each
+arm's accuracy and McNemar's test of each arm against Base on the same faces, and the targets of the issue
+next to the measured figures.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from mien.card import Card, CardError, card_for
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
 from mien.export.calibration import plot_coverage, plot_reliability
 from mien.export.evaluate import plot_confusion, score_classifier
-from mien.export.figures import has_op, plot_card_curves, plot_speed_accuracy, plot_stn, plot_tsne
+from mien.export.figures import has_op, plot_card_curves, plot_speed_accuracy, plot_stn, plot_tsne, stn_stats
+from mien.export.stats import EXACT_BELOW, bootstrap_ci, mcnemar, paired_bootstrap_diff, verdict
 from mien.machine import describe_cpu, median_ms
 from mien.paths import DEFAULT_DATA
 
@@ -42,6 +45,10 @@ BEST_SINGLE_TARGET = 72.0
 #: The most expected calibration error (top label, 15 bins) any served model may have on the test split, in %.
 ECE_TARGET = 2.0
 SPEED_FIGURE = "accuracy_vs_speed.png"
+#: Row fields kept in memory only (not written to results.json): each face's correctness, for the paired tests.
+IN_MEMORY = ("correct",)
+#: The level of the ablation's tests and the confidence of its intervals.
+ALPHA = 0.05
 
 
 @dataclass
@@ -103,8 +110,10 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.threads)
     card = _card(path)
     model_id = classifier.model_id
-    report, faces = score_classifier(classifier, cfg.data, cfg.split)
+    recording = _Recording(classifier)
+    report, faces = score_classifier(recording, cfg.data, cfg.split)
     images, truth = faces.images, faces.truth
+    correct = recording.probs[:, faces.columns].argmax(1) == truth  # what the report's accuracy counts
     occluded = classifier.predict_crops(list(occlude(images, cfg.occlusion_area, cfg.seed)))
     occluded_acc = float((occluded[:, faces.columns].argmax(1) == truth).mean())
     plot_confusion(report, figures / f"{model_id}_confusion.png",
@@ -133,6 +142,9 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
         "coverage": calibration["coverage"],
         **from_card,
         "figures": {"confusion": f"{model_id}_confusion.png", "reliability": f"{model_id}_reliability.png"},
+        "accuracy_ci95": list(bootstrap_ci(correct, confidence=1 - ALPHA, seed=cfg.seed)),
+        "stn_affine": stn_stats(path, classifier, images) if has_op(path, "GridSample") else None,
+        "correct": correct,
     }
     if plot_card_curves(card, figures / f"{model_id}_curves.png"):
         row["figures"]["curves"] = f"{model_id}_curves.png"
@@ -150,6 +162,18 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     log.info("%s: accuracy %.4f, occluded %.4f, %.2f ms/face", model_id, row["accuracy"], occluded_acc,
              row["ms_per_face_b1"])  # fmt: skip
     return row
+
+
+class _Recording:
+    """A classifier that keeps the probabilities of its last call, so the faces a report scored can be
+    told right from wrong one by one without running the model twice."""
+
+    def __init__(self, classifier) -> None:
+        self.classifier, self.spec, self.probs = classifier, classifier.spec, None
+
+    def predict_crops(self, crops: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+        self.probs = self.classifier.predict_crops(crops, batch_size)
+        return self.probs
 
 
 def card_figures(card: Card | None) -> dict:
@@ -317,7 +341,8 @@ def _coverage(row: dict, split: str, figures_rel: str) -> list[str]:
 
 
 def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
-    """The STN/SR rows beside the paper's Table 2."""
+    """The STN/SR rows beside the paper's Table 2, with intervals, paired tests against Base and a verdict."""
+    confidence = f"{1 - ALPHA:.0%}"
     lines = [
         "",
         "## STN / SR ablation (the paper's Table 2)",
@@ -325,14 +350,49 @@ def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
         "The same classifier (`base_cnn`) alone, with a spatial transformer, with the super-resolution front "
         "end, and with both.",
         "",
-        f"| | model | {split} accuracy % (ours) | paper, FER2013 test % | occluded % (ours) |",
-        "|---|---|---|---|---|",
+        f"Accuracy with its {confidence} percentile bootstrap interval (10,000 resamples of the {split} faces); Δ: "
+        f"the arm's accuracy minus Base's, with the {confidence} interval of a paired bootstrap (the same faces "
+        "resampled for both); McNemar: the faces only Base gets right / only the arm gets right, and the p-value "
+        f"of McNemar's test (exact binomial below {EXACT_BELOW} such faces, else χ² with continuity correction). "
+        f"Verdict: helps or hurts when p < {ALPHA}, otherwise no measurable effect (three arms are tested "
+        f"against Base: with a Holm correction the smallest p must be below {ALPHA / 3:.4f}). STN: the mean "
+        "scale (sqrt|det| of the warp's 2×2 part; below 1 the transformer zooms in) and rotation (degrees) it "
+        f"applies to the {split} faces.",
+        "",
+        f"| | model | {split} accuracy % [{confidence} CI] | Δ vs Base, points [{confidence} CI] | McNemar vs Base "
+        "| paper, FER2013 test % | occluded % | STN scale / rotation | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    base = by_id["base_cnn"]
     for model_id, name in ABLATION_ROWS.items():
         r = by_id[model_id]
-        lines.append(f"| {name} | `{model_id}` | {_pct(r['accuracy'])} | {PAPER_ABLATION[model_id]} "
-                     f"| {_pct(r['occluded_accuracy'])} |")  # fmt: skip
+        ci = r.get("accuracy_ci95")
+        accuracy = _pct(r["accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+        stn = r.get("stn_affine")
+        stn_cell = f"{stn['scale']:.3f} / {stn['rotation_deg']:+.1f}°" if stn else ""
+        if model_id == "base_cnn":
+            delta, test, conclusion = "", "", "reference"
+        else:
+            delta, test, conclusion = _versus(base, r)
+        lines.append(f"| {name} | `{model_id}` | {accuracy} | {delta} | {test} | {PAPER_ABLATION[model_id]} "
+                     f"| {_pct(r['occluded_accuracy'])} | {stn_cell} | {conclusion} |")  # fmt: skip
     return lines
+
+
+def _versus(base: dict, arm: dict) -> tuple[str, str, str]:
+    """(Δ cell, McNemar cell, verdict) of ``arm`` against ``base`` on the same faces; blanks and no verdict
+    when their per-face correctness is not at hand or covers different faces."""
+    a, b = base.get("correct"), arm.get("correct")
+    difference = arm["accuracy"] - base["accuracy"]
+    if a is None or b is None or len(a) != len(b):
+        return f"{100 * difference:+.2f}", "", "not tested (different faces)"
+    low, high = paired_bootstrap_diff(a, b, confidence=1 - ALPHA)
+    test = mcnemar(a, b)
+    p = test["p_value"]
+    p_text = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return (f"{100 * difference:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]",
+            f"{test['b10']} / {test['b01']}, p = {p_text}{' (exact)' if test['exact'] else ''}",
+            verdict(difference, p, ALPHA))  # fmt: skip
 
 
 def _targets(rows: list[dict]) -> list[str]:
@@ -363,6 +423,7 @@ def write_results(cfg: ResultsConfig, command: str = "mien results") -> list[dic
     plot_speed_accuracy(rows, Path(cfg.figures) / SPEED_FIGURE, cfg.split,
                         json.loads(reference.read_text()) if reference and reference.is_file() else None)  # fmt: skip
     out.write_text(render(rows, cfg, command))
-    (Path(cfg.figures) / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    saved = [{k: v for k, v in r.items() if k not in IN_MEMORY} for r in rows]
+    (Path(cfg.figures) / "results.json").write_text(json.dumps(saved, indent=1) + "\n")
     log.info("wrote %s and %d figures in %s", out, sum(len(r["figures"]) for r in rows), cfg.figures)
     return rows

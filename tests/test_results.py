@@ -146,3 +146,108 @@ def test_occlusion_covers_a_quarter_of_each_face_with_grey():
     assert ((occluded == 128).sum(axis=(1, 2)) == 24 * 24).all()  # 25% of 48×48 is a 24×24 square
     assert ((occluded != faces) == (occluded == 128)).all()  # nothing else changed
     np.testing.assert_array_equal(occlude(faces, 0.25, seed=0), occluded)  # the same patches every time
+
+
+ARM_KWARGS = {"widths": (8, 16, 16, 32), "hidden": 16, "sr_blocks": 1, "sr_features": 8}
+#: The warp given to the +STN arm's transformer before export: zoom to 0.9 and turn the grid by 10°.
+STN_SCALE, STN_DEGREES = 0.9, 10.0
+
+
+@pytest.fixture(scope="module")
+def ablation(tiny_npz, tmp_path_factory) -> tuple[Path, list[dict], str]:
+    """The four ablation arms at a tiny width, each trained for two short epochs by the project's training (so
+    they answer differently on some faces), the +STN arm then given a fixed warp (zoom 0.9, 10°), exported
+    by the project's export into one folder, and the results written from it."""
+    import math
+
+    from mien.training.models.base_cnn import ablation_model_kwargs
+    from mien.training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("ablation")
+    folder = root / "models"
+    folder.mkdir()
+    c, s = math.cos(math.radians(STN_DEGREES)), math.sin(math.radians(STN_DEGREES))
+    warp = torch.tensor([STN_SCALE * c, -STN_SCALE * s, 0.0, STN_SCALE * s, STN_SCALE * c, 0.0])
+    for model_id, kwargs in ablation_model_kwargs(**ARM_KWARGS).items():
+        run = root / "runs" / model_id
+        train(TrainConfig(data=str(tiny_npz), out=str(run), model=model_id, epochs=2, batch_size=32, lr=5e-3,
+                          warmup_epochs=0, threads=1, limit=256, model_kwargs=kwargs))  # fmt: skip
+        if model_id == "stn_cnn":
+            ckpt = torch.load(run / "best.pt", weights_only=False)
+            ckpt["state_dict"]["stn.fc.weight"].zero_()
+            ckpt["state_dict"]["stn.fc.bias"].copy_(warp)
+            torch.save(ckpt, run / "best.pt")
+        export_checkpoint(ExportConfig(checkpoint=str(run / "best.pt"), out=str(folder / f"{model_id}.onnx"),
+                                       data=str(tiny_npz), parity_faces=256))  # fmt: skip
+    cfg = ResultsConfig(model_dir=str(folder), data=str(tiny_npz), out=str(root / "docs" / "results.md"),
+                        figures=str(root / "docs" / "figures" / "results"), repeats=3)  # fmt: skip
+    rows = write_results(cfg)
+    return root, rows, (root / "docs" / "results.md").read_text()
+
+
+def _correct(path: Path, tiny_npz) -> np.ndarray:
+    data = np.load(tiny_npz)
+    test = data["split"] == 1
+    classifier = OnnxClassifier.from_path(path, providers=CPU)
+    return classifier.predict_crops(list(data["images"][test])).argmax(1) == data["labels"][test]
+
+
+def test_the_ablation_table_has_intervals_paired_tests_stn_warps_and_verdicts(ablation, tiny_npz):
+    from mien.export.stats import bootstrap_ci, mcnemar, paired_bootstrap_diff, verdict
+
+    root, rows, text = ablation
+    by_id = {r["model_id"]: r for r in rows}
+    section = text.split("## STN / SR ablation")[1].split("\n## ")[0]
+    assert "public_test accuracy % [95% CI]" in section and "McNemar vs Base" in section and "verdict" in section
+    base = _correct(root / "models" / "base_cnn.onnx", tiny_npz)
+    for model_id, name in {"base_cnn": "Base", "stn_cnn": "+STN", "sr_cnn": "+SR", "stn_sr_cnn": "+STN+SR"}.items():
+        r = by_id[model_id]
+        correct = _correct(root / "models" / f"{model_id}.onnx", tiny_npz)
+        assert r["accuracy"] == pytest.approx(correct.mean())
+        np.testing.assert_array_equal(r["correct"], correct)  # kept in memory for the paired tests
+        low, high = bootstrap_ci(correct)
+        assert r["accuracy_ci95"] == pytest.approx([low, high])
+        line = next(line for line in section.splitlines() if line.startswith(f"| {name} | `{model_id}` |"))
+        assert f"| {100 * r['accuracy']:.2f} [{100 * low:.2f}, {100 * high:.2f}] |" in line
+        if model_id == "base_cnn":
+            assert line.endswith("| reference |")
+            continue
+        test = mcnemar(base, correct)
+        difference = correct.mean() - base.mean()
+        d_low, d_high = paired_bootstrap_diff(base, correct)
+        assert f"| {100 * difference:+.2f} [{100 * d_low:+.2f}, {100 * d_high:+.2f}] |" in line
+        assert f"| {test['b10']} / {test['b01']}, p = " in line
+        assert line.endswith(f"| {verdict(difference, test['p_value'])} |")
+
+
+def test_the_stn_warp_learnt_is_read_from_the_onnx_graph_into_the_row_and_the_table(ablation, tiny_npz):
+    from mien.export.figures import stn_thetas
+
+    root, rows, text = ablation
+    by_id = {r["model_id"]: r for r in rows}
+    assert by_id["base_cnn"]["stn_affine"] is None and by_id["sr_cnn"]["stn_affine"] is None
+    warp = by_id["stn_cnn"]["stn_affine"]
+    assert warp["scale"] == pytest.approx(STN_SCALE, abs=1e-4) and warp["rotation_deg"] == pytest.approx(STN_DEGREES)
+    assert warp["faces"] == 280 and warp["scale_std"] == pytest.approx(0.0, abs=1e-5)
+    trained = by_id["stn_sr_cnn"]["stn_affine"]  # two short epochs from the identity, with the default stn_reg
+    assert abs(trained["scale"] - 1) < 0.3 and abs(trained["rotation_deg"]) < 30
+    section = text.split("## STN / SR ablation")[1].split("\n## ")[0]
+    assert f"| {STN_SCALE:.3f} / +{STN_DEGREES:.1f}° |" in section
+    assert f"| {trained['scale']:.3f} / {trained['rotation_deg']:+.1f}° |" in section
+    # the same θ whether read from AffineGrid's input or fitted to GridSample's grid
+    path = root / "models" / "stn_cnn.onnx"
+    classifier = OnnxClassifier.from_path(path, providers=CPU)
+    faces = np.load(tiny_npz)["images"][-4:]
+    from_graph = stn_thetas(path, classifier, faces)
+    import mien.export.figures as figures
+
+    real_has_op = figures.has_op
+    figures.has_op = lambda p, op: False if op == "AffineGrid" else real_has_op(p, op)
+    try:
+        fitted = stn_thetas(path, classifier, faces)
+    finally:
+        figures.has_op = real_has_op
+    np.testing.assert_allclose(fitted, from_graph, atol=1e-4)
+    saved = json.loads((root / "docs" / "figures" / "results" / "results.json").read_text())
+    assert all("correct" not in r and "accuracy_ci95" in r for r in saved)  # per-face answers stay in memory
+    assert next(r for r in saved if r["model_id"] == "stn_cnn")["stn_affine"] == pytest.approx(warp)
