@@ -110,7 +110,7 @@ def test_a_huge_stn_reg_keeps_theta_near_identity_and_none_lets_it_move(small_np
 
 def test_the_penalty_is_logged_in_the_history_and_has_no_effect_without_an_stn(tmp_path, small_npz):
     common = dict(data=str(small_npz), epochs=1, batch_size=14, warmup_epochs=0, threads=1, model_kwargs=SMALL)
-    train(TrainConfig(**common, model="stn_cnn", out=str(tmp_path / "stn")))
+    train(TrainConfig(**common, model="stn_cnn", out=str(tmp_path / "stn"), stn_reg=0.01))  # the ablation's weight
     row = json.loads((tmp_path / "stn" / "history.jsonl").read_text().splitlines()[0])
     assert row["stn_penalty"] >= 0 and 0.5 < row["stn_scale"] < 1.5
     assert {"stn_rotation_deg", "stn_translation"} <= set(row)

@@ -126,8 +126,8 @@ class TrainConfig:
         "into sr_cnn)"
     )  # fmt: skip
     stn_reg: float = option(
-        0.01, "weight of the spatial transformer's pull to the identity warp, mean ‖θ − I‖² added to the loss "
-        "(models with an STN only; 0 = off, as the STN models bundled before issue 17 were trained)"
+        0.0, "weight of the spatial transformer's pull to the identity warp, mean ‖θ − I‖² added to the loss "
+        "(models with an STN only; 0 = off, as every recipe written before it; issue 17's arms use 0.01)"
     )  # fmt: skip
     label_source: str = option(
         "fer2013", "FER2013's labels, or the FER+ votes: 8 FER+ classes (ferplus) or FER2013's 7 (ferplus7, "
