@@ -14,6 +14,7 @@ NCHW fp32. A benchmark, not a test: its figures go to docs/training.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -36,9 +37,9 @@ def bundled_kwargs(model_id: str) -> dict:
     return load_recipe(recipe).get("model_kwargs", {}) if recipe.is_file() else {}
 
 
-def make_step(model_id: str, batch: int, layout: str, amp: str, crop: int = 0):
+def make_step(model_id: str, batch: int, layout: str, amp: str, crop: int = 0, kwargs: dict | None = None):
     """A closure running one optimiser step of ``model_id`` as the training loop does."""
-    kwargs = bundled_kwargs(model_id)
+    kwargs = bundled_kwargs(model_id) if kwargs is None else kwargs
     spec = default_spec(model_id)
     torch.manual_seed(0)
     model = create_model(model_id, num_classes=spec.num_classes, **kwargs).train()
@@ -63,19 +64,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per set-up per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--crop", type=int, default=0, help="train on random crops of this size (the recipe's --crop)")
+    parser.add_argument("--model-kwargs", default=None, help="JSON builder kwargs for every model of --models "
+                        "instead of the bundled ones ('{}': the builder's defaults, the papers' widths)")  # fmt: skip
+    parser.add_argument("--setups", default=None, help="only these layout:precision pairs, e.g. "
+                        "'channels-last:bf16,NCHW:none' (default: all four)")  # fmt: skip
     args = parser.parse_args()
+    chosen = [tuple(pair.split(":")) for pair in args.setups.split(",")] if args.setups else SETUPS
+    override = json.loads(args.model_kwargs) if args.model_kwargs is not None else None
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"batch {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {describe_cpu()}; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps"
           + (f"; random {args.crop}x{args.crop} crops" if args.crop else ""))  # fmt: skip
-    print("\n| model | layout | precision | images/s | s/epoch | speed-up vs NCHW fp32 |\n|---|---|---|---|---|---|")
+    first = "{} {}".format(*chosen[0])
+    print(f"\n| model | layout | precision | images/s | s/epoch | speed-up vs {first} |\n|---|---|---|---|---|---|")
     for model_id in args.models.split(","):
         spec = default_spec(model_id)
-        model = create_model(model_id, num_classes=spec.num_classes, **bundled_kwargs(model_id))
+        kwargs = bundled_kwargs(model_id) if override is None else override
+        model = create_model(model_id, num_classes=spec.num_classes, **kwargs)
+        parameters = sum(p.numel() for p in model.parameters())
+        print(f"<!-- {model_id} {json.dumps(kwargs)}: {parameters / 1e6:.2f} M parameters -->")
         hazards = channels_last_hazards(model, (spec.channels, *spec.input_size))
-        setups = [s for s in SETUPS if not (hazards and s[0] == "channels-last")]
-        steps = {s: make_step(model_id, args.batch_size, *s, crop=args.crop) for s in setups}
+        setups = [s for s in chosen if not (hazards and s[0] == "channels-last")]
+        steps = {s: make_step(model_id, args.batch_size, *s, crop=args.crop, kwargs=kwargs) for s in setups}
         for step in steps.values():  # warm-up: oneDNN primitive creation, allocator
             for _ in range(2):
                 step()
@@ -86,7 +97,7 @@ def main() -> None:
                 for _ in range(args.steps):
                     step()
                 times[setup].append((time.perf_counter() - start) / args.steps)
-        base = statistics.median(times[SETUPS[0]])
+        base = statistics.median(times[setups[0]])
         for (layout, amp), samples in times.items():
             t = statistics.median(samples)
             epoch = t * FER2013_TRAIN_IMAGES / args.batch_size
