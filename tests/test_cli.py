@@ -3,8 +3,20 @@ import sys
 
 import pytest
 
+COMMANDS = ["train", "recipe", "pretrain-sr", "sr-eval", "export", "ensemble", "eval", "calibrate", "results", "serve",
+            "analyze"]  # fmt: skip
 
-@pytest.mark.parametrize("command", ["train", "recipe", "pretrain-sr", "export", "eval", "serve"])
+
+def test_the_command_line_has_exactly_these_subcommands():
+    import argparse
+
+    from mien.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(sub.choices) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_has_help(command):
     result = subprocess.run([sys.executable, "-m", "mien.cli", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
