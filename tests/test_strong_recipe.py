@@ -147,6 +147,26 @@ def test_student_learns_the_teachers_answers_and_teachers_stay_frozen(tmp_path, 
     assert agree > 0.8
 
 
+def test_a_checkpoint_teacher_in_the_runs_layout_and_bf16_answers_like_the_fp32_one(tiny_run):
+    from mien.training.models import default_spec
+
+    spec = default_spec("mini_xception")
+    (plain,) = load_teachers(str(tiny_run / "best.pt"), spec)
+    (fast,) = load_teachers(str(tiny_run / "best.pt"), spec, channels_last=True)
+    convs = [w for w in fast.model.parameters() if w.dim() == 4 and w.shape[1] > 1 and w.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in plain.model.parameters() if w.dim() == 4
+                   and w.shape[1] > 1 and w.shape[-1] > 1)  # fmt: skip
+    x = torch.randn(64, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    reference = plain.probabilities(x)
+    torch.testing.assert_close(fast.probabilities(x), reference, atol=1e-5, rtol=1e-4)  # layout changes nothing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fast.probabilities(x)
+    assert low.dtype == torch.float32 and torch.allclose(low.sum(1), torch.ones(64), atol=1e-5)
+    assert (low - reference).abs().max() < 0.05  # bf16 moves probabilities by little
+    assert (low.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
+
+
 def test_a_teacher_that_reads_faces_differently_is_refused(tiny_run):
     from dataclasses import replace
 

@@ -144,7 +144,7 @@ class CrossEntropy:
         self.train_tf = build_transforms(spec, train=True, augment=cfg.augment, generator=generator)
         self.val_tf = build_transforms(spec, train=False)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
-        self.teachers = load_teachers(cfg.teacher, spec, cfg.threads) if cfg.teacher else []
+        self.teachers = load_teachers(cfg.teacher, spec, cfg.threads, cfg.channels_last) if cfg.teacher else []
         self.has_stn = model is not None and has_spatial_transformer(model)
         self.stn_reg = getattr(cfg, "stn_reg", 0.0) if self.has_stn else 0.0
         self._stn_penalties: list[float] = []  # this epoch's, reported (and cleared) by validate
@@ -186,7 +186,10 @@ class CrossEntropy:
         if self.mixes:  # mixed over the global batch, so every rank sees the same partners
             x, order, lam = mix_batch(x, cfg.augment, self.generator)
             y_mix = ctx.shard(y[order]).to(ctx.device)
-        soft = ctx.shard(teacher_targets(self.teachers, x, cfg.distill_temperature)) if self.teachers else None
+        soft = None
+        if self.teachers:  # a checkpoint teacher runs under the run's autocast (bf16: ~2.7x faster on CPU)
+            with ctx.autocast():
+                soft = ctx.shard(teacher_targets(self.teachers, x, cfg.distill_temperature))
         x, y = ctx.shard(x).to(ctx.device), ctx.shard(y).to(ctx.device)
         with ctx.autocast(), recorded_thetas(model, enabled=self.stn_reg > 0) as thetas:
             loss, logits = self.loss(model, x, y)
