@@ -13,12 +13,18 @@ cd "$(dirname "$0")/.."
 # The face detector's weights (for `mien export detector` and its reproducibility test). --no-deps: the
 # package pins torch<2.3 and needs torchvision; the export reads only its weight files and never imports it.
 .venv/bin/pip install -q --no-deps facenet-pytorch==2.6.0
-# The web page's browser tests (tests/test_web_page.py) drive Debian's Chromium; Playwright downloads no browser.
-# Installed here when missing and we are root; without it those tests skip and say why.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "test.sh: installing Debian's chromium for the browser tests (apt-get)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
-        >/dev/null || echo "test.sh: chromium could not be installed; the browser tests will skip"
+# Debian packages that tests drive: Chromium for the web page's browser tests (tests/test_web_page.py; Playwright
+# downloads no browser) and HAProxy in front of two `mien serve` for the failover test (tests/test_failover.py).
+# Installed here when missing and we are root, in one apt-get call; without chromium the browser tests skip and say
+# why; without haproxy the failover test skips on a workstation and fails under CI (the variable CI set).
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing Debian's ${missing[*]} for the browser and failover tests (apt-get)"
+    { apt-get update -qq \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+        >/dev/null || echo "test.sh: ${missing[*]} could not be installed; the tests that need them will skip or fail"
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
