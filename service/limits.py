@@ -40,7 +40,9 @@ The inference routes (``POST /predict``, ``POST /predict/batch``, ``POST /analyz
 ``POST /v2/models/.../infer``) are admitted
 while fewer than ``max_concurrency + max_queue`` are in flight; the rest get 503 at once instead of queueing
 without bound (a batch is one request: it holds one slot while it works on its photos one after the other).
-``/health``, ``/ready``, ``/metrics`` and the rest are never queued, so probes answer under load. A
+``/health``, ``/ready``, ``/metrics`` and the rest are never queued, so probes answer under load. The counts of
+running and waiting requests are exported as ``mien_inflight_requests`` and ``mien_queued_requests``
+(:mod:`mien.service.metrics`), the per-pod load an autoscaler reads. A
 request that is not answered within ``request_timeout`` seconds gets 504; work already running in a
 worker thread cannot be interrupted, so it keeps its slot until it ends and its result is dropped. The video
 route is the exception (``video_timeout``): it is cancelled, its worker stops at the next frame, and its slot
@@ -297,7 +299,9 @@ class RequestLimitsMiddleware:
 
 
 def install_limits(app: FastAPI, settings: Settings) -> None:
-    """Add the limits middleware (with its admission counters on ``app.state.load_limiter``)."""
+    """Add the limits middleware (with its admission counters on ``app.state.load_limiter``, exported by
+    ``app.state.metrics`` as ``mien_inflight_requests`` and ``mien_queued_requests``)."""
     keep_uploads_in_memory()
     app.state.load_limiter = LoadLimiter(settings.max_concurrency, settings.max_queue)
+    app.state.metrics.track_load(app.state.load_limiter)
     app.add_middleware(RequestLimitsMiddleware, settings=settings, limiter=app.state.load_limiter)
