@@ -10,7 +10,9 @@ of them, all on loopback. Every round sends the same ``--requests`` POST /predic
 maintenance over HAProxy's admin socket (one replica serves, the other idles) and once with both in the rotation.
 The order alternates between rounds, so a change in the machine's background load falls on both alike; the
 table gives the median over rounds and the ratio of two to one. HAProxy's per-replica answer counts show which
-replica served each run. Prints a Markdown table; writes ``--json``.
+replica served each run, and the CPU time of each process (/proc/<pid>/stat) and of the whole machine
+(/proc/stat) over each run, as busy cores, shows where the cores went: to the replicas, HAProxy, this client,
+or other processes. Prints a Markdown table; writes ``--json``.
 
 A benchmark, not a test: it exits non-zero only when a replica or HAProxy does not start. Never downloads.
 The start-up helpers (:class:`Replica`, :func:`haproxy`, :class:`Proxy`) are also what tests/test_failover.py
@@ -228,7 +230,30 @@ def haproxy(replicas: list[str], workdir: Path, config: Path = HAPROXY_CONFIG) -
 # --- the benchmark ---------------------------------------------------------------------------------------
 
 
-def summary(result: dict, served: dict[str, int]) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine spent not idle so far (/proc/stat), for every process."""
+    ticks = [int(n) for n in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()} | {"machine": machine_busy_seconds()}
+
+
+def busy_cores(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """Cores kept busy during a run: by each of our processes, and by the whole machine (the rest is others')."""
+    cores = {name: round((after[name] - before[name]) / wall, 2) for name in before}
+    cores["others"] = round(max(0.0, cores["machine"] - sum(v for k, v in cores.items() if k != "machine")), 2)
+    return cores
+
+
+def summary(result: dict, served: dict[str, int], cores: dict[str, float]) -> dict:
     ms = result["latencies"]
     errors = sum(n for status, n in result["statuses"].items() if status != 200)
     return {
@@ -240,6 +265,7 @@ def summary(result: dict, served: dict[str, int]) -> dict:
         "errors": errors,
         "statuses": {str(k): v for k, v in result["statuses"].items()},
         "answered_by": served,
+        "busy_cores": cores,
     }
 
 
@@ -259,16 +285,19 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             stack.enter_context(replica)
         proxy = stack.enter_context(haproxy([r.address for r in replicas], workdir / "haproxy"))
         proxy.wait_status(dict.fromkeys(SERVERS, "UP"))
+        pids = {name: r.process.pid for name, r in zip(SERVERS, replicas, strict=True)}
+        pids |= {"haproxy": proxy.process.pid, "client": os.getpid()}
         # Warm both replicas (first requests pay for onnxruntime's first runs and allocations).
         asyncio.run(load(proxy.url, photos, args.concurrency, 4 * args.concurrency, desc="warm-up"))
         for round_ in range(args.rounds):
             for count in (1, 2) if round_ % 2 == 0 else (2, 1):
                 proxy.set_state("replica2", "maint" if count == 1 else "ready")
                 proxy.wait_status({"replica1": "UP", "replica2": "MAINT" if count == 1 else "UP"})
-                before = proxy.stats()
+                before, cpu = proxy.stats(), cpu_snapshot(pids)
                 result = asyncio.run(load(proxy.url, photos, args.concurrency, args.requests,
                                           desc=f"round {round_ + 1}, {count} replica(s)"))  # fmt: skip
-                runs[count].append(summary(result, answered(before, proxy.stats())))
+                cores = busy_cores(cpu, cpu_snapshot(pids), result["wall"])
+                runs[count].append(summary(result, answered(before, proxy.stats()), cores))
                 print(f"round {round_ + 1}, {count} replica(s): {runs[count][-1]['requests_per_s']} requests/s",
                       flush=True)  # fmt: skip
     return runs
@@ -277,8 +306,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
 def table(runs: dict[int, list[dict]], rounds: int, requests: int) -> tuple[list[str], dict[int, dict], float]:
     lines = [
         "| replicas | rounds × requests | median requests/s | median p50 ms | median p95 ms | errors "
-        "| answered by replica1 / replica2 |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| answered by replica1 / replica2 | median busy cores: replica1 / replica2 / haproxy / client / others |",
+        "|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     medians = {}
     for count, results in runs.items():
@@ -286,9 +315,11 @@ def table(runs: dict[int, list[dict]], rounds: int, requests: int) -> tuple[list
                           for key in ("requests_per_s", "p50_ms", "p95_ms")}  # fmt: skip
         errors = sum(r["errors"] for r in results)
         served = " / ".join(str(sum(r["answered_by"][name] for r in results)) for name in SERVERS)
+        cores = " / ".join(f"{statistics.median(r['busy_cores'][name] for r in results):.2f}"
+                           for name in (*SERVERS, "haproxy", "client", "others"))  # fmt: skip
         m = medians[count]
         lines.append(f"| {count} | {rounds} × {requests} | {m['requests_per_s']:.1f} | {m['p50_ms']:.1f} "
-                     f"| {m['p95_ms']:.1f} | {errors} | {served} |")  # fmt: skip
+                     f"| {m['p95_ms']:.1f} | {errors} | {served} | {cores} |")  # fmt: skip
     ratio = medians[2]["requests_per_s"] / medians[1]["requests_per_s"]
     return lines, medians, ratio
 
