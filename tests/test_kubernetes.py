@@ -203,6 +203,7 @@ def broken(doc: dict[str, Any], change) -> dict[str, Any]:
         ("mien", lambda d: d["spec"]["predictor"].update(minReplica=2)),  # a typo: no such field anywhere
         ("mien", lambda d: d["spec"]["predictor"]["containers"][0]["env"][0].update(name="PROTOCOL", value="v3")),
         ("mien", lambda d: d["spec"]["predictor"]["containers"][0]["ports"][0].update(containerPort="8000")),
+        ("mien", lambda d: d["metadata"]["annotations"].update({"serving.kserve.io/deploymentMode": "RawDeployment"})),
         ("mien-triton", lambda d: d["spec"]["predictor"]["model"].update(protocolVersion="v3")),
         ("mien-triton", lambda d: d["spec"]["predictor"]["model"].pop("modelFormat")),
         ("mien-triton", lambda d: d["spec"]["predictor"]["model"].update(arg=["--x"])),  # Container has `args`
