@@ -157,6 +157,11 @@ def _add_ensemble(sub: argparse._SubParsersAction) -> None:
                    help="`fit` (minimise the NLL on --fit-split), or one comma-separated weight per member; "
                    "default equal weights")  # fmt: skip
     p.add_argument("--fit-split", default="val", help="the split --weights fit is fitted on (default val)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="fit weights even on members whose cards do not say --fit-split was held out from training",
+    )
     p.set_defaults(func=_run_ensemble)
 
 
@@ -173,7 +178,7 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     from mien.export.ensemble import write_ensemble
 
     card = write_ensemble(list(args.members), args.model_dir, args.model_id, args.flip, args.data, args.split,
-                          args.weights, args.fit_split)  # fmt: skip
+                          args.weights, args.fit_split, args.force)  # fmt: skip
     print(f"{card['model_id']}: {args.split} accuracy {card['metrics']['accuracy']:.4f}  "
           f"macro-F1 {card['metrics']['macro_f1']:.4f}")  # fmt: skip
     return 0

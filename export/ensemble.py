@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mien.card import Card, CardError, card_for, card_path, write_card
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier, normalised_weights
-from mien.export.ensemble_search import fit_weights, member_probabilities
+from mien.export.ensemble_search import fit_weights, member_probabilities, not_held_out
 from mien.export.evaluate import score_classifier
 from mien.paths import DEFAULT_DATA
 from mien.training.data import CARVED_SPLIT
@@ -32,18 +32,25 @@ def write_ensemble(
     split: str = "public_test",
     weights: list[float] | str | None = None,
     fit_split: str = CARVED_SPLIT,
+    force: bool = False,
 ) -> dict:
     """Write the ensemble file and its card into ``model_dir``; return the card (as written).
 
     ``weights``: None (equal), one number per member, or ``"fit"``: fitted on ``fit_split`` (the validation
-    split, never the split the card reports) by :func:`mien.export.ensemble_search.fit_weights`.
+    split, never the split the card reports) by :func:`mien.export.ensemble_search.fit_weights`, and only
+    when every member's card says ``fit_split`` was held out from its training (unless ``force``).
     """
     model_dir = Path(model_dir)
     path = model_dir / f"{model_id}{ENSEMBLE_SUFFIX}"
-    fitted_on = None
+    fitted_on, refused = None, {}
     if weights == "fit":
         if fit_split == split:
             raise ValueError(f"fit the weights on another split than the one the card reports ({split})")
+        refused = not_held_out(model_dir, list(members), fit_split)
+        if refused and not force:
+            reasons = "; ".join(f"{name}: {why}" for name, why in refused.items())
+            raise ValueError(f"cannot fit weights on {fit_split}: its faces were not held out from every member "
+                             f"({reasons}); pass --force to fit anyway")  # fmt: skip
         probs, truth = member_probabilities(model_dir, list(members), data, fit_split, flip)
         weights, fitted_on = fit_weights(probs, list(members), truth), fit_split
         fitted = ", ".join(f"{m} {w:.3f}" for m, w in zip(members, weights, strict=True))
@@ -61,6 +68,7 @@ def write_ensemble(
     report, _ = score_classifier(ensemble, data, split)
     command = (f"mien ensemble {','.join(members)} --model-dir {model_dir} --model-id {model_id}"
                + (" --flip" if flip else "") + (f" --weights fit --fit-split {fit_split}" if fitted_on else "")
+               + (" --force" if refused else "")
                + (f" --weights {','.join(f'{w:.6g}' for w in config['weights'])}" if weights and not fitted_on else "")
                + f" --data {data} --split {split}")  # fmt: skip
     card = ensemble_card(ensemble, path, report, data, split, command, fitted_on)

@@ -15,10 +15,27 @@ from pathlib import Path
 
 import numpy as np
 
+from mien.card import card_for
 from mien.export.evaluate import SplitFaces, eval_split
 from mien.runtime import OnnxClassifier
 
 Probabilities = dict[str, np.ndarray]  # model id -> (faces × scored classes)
+
+
+def not_held_out(model_dir: str | Path, names: list[str], split: str) -> dict[str, str]:
+    """The models among ``names`` whose cards do not say ``split`` was held out from their training, each with
+    the reason: choosing members or fitting weights on faces a member trained on would favour that member.
+
+    A card says so by ``metrics.selected_on == split`` (`mien train` carves the validation split by default);
+    the models trained before issue 14 were selected on public_test and trained on all of Training.
+    """
+    refused = {}
+    for name in names:
+        card = card_for(Path(model_dir) / f"{name}.onnx")
+        selected_on = card.selected_on if card is not None else None
+        if selected_on != split:
+            refused[name] = "no card" if card is None else f"selected on {selected_on!r}, trained on the {split} faces"
+    return refused
 
 
 def member_probabilities(

@@ -13,7 +13,7 @@ import pytest
 from mien.card import Card
 from mien.ensemble import EnsembleClassifier, EnsembleError, load_classifier, read_ensemble_config
 from mien.export.ensemble import members_selected_on, write_ensemble
-from mien.export.ensemble_search import accuracy, fit_weights, greedy_members, mixture, nll, top_k
+from mien.export.ensemble_search import accuracy, fit_weights, greedy_members, mixture, nll, not_held_out, top_k
 from mien.export.evaluate import evaluate_path
 from mien.runtime import MODEL_ID_KEY, OnnxClassifier
 from tests.conftest import CPU, make_client
@@ -204,13 +204,34 @@ def test_fitted_weights_favour_the_member_that_knows_and_lower_the_nll():
     assert nll(mixture(probs, ["knows", "guesses"], weights), truth) < nll(mixture(probs, ["knows", "guesses"]), truth)
 
 
+def test_weights_are_fitted_only_on_faces_held_out_from_every_member(two_models, tiny_npz, tmp_path):
+    # twin has no card, so nothing says the validation faces were kept out of its training
+    assert not_held_out(two_models, ["mini_xception", "twin"], "val") == {"twin": "no card"}
+    with pytest.raises(ValueError, match="not held out from every member.*twin: no card"):
+        write_ensemble(["mini_xception", "twin"], two_models, model_id="refused", data=str(tiny_npz), weights="fit")
+    assert not (two_models / "refused.ensemble.json").exists()
+    # a member selected on public_test trained on all of Training, the val faces included
+    folder = tmp_path / "old"
+    shutil.copytree(two_models, folder)
+    card = json.loads((folder / "mini_xception.card.json").read_text())
+    card["metrics"]["selected_on"] = "public_test"
+    (folder / "mini_xception.card.json").write_text(json.dumps(card))
+    assert not_held_out(folder, ["mini_xception"], "val") == {
+        "mini_xception": "selected on 'public_test', trained on the val faces"
+    }
+    assert not_held_out(two_models, ["mini_xception"], "val") == {}
+    # equal weights need no fitting, so any bundled members may still be averaged
+    write_ensemble(["mini_xception", "twin"], folder, model_id="equal", data=str(tiny_npz))
+
+
 def test_write_ensemble_fits_weights_on_validation_and_says_so(two_models, tiny_npz):
+    # twin is a cardless copy of a held-out model: force says we know
     card = write_ensemble(["mini_xception", "twin"], two_models, model_id="fitted", data=str(tiny_npz),
-                          weights="fit")  # fmt: skip
+                          weights="fit", force=True)  # fmt: skip
     config = read_ensemble_config(two_models / "fitted.ensemble.json")
     assert config["weights"] == pytest.approx(card["weights"]) and sum(card["weights"]) == pytest.approx(1.0)
     assert card["weights_fitted_on"] == "val" and card["metrics"]["split"] == "public_test"
-    assert "--weights fit --fit-split val" in card["export"]["command"]
+    assert "--weights fit --fit-split val --force" in card["export"]["command"]
     with pytest.raises(ValueError, match="another split"):
         write_ensemble(["mini_xception", "twin"], two_models, model_id="x", data=str(tiny_npz), weights="fit",
                        fit_split="public_test")  # fmt: skip
