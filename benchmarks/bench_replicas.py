@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -348,7 +349,7 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {
-            "command": " ".join(["python", *sys.argv]),
+            "command": shlex.join(["python", *sys.argv]),
             "machine": machine,
             "cores": os.cpu_count(),
             "load_average_1min_before_after": [round(load_before, 2), round(load_after, 2)],
