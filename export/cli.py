@@ -56,6 +56,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ten-crop", type=int, default=0, metavar="SIZE",
                    help="average the logits of the ten SIZE x SIZE crops (corners, centre, and mirrored) inside "
                    "the ONNX graph (10x compute; for networks trained on random crops, e.g. --crop 40)")  # fmt: skip
+    p.add_argument("--model-id", default=None,
+                   help="the id the file is served as (default: the checkpoint's network, e.g. mini_xception); "
+                   "for a second seed or a distilled copy bundled beside the first")  # fmt: skip
     p.set_defaults(func=_run_export)
 
 
@@ -80,7 +83,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,
                        parity_faces=args.parity_faces, atol=args.atol, opset=args.opset,
-                       flip_tta=args.flip_tta, ten_crop=args.ten_crop)  # fmt: skip
+                       flip_tta=args.flip_tta, ten_crop=args.ten_crop, model_id=args.model_id)  # fmt: skip
     return 0 if export_checkpoint(cfg).passed else 1
 
 

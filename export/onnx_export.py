@@ -43,6 +43,7 @@ class ExportConfig:
     opset: int = 20  # the legacy exporter supports affine_grid (STN models) from opset 20
     flip_tta: bool = False  # average the logits of each face and its mirror image inside the graph
     ten_crop: int = 0  # crop size: average the logits of the ten crops (corners, centre, mirrored) in the graph
+    model_id: str | None = None  # the id it is served as; default the checkpoint's network (e.g. a second seed)
 
 
 #: The parity verdict is the card's parity block, so the card records exactly what was checked.
@@ -142,7 +143,7 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
     if cfg.parity_faces < 256:
         raise ValueError(f"--parity-faces must be at least 256 real faces, got {cfg.parity_faces}")
     model, spec, ckpt = load_model(cfg.checkpoint)
-    model_id = ckpt["model_id"]
+    model_id = cfg.model_id or ckpt["model_id"]
     tta = test_time_augmentation(cfg)
     if cfg.flip_tta:
         model = FlipAverage(model).eval()
@@ -173,7 +174,8 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
 
     report = score_faces(OnnxClassifier.from_path(out, providers=("CPUExecutionProvider",)), faces)
     macs = count_macs(model, torch.from_numpy(real[:1]))
-    card = model_card(cfg, out, ckpt, spec, version, sum(p.numel() for p in model.parameters()), macs, parity, report)
+    card = model_card(cfg, out, ckpt, spec, version, sum(p.numel() for p in model.parameters()), macs, parity, report,
+                      model_id)  # fmt: skip
     write_card(card_path(out), card)
     log.info("%s accuracy of the ONNX file: %.4f; card %s", cfg.split, report["accuracy"], card_path(out))
     return parity
@@ -189,12 +191,13 @@ def model_card(
     macs: int,
     parity: Parity,
     report: dict,
+    model_id: str | None = None,
 ) -> Card:
     """The card of an exported file: its identity, what it was scored and selected on, how it was trained."""
     label_source = ckpt.get("train_config", {}).get("label_source", "fer2013")
     history = ckpt.get("history", [])
     return Card(
-        model_id=ckpt["model_id"],
+        model_id=model_id or ckpt["model_id"],
         version=version,
         file=out.name,
         sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
@@ -229,7 +232,8 @@ def model_card(
         export={
             "command": f"mien export {cfg.checkpoint} --out {out} --data {cfg.data} --split {cfg.split}"
             + (" --flip-tta" if cfg.flip_tta else "")
-            + (f" --ten-crop {cfg.ten_crop}" if cfg.ten_crop else ""),
+            + (f" --ten-crop {cfg.ten_crop}" if cfg.ten_crop else "")
+            + (f" --model-id {cfg.model_id}" if cfg.model_id else ""),
             "opset": cfg.opset,
             "flip_tta": cfg.flip_tta,
             **({"ten_crop": cfg.ten_crop} if cfg.ten_crop else {}),

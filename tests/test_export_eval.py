@@ -108,6 +108,21 @@ def test_export_command_exit_code(tiny_run, tiny_npz, tmp_path):
     assert bad.returncode == 1 and "parity FAILED" in bad.stderr
 
 
+def test_a_second_copy_of_a_network_is_exported_under_its_own_model_id(tiny_run, tiny_npz, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "mien.cli", "export", str(tiny_run / "best.pt"), "--out",
+                          str(tmp_path / "seed1.onnx"), "--data", str(tiny_npz), "--parity-faces", "256",
+                          "--model-id", "mini_xception_seed1"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    served = OnnxClassifier.from_path(tmp_path / "seed1.onnx")
+    card = read_card(card_path(tmp_path / "seed1.onnx"))
+    assert served.model_id == card.model_id == "mini_xception_seed1"
+    assert card.training.config["model"] == "mini_xception"  # the network it is
+    assert "--model-id mini_xception_seed1" in card.export.command
+    default = export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "m.onnx"),
+                                             data=str(tiny_npz), parity_faces=256))  # fmt: skip
+    assert default.passed and OnnxClassifier.from_path(tmp_path / "m.onnx").model_id == "mini_xception"
+
+
 def test_export_refuses_too_few_parity_faces(tiny_run, tiny_npz, tmp_path):
     with pytest.raises(ValueError, match="at least 256"):
         export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "m.onnx"),
