@@ -26,8 +26,10 @@ def test_bundled_card_validates_and_round_trips(path, tmp_path):
     # for the models trained before that split existed, on PublicTest itself (and the card says so).
     assert card.tested_on == "public_test"
     assert card.selected_on in ("val", "public_test")
-    if card.selected_on == "val":
+    if card.selected_on == "val" and card.training is not None:
         assert card.training.config["val_split"] == "val" and card.training.best["split"] == "val"
+    elif card.selected_on == "val":  # an ensemble: every member selected on val, weights (if fitted) on val too
+        assert card.members and card.weights_fitted_on in (None, "val")
     copy = write_card(tmp_path / path.name, card)
     assert copy.read_text() == path.read_text()  # not one byte moved: key order, floats, nulls
 
