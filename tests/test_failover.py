@@ -210,7 +210,10 @@ def test_a_stopped_replica_loses_no_request_beyond_those_in_flight(haproxy_path,
     assert survivor_served - served_before[survivor_name] >= len(started_after)
     # HAProxy forwarded every 200 the clients got, and the stopped replica answered none sent after the signal
     # (beyond those in flight then and, for SIGTERM, those it took during its graceful stop).
-    assert sum(lb_2xx.values()) == sum(a.status == 200 for a in answers)
+    # HAProxy counts a 2xx when the status line arrives: a replica killed while sending the body leaves one counted
+    # that its client saw fail, so the two counts may differ by at most the failed requests.
+    got_200 = sum(a.status == 200 for a in answers)
+    assert got_200 <= sum(lb_2xx.values()) <= got_200 + len(failed)
     assert lb_2xx[victim_name] <= lb_2xx_before[victim_name] + len(in_flight) + len(started_between)
     assert lb_2xx[survivor_name] == survivor_served
 
