@@ -98,6 +98,55 @@ def astronaut_jpeg() -> bytes:
     return cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
+#: Seconds a test waits for a condition before it fails (never reached when the code is right).
+WAIT = 60
+
+
+class Gate:
+    """Holds every /predict inside the route's dependencies until ``release`` is set; counts the requests it
+    holds, and can make the ones it lets through fail (``fail = True``)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.fail = False
+
+    def hold(self, app) -> None:
+        from mien.service.deps import get_detectors
+
+        def held_detectors():
+            self.entered.release()
+            assert self.release.wait(WAIT), "the test never opened the gate"
+            if self.fail:
+                raise RuntimeError("a failure inside the route")
+            return app.state.detectors
+
+        app.dependency_overrides[get_detectors] = held_detectors
+
+    def wait_entered(self, count: int = 1) -> None:
+        for _ in range(count):
+            assert self.entered.acquire(timeout=WAIT), "a request never reached the route"
+
+
+def wait_until(condition) -> None:
+    """Polls ``condition`` every 10 ms until it holds; fails after WAIT seconds."""
+    import threading
+
+    pause = threading.Event()
+    for _ in range(WAIT * 100):
+        if condition():
+            return
+        pause.wait(0.01)
+    raise AssertionError("condition never became true")
+
+
+def post_photo(client, photo: bytes):
+    """POST /predict with ``photo`` as a JPEG upload."""
+    return client.post("/predict", files={"file": ("a.jpg", photo, "image/jpeg")})
+
+
 @pytest.fixture(autouse=True)
 def _quiet_matplotlib():
     logging.getLogger("matplotlib").setLevel(logging.WARNING)

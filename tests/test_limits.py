@@ -4,47 +4,17 @@ bound, a slow request gets 504, and probes still answer. Inference is held on an
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import cv2
 import pytest
-from skimage import data
 
 from mien.service.config import Settings
-from mien.service.deps import get_detectors
 from mien.service.limits import LoadLimiter
-from tests.conftest import make_client
-
-WAIT = 60  # seconds a test waits for a condition before it fails (never reached when the code is right)
-
-
-@pytest.fixture(scope="module")
-def photo() -> bytes:
-    return cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
-
-
-class Gate:
-    """Holds every /predict inside the route's dependencies until ``open()``; counts the requests it holds."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.entered = threading.Semaphore(0)
-
-    def hold(self, app) -> None:
-        def held_detectors():
-            self.entered.release()
-            assert self.release.wait(WAIT), "the test never opened the gate"
-            return app.state.detectors
-
-        app.dependency_overrides[get_detectors] = held_detectors
-
-    def wait_entered(self, count: int = 1) -> None:
-        for _ in range(count):
-            assert self.entered.acquire(timeout=WAIT), "a request never reached the route"
+from tests.conftest import WAIT, Gate, make_client, wait_until
+from tests.conftest import post_photo as post
 
 
 @contextmanager
@@ -58,19 +28,6 @@ def held_client(model_dir: Path, **settings) -> Iterator[tuple]:
             gate.release.set()
 
 
-def wait_until(condition) -> None:
-    done = threading.Event()
-    for _ in range(WAIT * 100):
-        if condition():
-            return
-        done.wait(0.01)
-    raise AssertionError("condition never became true")
-
-
-def post(client, photo: bytes):
-    return client.post("/predict", files={"file": ("a.jpg", photo, "image/jpeg")})
-
-
 def assert_error(response, status: int, code: str) -> str:
     assert response.status_code == status, response.text
     body = response.json()
@@ -78,11 +35,11 @@ def assert_error(response, status: int, code: str) -> str:
     return body["error"]["message"]
 
 
-def test_saturated_service_answers_503_with_retry_after_and_probes_still_answer(model_dir, photo):
+def test_saturated_service_answers_503_with_retry_after_and_probes_still_answer(model_dir, astronaut_jpeg):
     with held_client(model_dir, max_concurrency=1, max_queue=0, retry_after=7) as (client, gate, pool):
-        first = pool.submit(post, client, photo)
+        first = pool.submit(post, client, astronaut_jpeg)
         gate.wait_entered()
-        busy = post(client, photo)
+        busy = post(client, astronaut_jpeg)
         message = assert_error(busy, 503, "busy")
         assert busy.headers["retry-after"] == "7"
         assert "MIEN_MAX_CONCURRENCY=1" in message and "retry in 7 s" in message
@@ -93,39 +50,39 @@ def test_saturated_service_answers_503_with_retry_after_and_probes_still_answer(
         gate.release.set()
         assert first.result(WAIT).status_code == 200
         assert client.app.state.load_limiter.running == 0
-        assert post(client, photo).status_code == 200
+        assert post(client, astronaut_jpeg).status_code == 200
 
 
-def test_requests_wait_in_the_queue_up_to_its_length(model_dir, photo):
+def test_requests_wait_in_the_queue_up_to_its_length(model_dir, astronaut_jpeg):
     with held_client(model_dir, max_concurrency=1, max_queue=2) as (client, gate, pool):
         limiter: LoadLimiter = client.app.state.load_limiter
-        running = pool.submit(post, client, photo)
+        running = pool.submit(post, client, astronaut_jpeg)
         gate.wait_entered()
-        queued = [pool.submit(post, client, photo) for _ in range(2)]
+        queued = [pool.submit(post, client, astronaut_jpeg) for _ in range(2)]
         wait_until(lambda: limiter.waiting == 2)
         assert limiter.running == 1
-        assert_error(post(client, photo), 503, "busy")  # one running + two waiting: full
+        assert_error(post(client, astronaut_jpeg), 503, "busy")  # one running + two waiting: full
         gate.release.set()
         assert [f.result(WAIT).status_code for f in (running, *queued)] == [200, 200, 200]
         assert (limiter.running, limiter.waiting) == (0, 0)
 
 
-def test_a_request_over_the_timeout_gets_504_and_its_work_keeps_its_slot(model_dir, photo):
+def test_a_request_over_the_timeout_gets_504_and_its_work_keeps_its_slot(model_dir, astronaut_jpeg):
     with held_client(model_dir, max_concurrency=1, max_queue=1, request_timeout=0.2) as (client, gate, pool):
         limiter: LoadLimiter = client.app.state.load_limiter
-        slow = pool.submit(post, client, photo)
+        slow = pool.submit(post, client, astronaut_jpeg)
         gate.wait_entered()
         message = assert_error(slow.result(WAIT), 504, "timeout")
         assert "MIEN_REQUEST_TIMEOUT" in message and "0.2 s" in message and "worked on" in message
         # The timed-out work still runs in its worker thread: it keeps the only slot, so the next request waits
         # in the queue and times out there, and is dropped from the queue.
-        message = assert_error(post(client, photo), 504, "timeout")
+        message = assert_error(post(client, astronaut_jpeg), 504, "timeout")
         assert "waiting for a free slot" in message
         assert (limiter.running, limiter.waiting) == (1, 0)
         gate.release.set()
         wait_until(lambda: limiter.running == 0)
     with make_client(model_dir, request_timeout=60) as client:
-        assert post(client, photo).status_code == 200
+        assert post(client, astronaut_jpeg).status_code == 200
 
 
 def test_limits_come_from_the_environment(monkeypatch):
