@@ -21,8 +21,17 @@ from mien.training.layers.stn import affine_stats, identity_penalty, recorded_th
 from mien.training.models import create_model, default_spec
 from mien.training.models.base_cnn import ABLATION_ARMS, ablation_arms, ablation_model_kwargs
 from mien.training.objectives import build_objective
-from mien.training.sr_pretrain import evaluate_sr, l1_step, pretrain_sr, psnr, ssim
-from mien.training.train import train
+from mien.training.sr_pretrain import (
+    evaluate_sr,
+    l1_step,
+    pretrain_sr,
+    psnr,
+    resolve_sr_kwargs,
+    sr_faces,
+    ssim,
+    to_grey_levels,
+)
+from mien.training.train import load_splits, train
 from mien.training.transforms import normalize
 from tests.conftest import write_npz
 
@@ -191,6 +200,65 @@ def test_one_l1_pretraining_step_lowers_the_l1_of_its_batch(small_npz):
     assert after < before
 
 
+def _keys(faces) -> set[bytes]:
+    return {np.asarray(f, dtype=np.uint8).tobytes() for f in faces}
+
+
+def test_sr_pretraining_learns_only_from_the_training_faces_mien_train_fits(tmp_path, small_npz, monkeypatch):
+    """Issue 14's protocol: with --val-split val (the default) the SR net's steps see only the faces mien train
+    fits on (Training less the carved val faces, the same carve), never a val or PublicTest face."""
+    import mien.training.sr_pretrain as sr_pretrain
+
+    cfg = SRPretrainConfig(data=str(small_npz), out=str(tmp_path / "sr.pt"), sr_kwargs={"num_blocks": 1, "features": 8},
+                           epochs=2, batch_size=9, threads=1)  # fmt: skip
+    assert cfg.val_split == "val"
+    classifier = load_splits(TrainConfig(data=str(small_npz)))  # what mien train fits and selects on
+    fit, held = sr_faces(cfg)
+    np.testing.assert_array_equal(fit, classifier.train_x.numpy())
+    np.testing.assert_array_equal(held, classifier.val_x.numpy())
+    public = _faces(small_npz, "public_test", 10**6).numpy()
+    train_keys = _keys(fit) | _keys(fit[..., ::-1])  # pre-training mirrors half its faces
+    assert not train_keys & (_keys(held) | _keys(public))  # the generated faces are all distinct
+
+    seen = []
+    real_step = sr_pretrain.l1_step
+
+    def recording_step(sr, optimizer, hr):
+        seen.extend(to_grey_levels(hr, default_spec("sr_cnn")))
+        return real_step(sr, optimizer, hr)
+
+    monkeypatch.setattr(sr_pretrain, "l1_step", recording_step)
+    metrics = pretrain_sr(cfg)
+    assert len(seen) == 2 * (len(fit) // 9) * 9
+    assert _keys(seen) <= train_keys and not _keys(seen) & (_keys(held) | _keys(public))
+    assert len(_keys(seen) - _keys(fit)) > 0  # some were mirrored, and still training faces
+    # the history beside the checkpoint says so, epoch by epoch
+    report = json.loads((tmp_path / "sr.json").read_text())
+    assert (report["train_split"], report["train_faces"], report["val_split"], report["val_faces"]) == (
+        "train", len(fit), "val", len(held)
+    )  # fmt: skip
+    assert [row["epoch"] for row in report["history"]] == [1, 2] and metrics["split"] == "val"
+    assert report["history"][-1]["val_l1"] == metrics["val_l1"]
+
+
+def test_sr_pretraining_refuses_to_learn_from_a_test_or_the_validation_split(tmp_path, small_npz):
+    for train_split, val_split in (("public_test", "val"), ("public_test", "train"), ("val", "val")):
+        cfg = SRPretrainConfig(data=str(small_npz), out=str(tmp_path / "sr.pt"), train_split=train_split,
+                               val_split=val_split)  # fmt: skip
+        with pytest.raises(ValueError, match="Training faces only"):
+            sr_faces(cfg)
+    # a recipe written before val existed (--val-split public_test) still learns from all of Training
+    fit, held = sr_faces(SRPretrainConfig(data=str(small_npz), val_split="public_test"))
+    assert (len(fit), len(held)) == (70, 21)
+
+
+def test_an_sr_checkpoint_can_be_named_from_the_home_folder(tmp_path, small_npz, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    pretrain_sr(SRPretrainConfig(data=str(small_npz), out=str(tmp_path / "runs" / "sr.pt"), epochs=1, batch_size=16,
+                                 sr_kwargs={"num_blocks": 1, "features": 8}, threads=1))  # fmt: skip
+    assert resolve_sr_kwargs({}, "~/runs/sr.pt")["sr_kwargs"]["num_blocks"] == 1  # as the ablation's recipes name it
+
+
 def test_psnr_and_ssim_on_known_cases():
     rng = np.random.default_rng(0)
     faces = rng.integers(20, 200, size=(3, 48, 48)).astype(np.float64)
@@ -227,6 +295,8 @@ def test_sr_eval_scores_the_network_and_bicubic_on_the_same_faces(tmp_path, smal
     assert saved["faces"] == 7 and set(saved["psnr_db"]) == {"sr", "bicubic"}
     assert main(["sr-eval", str(out), "--data", str(small_npz), "--limit", "7"]) == 0  # default: beside it
     assert (tmp_path / "sr.public_test.eval.json").is_file()
+    # the validation faces carved from Training, which pre-training held out: the check before PublicTest
+    assert evaluate_sr(out, small_npz, "val")["faces"] == 7
 
 
 # --- the ablation arms differ only in their front end ------------------------------------------------------------

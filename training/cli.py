@@ -200,7 +200,8 @@ def _run_recipe(args: argparse.Namespace) -> int:
 def _add_pretrain_sr(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain-sr", help="pre-train the SR front end (24->48 faces, L1) for --sr-init",
                        description="Train the EDSR front end of sr_cnn/stn_sr_cnn to undo a x2 downscale of "
-                       "FER2013 Training faces; for `mien train --sr-init X --freeze-sr`.")  # fmt: skip
+                       "FER2013 Training faces (less the val faces mien train carves, with --val-split val, the "
+                       "default); for `mien train --sr-init X`. L1 per epoch in <out>.json.")  # fmt: skip
     add_config_options(p, SRPretrainConfig, suppress=False)
     p.set_defaults(func=_run_pretrain_sr)
 
@@ -224,7 +225,12 @@ def _add_sr_eval(sub: argparse._SubParsersAction) -> None:
                        "printed and written as JSON.")  # fmt: skip
     p.add_argument("checkpoint", help="an SR checkpoint written by `mien pretrain-sr`")
     p.add_argument("--data", default=DEFAULT_DATA, help="fer2013.csv, fer2013.npz or image-folder root")
-    p.add_argument("--split", default="public_test", help="the split whose faces are scored (default public_test)")
+    p.add_argument(
+        "--split",
+        default="public_test",
+        help="the split whose faces are scored (default public_test; "
+        "val = the faces carved from Training for validation)",
+    )
     p.add_argument("--out", default="", help="the JSON report (default: <checkpoint>.<split>.eval.json beside it)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=0, help="score only the first N faces; 0 = all")

@@ -161,7 +161,15 @@ class SRPretrainConfig:
     batch_size: int = option(64, "faces per step")
     lr: float = option(1e-3, "Adam learning rate, cosine decay to 0 over the run")
     train_split: str = option("train", "the split whose faces the SR net learns from")
-    val_split: str = option("public_test", "the split its L1 is reported on")
+    # "val", as in `mien train`: the faces the classifiers are selected on are held out of SR's training too, and
+    # PublicTest stays the test set. Recipes written before it said public_test (the default then), which only
+    # reported there and trained on all of Training.
+    val_split: str = option(
+        "val", "the split its L1 is reported on each epoch; val = the stratified --val-fraction of --train-split "
+        "carved with --val-seed, exactly as `mien train` carves it, and left out of SR training"
+    )  # fmt: skip
+    val_fraction: float = option(VAL_FRACTION, "share of each class of --train-split carved into the val split")
+    val_seed: int = option(VAL_SEED, "seed of the carve; fixed, so the SR net never learns from mien train's val faces")
     seed: int = option(0, "seed of the initialisation, batch order and flips")
     threads: int = option(0, "torch CPU threads; 0 = torch's default")
     limit: int = option(0, "use only the first N training faces, for smoke tests; 0 = all")

@@ -12,7 +12,14 @@ net only runs forward (plus input gradients when an STN sits in front), its weig
 formed, and the classifier sees a fixed, meaningful upsampling from the first epoch instead of a
 random filter that the classification loss must first turn into one; the paper's front end is also a
 pre-trained SR network. Fine-tuning (``sr_init`` without ``freeze_sr``) stays available for runs that
-can afford it.
+can afford it; issue 17's SR arms fine-tune the small default EDSR (B=4, F=32), which costs about 400 s an
+epoch here (docs/training.md).
+
+Protocol (issue 14's): the network learns from ``train_split`` only. With ``val_split = "val"`` (the default) that
+split is FER2013 Training minus the validation faces ``mien train`` carves (the same function, fraction and seed),
+so the classifiers behind the SR net are later selected on faces it never saw, and PublicTest is never read. The
+checkpoint is the last epoch's weights (cosine to zero); nothing is selected on any split, ``val_split`` is only
+reported, each epoch, in the log and in the history beside the checkpoint (``<out>.json``, rewritten every epoch).
 
 ``mien sr-eval CHECKPOINT`` (:func:`evaluate_sr`) scores a pre-trained network against bicubic upsampling with
 PSNR and SSIM on a split's faces (PublicTest by default).
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,9 +37,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from mien.training.config import SRPretrainConfig
-from mien.training.data import load_dataset
+from mien.training.data import CARVED_SPLIT, USAGE_TO_SPLIT, load_dataset, load_with_validation
 from mien.training.layers import EDSR, EDSR_SMALL
 from mien.training.models import default_spec
 from mien.training.transforms import normalize
@@ -68,54 +77,92 @@ def l1_step(sr: nn.Module, optimizer: torch.optim.Optimizer, hr: torch.Tensor) -
     return loss.item()
 
 
+#: FER2013's test splits: the SR net never learns from them.
+TEST_SPLITS = tuple(split for split in USAGE_TO_SPLIT.values() if split != "train")
+
+
+def sr_faces(cfg: SRPretrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(faces the SR net learns from, faces its L1 is reported on), uint8 N×H×W.
+
+    ``val_split = "val"`` carves the validation faces out of ``train_split`` with ``mien train``'s own carve
+    (:func:`~mien.training.data.load_with_validation`, ``val_fraction``, ``val_seed``), so the two sets are
+    disjoint and the SR net learns from exactly the faces the classifiers fit. ``limit`` keeps the first N
+    training faces. A test split is refused as the training split.
+    """
+    if cfg.train_split in TEST_SPLITS or cfg.train_split == cfg.val_split:
+        raise ValueError(f"--train-split {cfg.train_split!r}: the SR net learns from Training faces only, never from "
+                         f"a test split {TEST_SPLITS} nor from --val-split {cfg.val_split!r}")  # fmt: skip
+    if cfg.val_split == CARVED_SPLIT:
+        data = load_with_validation(cfg.data, cfg.val_fraction, cfg.val_seed, source=cfg.train_split)
+    else:
+        data = load_dataset(cfg.data)
+        log.warning("SR L1 reported on %s (selects nothing; new runs report on --val-split val)", cfg.val_split)
+    train_x = data.subset(cfg.train_split)[0]
+    return (train_x[: cfg.limit] if cfg.limit else train_x), data.subset(cfg.val_split)[0]
+
+
 def pretrain_sr(cfg: SRPretrainConfig) -> dict:
-    """Train an EDSR on 24 → 48 FER2013 pairs with L1; write ``cfg.out``; return its metrics."""
+    """Train an EDSR on 24 → 48 pairs of ``cfg.train_split`` faces with L1; write ``cfg.out`` (the last epoch's
+    weights) and the history beside it (``<out>.json``, after every epoch); return the last epoch's metrics."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     spec = default_spec("sr_cnn")  # the SR variants' normalisation: the SR net sees what the classifier feeds it
-    data = load_dataset(cfg.data)
-    train_x = torch.from_numpy(data.subset(cfg.train_split)[0])
-    if cfg.limit:
-        train_x = train_x[: cfg.limit]
-    val_hr = normalize(torch.from_numpy(data.subset(cfg.val_split)[0]), spec)
+    train_faces, val_faces = sr_faces(cfg)
+    train_x = torch.from_numpy(train_faces)
+    val_hr = normalize(torch.from_numpy(val_faces), spec)
     sr_kwargs = {**EDSR_SMALL, **cfg.sr_kwargs}
     sr = EDSR(spec.channels, **sr_kwargs)
     steps_per_epoch = len(train_x) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_x)} training faces are fewer than one batch of {cfg.batch_size}")
+    log.info("SR pre-training EDSR %s: %d %s faces, L1 reported on %d %s faces", sr.kwargs, len(train_x),
+             cfg.train_split, len(val_hr), cfg.val_split)  # fmt: skip
     optimizer = torch.optim.Adam(sr.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="pretrain-sr", unit="epoch", dynamic_ncols=True):
+        started = time.perf_counter()
         sr.train()
         order = torch.randperm(len(train_x), generator=generator)
         total = 0.0
-        for i in range(steps_per_epoch):
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   mininterval=2)  # fmt: skip
+        for i in bar:
             hr = normalize(train_x[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]], spec)
             flip = torch.rand(len(hr), generator=generator) < 0.5
             hr = torch.where(flip[:, None, None, None], hr.flip(-1), hr)
             total += l1_step(sr, optimizer, hr)
             schedule.step()
+            bar.set_postfix(l1=f"{total / (i + 1):.4f}", refresh=False)
         val_l1, bicubic_l1 = sr_l1(sr, val_hr)
-        row = {"epoch": epoch, "train_l1": total / steps_per_epoch, "val_l1": val_l1, "bicubic_l1": bicubic_l1}
+        row = {"epoch": epoch, "train_l1": total / steps_per_epoch, "val_l1": val_l1, "bicubic_l1": bicubic_l1,
+               "seconds": time.perf_counter() - started}  # fmt: skip
         history.append(row)
-        log.info("SR epoch %d/%d  train L1 %.4f  %s L1 %.4f (bicubic %.4f)", epoch, cfg.epochs,
-                 row["train_l1"], cfg.val_split, val_l1, bicubic_l1)  # fmt: skip
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        _write_history(out, cfg, sr, history, len(train_x), len(val_hr))
+        log.info("SR epoch %d/%d  train L1 %.4f  %s L1 %.4f (bicubic %.4f)  %.0f s", epoch, cfg.epochs,
+                 row["train_l1"], cfg.val_split, val_l1, bicubic_l1, row["seconds"])  # fmt: skip
     metrics = {**history[-1], "split": cfg.val_split}
     ckpt = {"kind": "sr_pretrain", "sr_kwargs": sr.kwargs, "state_dict": sr.state_dict(), "history": history,
             "metrics": metrics, "config": asdict(cfg), "spec": spec.to_dict()}  # fmt: skip
     torch.save(ckpt, out)
-    out.with_suffix(".json").write_text(json.dumps({"sr_kwargs": sr.kwargs, "history": history}, indent=1))
     return metrics
+
+
+def _write_history(out: Path, cfg: SRPretrainConfig, sr: EDSR, history: list[dict], train: int, val: int) -> None:
+    """``<out>.json``: what is being trained, on which faces, and every epoch so far (rewritten each epoch)."""
+    report = {"sr_kwargs": sr.kwargs, "train_split": cfg.train_split, "train_faces": train,
+              "val_split": cfg.val_split, "val_faces": val, "epochs": cfg.epochs, "history": history,
+              "config": asdict(cfg)}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def load_sr_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`pretrain_sr`, or an error that says what the file is instead."""
-    path = Path(path)
+    path = Path(path).expanduser()  # recipes name it as ~/mien-runs/..., outside the checkout
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such SR checkpoint; `mien pretrain-sr --out {path}` writes one")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -202,14 +249,16 @@ def evaluate_sr(
     into grey levels (0..255, rounded) and scored against HR: PSNR on the [0, 255] scale and SSIM, averaged
     over faces (each face scored alone, the usual SR protocol), with the SR − bicubic margin. No border is
     shaved: both methods are scored on the same whole face. A front end that does not beat bicubic by a
-    clear margin is not testing super-resolution.
+    clear margin is not testing super-resolution. ``split = "val"`` scores the validation faces carved from
+    Training (those pre-training held out), so the check can be made before PublicTest is looked at.
     """
     ckpt = load_sr_checkpoint(checkpoint)
     spec = default_spec("sr_cnn")
     sr = EDSR(spec.channels, **ckpt["sr_kwargs"])
     sr.load_state_dict(ckpt["state_dict"])
     sr.eval()
-    faces = load_dataset(data).subset(split)[0]
+    # "val": the faces mien train and pretrain-sr hold out of Training (default fraction and seed)
+    faces = (load_with_validation(data) if split == CARVED_SPLIT else load_dataset(data)).subset(split)[0]
     if limit:
         faces = faces[:limit]
     if len(faces) == 0:
