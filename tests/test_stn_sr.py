@@ -340,3 +340,25 @@ def test_the_four_arms_share_one_classifier_and_differ_in_their_front_end_only(k
             assert model.eval()(torch.zeros(2, 1, 48, 48)).shape == (2, 7)
     sr_sizes = {m.sr.kwargs["num_blocks"] for m in arms.values() if m.sr is not None}
     assert sr_sizes == {kwargs.get("sr_blocks", 4)}
+
+
+def test_same_classifier_init_gives_every_arm_the_classifier_base_cnn_starts_from():
+    def classifiers(**kwargs):
+        states = []
+        for model_id in ABLATION_ARMS:
+            torch.manual_seed(7)
+            states.append(create_model(model_id, **SMALL, **kwargs).classifier.state_dict())
+        return states
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    base, *others = classifiers(same_classifier_init=True)
+    assert all(same(base, other) for other in others)
+    default = classifiers()  # off by default: a front end drawn first changes the classifier's start...
+    assert same(default[0], base) and not any(same(default[0], other) for other in default[1:])
+    torch.manual_seed(7)  # ...and a model built before the option keeps its exact initialisation
+    a = create_model("stn_sr_cnn", **SMALL).state_dict()
+    torch.manual_seed(7)
+    b = create_model("stn_sr_cnn", **SMALL, same_classifier_init=False).state_dict()
+    assert list(a) == list(b) and same(a, b)

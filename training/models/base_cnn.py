@@ -60,7 +60,13 @@ class BaseCNN(nn.Module):
 
 
 class FrontEndCNN(nn.Module):
-    """Optional STN, then optional ×2 SR, then :class:`BaseCNN`; ``forward`` returns logits."""
+    """Optional STN, then optional ×2 SR, then :class:`BaseCNN`; ``forward`` returns logits.
+
+    ``same_classifier_init``: the front end draws its initial weights from a copy of torch's RNG, so the
+    classifier draws from the state it would meet with no front end, and with one seed the four ablation arms'
+    classifiers start from the same weights (as :func:`ablation_arms` gives). Off by default: a model built
+    before it keeps its exact initialisation; it changes nothing else (layers, state dict, export).
+    """
 
     def __init__(
         self,
@@ -70,11 +76,13 @@ class FrontEndCNN(nn.Module):
         stn: bool = False,
         sr: bool = False,
         sr_kwargs: dict | None = None,
+        same_classifier_init: bool = False,
         **classifier_kwargs,
     ) -> None:
         super().__init__()
-        self.stn = SpatialTransformer(in_channels, input_size) if stn else None
-        self.sr = EDSR(in_channels, **{**EDSR_SMALL, **(sr_kwargs or {})}) if sr else None
+        with torch.random.fork_rng(devices=[], enabled=same_classifier_init):
+            self.stn = SpatialTransformer(in_channels, input_size) if stn else None
+            self.sr = EDSR(in_channels, **{**EDSR_SMALL, **(sr_kwargs or {})}) if sr else None
         side = input_size[0] * (self.sr.scale if self.sr is not None else 1)
         self.classifier = BaseCNN(num_classes, in_channels, side, **classifier_kwargs)
 
@@ -126,9 +134,10 @@ def ablation_model_kwargs(
     sr_features: int = EDSR_SMALL["features"],
     **classifier_kwargs,
 ) -> dict[str, dict]:
-    """The ``model_kwargs`` of each arm (for ``mien train --model-kwargs``): one classifier for all four,
-    and the same EDSR(B = ``sr_blocks``, F = ``sr_features``) in both SR arms (the paper: B=16, F=128)."""
-    classifier = {"widths": list(widths), "hidden": hidden, **classifier_kwargs}
+    """The ``model_kwargs`` of each arm (for ``mien train --model-kwargs``): one classifier for all four, which
+    starts from the same weights in every arm under one seed (``same_classifier_init``), and the same
+    EDSR(B = ``sr_blocks``, F = ``sr_features``) in both SR arms (the paper: B=16, F=128)."""
+    classifier = {"widths": list(widths), "hidden": hidden, "same_classifier_init": True, **classifier_kwargs}
     sr_kwargs = {"num_blocks": sr_blocks, "features": sr_features}
     return {arm: {**classifier, **({"sr_kwargs": sr_kwargs} if sr else {})} for arm, (_, sr) in ABLATION_ARMS.items()}
 
@@ -144,8 +153,9 @@ def ablation_arms(
 ) -> dict[str, FrontEndCNN]:
     """Base, +STN, +SR and +STN+SR (by model id) with the same classifier at the same width: only the front
     end differs. ``same_init``: the four classifiers start from the same weights too (Base's), so at step 0
-    the arms differ in nothing but their front end. (``mien train`` with one seed does not give that: the
-    front end is built first and draws from the seeded generator before the classifier does.)
+    the arms differ in nothing but their front end. (``mien train`` with one seed gives the same when the arms'
+    ``model_kwargs`` say ``same_classifier_init = true``, as :func:`ablation_model_kwargs` and issue 17's
+    recipes do; without it the front end draws from the seeded generator before the classifier does.)
     """
     kwargs = ablation_model_kwargs(widths, hidden, sr_blocks, sr_features, **classifier_kwargs)
     arms = {arm: FrontEndCNN(num_classes, **kwargs[arm], stn=stn, sr=sr) for arm, (stn, sr) in ABLATION_ARMS.items()}
