@@ -12,6 +12,7 @@ from mien.export.calibration import (
     brier_score,
     calibration_report,
     coverage_curve,
+    ece_consistency,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
@@ -49,7 +50,8 @@ def test_nll_and_brier_by_hand():
     brier = (2 * 0.1**2 + 2 * 0.9**2 + 2 * 0.38**2 + 2 * 0.22**2) / 4
     assert brier_score(PROBS, TRUTH) == pytest.approx(brier)
     report = calibration_report(PROBS, TRUTH)
-    assert set(report) == {"ece", "nll", "brier", "bins", "coverage"} and len(report["bins"]) == 15
+    assert set(report) == {"ece", "nll", "brier", "ece_floor", "ece_floor_95", "ece_p_calibrated", "bins", "coverage"}
+    assert len(report["bins"]) == 15
 
 
 def synthetic(scale: float, n: int = 20_000, classes: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +83,36 @@ def test_rescaling_never_changes_the_argmax_and_keeps_probabilities():
         assert (out.argmax(1) == probs.argmax(1)).all()
         np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-9)
     np.testing.assert_allclose(rescale(probs, 1.0), probs, atol=1e-9)
+
+
+def test_the_ece_floor_by_hand():
+    # One face at confidence 0.5 alone in its bin: every draw is |right − 0.5| = 0.5 whatever it draws.
+    one = ece_consistency(np.array([[0.5, 0.3, 0.2]]), ece=0.5, draws=200)
+    assert one["ece_floor"] == pytest.approx(0.5) and one["ece_floor_95"] == pytest.approx(0.5)
+    assert one["ece_p_calibrated"] == 1.0
+    # Confidence 1 is right in every draw: the floor is 0, and any measured gap is certainly miscalibration.
+    sure = ece_consistency(np.array([[1.0, 0.0], [0.0, 1.0]]), ece=0.1, draws=200)
+    assert sure["ece_floor"] == 0.0 and sure["ece_p_calibrated"] == 0.0
+    assert sure["bands"][-1] == (1.0, 1.0) and sure["bands"][0] == (None, None)
+
+
+def test_a_calibrated_model_is_within_its_floor_and_a_miscalibrated_one_is_not():
+    calibrated, truth = synthetic(1.0, n=3000, seed=1)
+    report = calibration_report(calibrated, truth)
+    assert report["ece"] > 0.0  # a finite set: never 0 even for the true probabilities
+    assert report["ece"] <= report["ece_floor_95"] and report["ece_p_calibrated"] > 0.05
+    for b in report["bins"]:
+        if b["count"] >= 50:  # well-filled bins of calibrated probabilities sit inside their 95% range (by margin)
+            assert b["calibrated_low"] - 0.05 <= b["accuracy"] <= b["calibrated_high"] + 0.05
+    over, truth = synthetic(2.0, n=3000, seed=1)
+    report = calibration_report(over, truth)
+    assert report["ece"] > report["ece_floor_95"] and report["ece_p_calibrated"] < 0.01
+
+
+def test_the_floor_shrinks_as_the_faces_grow():
+    probs, _ = synthetic(1.0, n=8000, seed=2)
+    small, large = ece_consistency(probs[:500])["ece_floor"], ece_consistency(probs)["ece_floor"]
+    assert large < small / 2  # about 1/sqrt(faces): 4× fewer faces would be 2×, 16× gives about 4×
 
 
 def test_the_reliability_diagram_and_the_coverage_curve_are_drawn(tmp_path):

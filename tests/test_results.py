@@ -101,9 +101,11 @@ def test_calibration_table_matches_mien_eval_and_shows_the_default_and_the_ensem
     assert "## Calibration on public_test" in text
     for row in rows:
         report = evaluate_path(str(root / "models" / row["file"]), str(tiny_npz), "public_test", str(tmp_path))
-        for key in ("ece", "nll", "brier"):
+        for key in ("ece", "nll", "brier", "ece_floor", "ece_floor_95", "ece_p_calibrated"):
             assert row[key] == pytest.approx(report["calibration"][key]), (row["model_id"], key)
-        assert f"| `{row['model_id']}` | {100 * row['ece']:.2f} | {row['nll']:.3f} | {row['brier']:.3f} |" in text
+        floor = f"{100 * row['ece_floor']:.2f} ({100 * row['ece_floor_95']:.2f})"
+        assert (f"| `{row['model_id']}` | {100 * row['ece']:.2f} | {floor} | {row['ece_p_calibrated']:.3f} "
+                f"| {row['nll']:.3f} | {row['brier']:.3f} |") in text  # fmt: skip
         assert row["temperature"] is None  # none of them was calibrated
     section = text.split("## Calibration on public_test")[1].split("\n## ")[0]
     shown = [line for line in section.splitlines() if line.startswith("![")]
