@@ -1,14 +1,16 @@
-"""`mien calibrate`: one temperature per model, fitted on the validation split, applied inside the ONNX graph
+"""`mien calibrate`: temperature scaling per model, fitted on the validation split, applied inside the ONNX graph
 (for an ensemble, which has no graph of its own: in its ``*.ensemble.json``, applied after averaging).
 
 The exported graphs end in logits (the runtime takes the softmax, ``spec.output == "logits"``), so
-calibration is a ``Div`` by a scalar initializer ``mien_temperature`` appended after them: the file that
-``/predict``, ``/v2``, Triton and ``mien eval`` all run gives the calibrated probabilities, and the runtime
-applies nothing (one place). The temperature is fitted on the split carved from Training (``val``) by
-minimising NLL (:func:`mien.export.calibration.fit_temperature`), on the uncalibrated logits: refitting a
-calibrated file first sets its temperature back to 1, so calibration never stacks. The card records the
-temperature, the split it was fitted on, and ECE/NLL/Brier before and after on that split and on the test
-split; the file's version gets a ``-t<T>`` suffix, since its probabilities changed.
+calibration is a division of the logits appended after them: by a scalar initializer ``mien_temperature``
+(``--method temperature``), or by a temperature per face ``T · exp(b · h)``, h the face's normalised entropy
+and b the initializer ``mien_entropy_slope`` (``--method entropy``, the default; see
+:func:`mien.export.calibration.fit_calibration`). The file that ``/predict``, ``/v2``, Triton and ``mien eval``
+all run gives the calibrated probabilities, and the runtime applies nothing (one place). T (and b) are fitted
+on the split carved from Training (``val``) by minimising NLL, on the uncalibrated logits: refitting a
+calibrated file first removes its calibration, so calibration never stacks. The card records the
+temperature, the slope, the split they were fitted on, and ECE/NLL/Brier before and after on that split and
+on the test split; the file's version gets a ``-t<T>`` (and ``-e<b>``) suffix, since its probabilities changed.
 
 A temperature is only as honest as the faces it is fitted on: they must be held out from training. The
 command refuses a model whose card does not say it was selected on the fit split (the models trained
@@ -29,8 +31,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from mien.card import Calibration, card_for, card_path, write_card
-from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier
-from mien.export.calibration import calibration_report, fit_temperature, rescale
+from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier, calibration_suffix
+from mien.export.calibration import calibration_report, fit_calibration, rescale
 from mien.export.evaluate import eval_split
 from mien.runtime import MODEL_VERSION_KEY, OnnxClassifier
 
@@ -42,44 +44,122 @@ class CalibrationError(ValueError):
 
 
 TEMPERATURE = "mien_temperature"  # the scalar initializer the logits are divided by
-TEMPERATURE_KEY = "mien.temperature"  # the same value in the file's metadata, for a reader of the file
+SLOPE = "mien_entropy_slope"  # b of the per-face temperature T · exp(b · h), when there is one
+TEMPERATURE_KEY = "mien.temperature"  # the same values in the file's metadata, for a reader of the file
+SLOPE_KEY = "mien.entropy_slope"
 UNCALIBRATED = "_uncalibrated"  # suffix of the logits tensor before the division
+NODE = "mien_calibration"  # the calibration's nodes and private initializers are named with this prefix
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> float | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return float(numpy_helper.to_array(init))
+    return None
+
+
+def calibration_of(model: onnx.ModelProto) -> tuple[float, float]:
+    """(temperature, entropy slope) inside ``model``: (1.0, 0.0) for a file never calibrated."""
+    temperature, slope = _initializer(model, TEMPERATURE), _initializer(model, SLOPE)
+    return (1.0 if temperature is None else temperature), (0.0 if slope is None else slope)
 
 
 def temperature_of(model: onnx.ModelProto) -> float:
     """The temperature inside ``model`` (1.0 for a file never calibrated)."""
-    for init in model.graph.initializer:
-        if init.name == TEMPERATURE:
-            return float(numpy_helper.to_array(init))
-    return 1.0
+    return calibration_of(model)[0]
 
 
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    for prop in model.metadata_props:
+def _set_metadata(model: onnx.ModelProto, key: str, value: str | None) -> None:
+    """Set ``key`` to ``value`` in the file's metadata; None removes it."""
+    for i, prop in enumerate(model.metadata_props):
         if prop.key == key:
-            prop.value = value
+            if value is None:
+                del model.metadata_props[i]
+            else:
+                prop.value = value
             return
-    model.metadata_props.add(key=key, value=value)
+    if value is not None:
+        model.metadata_props.add(key=key, value=value)
 
 
-def with_temperature(model: onnx.ModelProto, temperature: float) -> onnx.ModelProto:
-    """A copy of ``model`` whose output is its logits divided by ``temperature`` (replacing any earlier one)."""
-    if not temperature > 0:
-        raise ValueError(f"a temperature must be positive, got {temperature}")
+def without_calibration(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with whatever calibration ``mien calibrate`` put in it taken out."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    value = numpy_helper.from_array(np.array(temperature, dtype=np.float32), TEMPERATURE)
-    existing = [i for i, init in enumerate(out.graph.initializer) if init.name == TEMPERATURE]
-    if existing:
-        out.graph.initializer[existing[0]].CopyFrom(value)
+    (output,) = out.graph.output
+    before = output.name + UNCALIBRATED
+    if not any(node.name.startswith(NODE) for node in out.graph.node):
+        return out
+    kept = [node for node in out.graph.node if not node.name.startswith(NODE)]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    for node in out.graph.node:
+        node.output[:] = [output.name if name == before else name for name in node.output]
+        node.input[:] = [output.name if name == before else name for name in node.input]
+    ours = {TEMPERATURE, SLOPE}
+    inits = [init for init in out.graph.initializer if init.name not in ours and not init.name.startswith(NODE)]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    _set_metadata(out, TEMPERATURE_KEY, None)
+    _set_metadata(out, SLOPE_KEY, None)
+    return out
+
+
+def _scalar(name: str, value: float) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
+
+
+def _entropy_temperature(before: str, classes: int, opset: int) -> tuple[list, list, str]:
+    """Nodes and initializers computing the per-face temperature ``T · exp(b · h)`` from the logits ``before``;
+    returns them and the name of the (N × 1) temperature tensor."""
+    n = f"{NODE}_"
+    inits = [_scalar(n + "eps", 1e-12), _scalar(n + "log_classes", float(np.log(classes)))]
+    if opset >= 13:
+        inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), n + "axes"))
+        reduce = helper.make_node("ReduceSum", [n + "p_log_p", n + "axes"], [n + "neg_entropy"], keepdims=1,
+                                  name=n + "sum")  # fmt: skip
     else:
-        (output,) = out.graph.output
-        before = output.name + UNCALIBRATED
-        for node in out.graph.node:
-            node.output[:] = [before if name == output.name else name for name in node.output]
-        out.graph.initializer.append(value)
-        out.graph.node.append(helper.make_node("Div", [before, TEMPERATURE], [output.name], name="mien_calibration"))
+        reduce = helper.make_node("ReduceSum", [n + "p_log_p"], [n + "neg_entropy"], axes=[-1], keepdims=1,
+                                  name=n + "sum")  # fmt: skip
+    nodes = [
+        helper.make_node("Softmax", [before], [n + "p"], axis=-1, name=n + "softmax"),
+        helper.make_node("Max", [n + "p", n + "eps"], [n + "p_floor"], name=n + "floor"),
+        helper.make_node("Log", [n + "p_floor"], [n + "log_p"], name=n + "log"),
+        helper.make_node("Mul", [n + "p", n + "log_p"], [n + "p_log_p"], name=n + "p_log_p"),
+        reduce,
+        helper.make_node("Div", [n + "neg_entropy", n + "log_classes"], [n + "neg_h"], name=n + "normalise"),
+        helper.make_node("Neg", [n + "neg_h"], [n + "h"], name=n + "h"),
+        helper.make_node("Mul", [n + "h", SLOPE], [n + "slope_h"], name=n + "slope_h"),
+        helper.make_node("Exp", [n + "slope_h"], [n + "factor"], name=n + "exp"),
+        helper.make_node("Mul", [n + "factor", TEMPERATURE], [n + "temperature"], name=n + "temperature"),
+    ]
+    return nodes, inits, n + "temperature"
+
+
+def with_temperature(model: onnx.ModelProto, temperature: float, entropy_slope: float = 0.0) -> onnx.ModelProto:
+    """A copy of ``model`` whose output is its logits divided by ``temperature`` (replacing any earlier
+    calibration), or with ``entropy_slope`` b by the per-face ``temperature · exp(b · h)``."""
+    if not temperature > 0:
+        raise ValueError(f"a temperature must be positive, got {temperature}")
+    out = without_calibration(model)
+    (output,) = out.graph.output
+    before = output.name + UNCALIBRATED
+    for node in out.graph.node:
+        node.output[:] = [before if name == output.name else name for name in node.output]
+    out.graph.initializer.append(_scalar(TEMPERATURE, temperature))
+    divisor = TEMPERATURE
+    if entropy_slope:
+        classes = output.type.tensor_type.shape.dim[-1].dim_value
+        if not classes:
+            raise ValueError("the model's output has no fixed number of classes to normalise the entropy by")
+        opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
+        nodes, inits, divisor = _entropy_temperature(before, classes, opset)
+        out.graph.initializer.append(_scalar(SLOPE, entropy_slope))
+        out.graph.initializer.extend(inits)
+        out.graph.node.extend(nodes)
+    out.graph.node.append(helper.make_node("Div", [before, divisor], [output.name], name=NODE))
     _set_metadata(out, TEMPERATURE_KEY, f"{temperature:.6g}")
+    _set_metadata(out, SLOPE_KEY, f"{entropy_slope:.6g}" if entropy_slope else None)
     onnx.checker.check_model(out)
     return out
 
@@ -113,45 +193,51 @@ def _held_out(path: Path, fit_split: str, force: bool):
     return card
 
 
-def _fit(path: Path, fit: tuple, test: tuple, fit_split: str, test_split: str, previous: float) -> dict:
-    """The temperature fitted on ``fit`` (probabilities, truth) and the card's calibration block."""
-    temperature = round(fit_temperature(*fit), 6)  # the value in the file and in the card
+def _fit(path: Path, fit: tuple, test: tuple, fit_split: str, test_split: str, previous: float,
+         method: str) -> dict:  # fmt: skip
+    """The temperature (and slope) fitted on ``fit`` (probabilities, truth) and the card's calibration block."""
+    temperature, slope = (round(value, 6) for value in fit_calibration(*fit, method=method))  # as in file and card
     return {
         "temperature": temperature,
+        "entropy_slope": slope,
+        "method": method,
         "fitted_on": fit_split,
         "previous_temperature": previous,
         "before": {fit_split: _measures(*fit), test_split: _measures(*test)},
         "after": {
-            fit_split: _measures(rescale(fit[0], temperature), fit[1]),
-            test_split: _measures(rescale(test[0], temperature), test[1]),
+            fit_split: _measures(rescale(fit[0], temperature, slope), fit[1]),
+            test_split: _measures(rescale(test[0], temperature, slope), test[1]),
         },
         "bins": 15,
-        "measured_by": f"mien calibrate {path} --fit-split {fit_split} --test-split {test_split}",
+        "measured_by": f"mien calibrate {path} --method {method} --fit-split {fit_split} --test-split {test_split}",
     }
 
 
 def _log(out: Path, block: dict, test_split: str) -> None:
     before, after = block["before"][test_split], block["after"][test_split]
-    log.info("%s: temperature %.4f (fitted on %s); %s ECE %.4f -> %.4f, NLL %.4f -> %.4f", out, block["temperature"],
-             block["fitted_on"], test_split, before["ece"], after["ece"], before["nll"], after["nll"])  # fmt: skip
+    log.info("%s: temperature %.4f, entropy slope %.4f (fitted on %s); %s ECE %.4f -> %.4f, NLL %.4f -> %.4f", out,
+             block["temperature"], block["entropy_slope"], block["fitted_on"], test_split, before["ece"], after["ece"],
+             before["nll"], after["nll"])  # fmt: skip
 
 
 def calibrate(path: str | Path, data: str | Path, fit_split: str = "val", test_split: str = "public_test",
-              out: str | Path | None = None, force: bool = False) -> dict:  # fmt: skip
-    """Fit ``path``'s temperature on ``fit_split``, write the calibrated file (in place unless ``out``) and its
-    card; returns the card's calibration block. CalibrationError when the card does not show ``fit_split``
-    was held out from training (unless ``force``). ``path`` is an ONNX file or an ``*.ensemble.json``."""
+              out: str | Path | None = None, force: bool = False, method: str = "entropy") -> dict:  # fmt: skip
+    """Fit ``path``'s temperature (and with ``method="entropy"`` its entropy slope) on ``fit_split``, write the
+    calibrated file (in place unless ``out``) and its card; returns the card's calibration block.
+    CalibrationError when the card does not show ``fit_split`` was held out from training (unless ``force``).
+    ``path`` is an ONNX file or an ``*.ensemble.json``."""
     if str(path).endswith(ENSEMBLE_SUFFIX):
-        return calibrate_ensemble(path, data, fit_split, test_split, out, force)
+        return calibrate_ensemble(path, data, fit_split, test_split, out, force, method)
     path, out = Path(path), Path(out or path)
     card = _held_out(path, fit_split, force)
     model = onnx.load(path)
-    raw = with_temperature(model, 1.0)
+    raw = without_calibration(model)
     fit, test = _probabilities(raw, data, fit_split), _probabilities(raw, data, test_split)
-    block = _fit(path, fit, test, fit_split, test_split, temperature_of(model))
-    calibrated = with_temperature(model, block["temperature"])
+    block = _fit(path, fit, test, fit_split, test_split, temperature_of(model), method)
+    calibrated = with_temperature(model, block["temperature"], block["entropy_slope"])
     versions = {prop.key: prop.value for prop in calibrated.metadata_props}
-    version = versions.get(MODEL_VERSION_KEY, "").split("-t")[0] + f"-t{block['temperature']:.3f}"
+    suffix = calibration_suffix(block["temperature"], block["entropy_slope"])
+    version = versions.get(MODEL_VERSION_KEY, "").split("-t")[0] + suffix
     _set_metadata(calibrated, MODEL_VERSION_KEY, version)
     onnx.save(calibrated, out)
     if card is not None:
@@ -165,23 +251,27 @@ def calibrate(path: str | Path, data: str | Path, fit_split: str = "val", test_s
 
 
 def calibrate_ensemble(path: str | Path, data: str | Path, fit_split: str = "val", test_split: str = "public_test",
-                       out: str | Path | None = None, force: bool = False) -> dict:  # fmt: skip
-    """The same for an ensemble: one temperature for its averaged probabilities (after the members' weights and
-    flip), written as ``"temperature"`` into the ensemble file, which :class:`mien.ensemble.EnsembleClassifier`
-    applies. The members' own temperatures (inside their files) stay as they are."""
+                       out: str | Path | None = None, force: bool = False,
+                       method: str = "entropy") -> dict:  # fmt: skip
+    """The same for an ensemble: a temperature (and slope) for its averaged probabilities (after the members'
+    weights and flip), written as ``"temperature"`` (and ``"entropy_slope"``) into the ensemble file, which
+    :class:`mien.ensemble.EnsembleClassifier` applies. The members' own calibration (inside their files) stays."""
     path, out = Path(path), Path(out or path)
     card = _held_out(path, fit_split, force)
     ensemble = EnsembleClassifier.from_path(path, providers=("CPUExecutionProvider",))
     previous = ensemble.temperature or 1.0
-    ensemble.temperature = None  # fitted on the untempered average, so calibration never stacks
+    ensemble.temperature, ensemble.entropy_slope = None, 0.0  # fitted on the untempered average: never stacks
 
     def probabilities(split: str) -> tuple[np.ndarray, np.ndarray]:
         faces = eval_split(data, split, tuple(ensemble.spec.labels))
         return ensemble.predict_crops(list(faces.images)), np.asarray(faces.columns)[faces.truth]
 
-    block = _fit(path, probabilities(fit_split), probabilities(test_split), fit_split, test_split, previous)
+    block = _fit(path, probabilities(fit_split), probabilities(test_split), fit_split, test_split, previous, method)
     config = json.loads(path.read_text(encoding="utf-8"))
     config["temperature"] = block["temperature"]
+    config.pop("entropy_slope", None)
+    if block["entropy_slope"]:
+        config["entropy_slope"] = block["entropy_slope"]
     out.write_text(json.dumps(config, indent=2) + "\n")
     calibrated = EnsembleClassifier.from_path(out, providers=("CPUExecutionProvider",))  # refuses a bad file
     if card is not None:

@@ -17,6 +17,12 @@
   faces. For a single network ``log p`` is its logits up to a constant, so this is temperature scaling of
   the logits; for an averaged model (flip TTA, an ensemble) it scales the log of the averaged probabilities.
   Argmax never changes (dividing by a positive T keeps the order).
+- :func:`fit_calibration`: the same, or (``method="entropy"``) a temperature per face, ``T · exp(b · h)`` with h
+  the face's normalised entropy, T and b fitted together by NLL. One temperature cannot fix a network trained
+  with label smoothing and mixup: their confident faces come out under-confident and their middling ones
+  over-confident, and a single T only trades one for the other; letting uncertain faces be softened more than
+  confident ones (entropy-based temperature scaling) can. With b = 0 it is temperature scaling, and the
+  temperature stays positive, so argmax never changes either.
 """
 
 from __future__ import annotations
@@ -168,6 +174,30 @@ def fit_temperature(probs: np.ndarray, truth: np.ndarray, bounds: tuple[float, f
 
     found = minimize_scalar(loss, bounds=tuple(np.log(bounds)), method="bounded", options={"xatol": 1e-5})
     return float(np.exp(found.x))
+
+
+METHODS = ("temperature", "entropy")
+
+
+def fit_calibration(probs: np.ndarray, truth: np.ndarray, method: str = "entropy") -> tuple[float, float]:
+    """(temperature, entropy_slope) minimising the NLL of :func:`rescale` on held-out ``probs`` and ``truth``:
+    the slope is 0 for ``method="temperature"``; for ``"entropy"`` both are fitted, starting from the one
+    temperature, so the fit is never worse on these faces than temperature scaling."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; one of {', '.join(METHODS)}")
+    temperature = fit_temperature(probs, truth)
+    if method == "temperature":
+        return temperature, 0.0
+    from scipy.optimize import minimize
+
+    def loss(x: np.ndarray) -> float:
+        return negative_log_likelihood(rescale(probs, float(np.exp(x[0])), float(x[1])), truth)
+
+    start = np.array([np.log(temperature), 0.0])
+    found = minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-9, "maxiter": 2000})
+    if not found.fun < loss(start):
+        return temperature, 0.0
+    return float(np.exp(found.x[0])), float(found.x[1])
 
 
 def plot_reliability(report: dict, path: str | Path, title: str) -> None:

@@ -105,14 +105,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit a temperature on the validation split and put it inside the ONNX graph",
-                       description="Temperature scaling: one temperature fitted by NLL on --fit-split (the split "
-                       "carved from Training), applied inside the graph as a division of the logits; the card "
-                       "records it with ECE/NLL/Brier before and after on --fit-split and --test-split.")  # fmt: skip
+                       description="Temperature scaling fitted by NLL on --fit-split (the split carved from "
+                       "Training), applied inside the graph as a division of the logits: by one temperature "
+                       "(--method temperature) or by a temperature per face that grows with the face's entropy, "
+                       "T·exp(b·h) (--method entropy, the default; b = 0 is one temperature). The card records it "
+                       "with ECE/NLL/Brier before and after on --fit-split and --test-split.")  # fmt: skip
     p.add_argument("model", help="an .onnx file from `mien export`, or an .ensemble.json from `mien ensemble` (the "
                    "temperature then goes into that file, applied after averaging); its card is updated")  # fmt: skip
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--fit-split", default="val", help="the split the temperature is fitted on (default val)")
     p.add_argument("--test-split", default="public_test", help="the split the card reports too")
+    p.add_argument("--method", choices=("entropy", "temperature"), default="entropy",
+                   help="entropy: T and the slope b fitted together (default); temperature: T alone")  # fmt: skip
     p.add_argument("--out", default=None, help="write here instead of in place")
     p.add_argument("--force", action="store_true", help="calibrate even when the card does not show the fit "
                    "split was held out from training")  # fmt: skip
@@ -123,12 +127,13 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from mien.export.calibrate import CalibrationError, calibrate
 
     try:
-        block = calibrate(args.model, args.data, args.fit_split, args.test_split, args.out, args.force)
+        block = calibrate(args.model, args.data, args.fit_split, args.test_split, args.out, args.force, args.method)
     except CalibrationError as exc:
         print(f"mien calibrate: {exc}", file=sys.stderr)
         return 2
     split = args.test_split
-    print(f"temperature {block['temperature']:.4f} (fitted on {args.fit_split}); {split}: "
+    print(f"temperature {block['temperature']:.4f}, entropy slope {block['entropy_slope']:.4f} (fitted on "
+          f"{args.fit_split}); {split}: "
           f"ECE {block['before'][split]['ece']:.4f} -> {block['after'][split]['ece']:.4f}, "
           f"NLL {block['before'][split]['nll']:.4f} -> {block['after'][split]['nll']:.4f}")  # fmt: skip
     return 0

@@ -99,6 +99,9 @@ class Calibration(_Block):
     """The temperature inside the served graph (``mien calibrate``) and what it changed."""
 
     temperature: float
+    # per face T · exp(entropy_slope · h), h its normalised entropy (mien.ensemble.temper); 0: one temperature
+    entropy_slope: float = 0.0
+    method: str = "temperature"  # "temperature" (T alone) or "entropy" (T and entropy_slope fitted together)
     fitted_on: str | None = None  # the split whose NLL the temperature minimises (val: carved from Training)
     before: dict[str, dict[str, float]] = {}  # split -> ece, nll, brier of the uncalibrated file
     after: dict[str, dict[str, float]] = {}  # the same, calibrated

@@ -9,8 +9,10 @@ ensemble averages their class probabilities, weighted by ``weights`` (optional, 
 per member, normalised to sum to 1; equal weights when absent; ``mien ensemble --weights fit`` fits them
 on the validation split), and with ``"flip": true`` also those of the mirrored crops (horizontal-flip
 test-time augmentation). An optional ``"temperature"`` (written by ``mien calibrate``, fitted on the
-validation split) calibrates the averaged probabilities: ``softmax(log p / T)``, applied here and nowhere
-else (an ensemble has no graph of its own to put it in). Members must share one label list. The ensemble
+validation split) calibrates the averaged probabilities: ``softmax(log p / T)``, with an optional
+``"entropy_slope"`` b making the temperature ``T · exp(b · h)`` per face (h: the entropy of p over log of the
+number of classes, 0 for a certain face, 1 for a uniform one), applied here and nowhere else (an ensemble has
+no graph of its own to put it in). Members must share one label list. The ensemble
 quacks like :class:`mien.runtime.OnnxClassifier` where the service and ``mien eval`` use it
 (``spec``, ``model_id``, ``version``, ``provider``, ``predict_crops``), so it is served, listed and
 evaluated like any other model. ``mien ensemble`` writes the file and its card.
@@ -30,12 +32,32 @@ from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
 ENSEMBLE_SUFFIX = ".ensemble.json"
 
 
-def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(log p / T)`` row by row: probabilities made sharper (T < 1) or softer (T > 1); argmax unchanged."""
+def normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    """Each row's entropy over log(number of classes): 0 for a one-hot row, 1 for a uniform one (N × 1)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1, keepdims=True)
+    return entropy / np.log(probs.shape[1])
+
+
+def temper(probs: np.ndarray, temperature: float, entropy_slope: float = 0.0) -> np.ndarray:
+    """``softmax(log p / T)`` row by row: probabilities made sharper (T < 1) or softer (T > 1); argmax unchanged.
+
+    With ``entropy_slope`` b each row gets its own temperature ``T · exp(b · h)``, h its :func:`normalised_entropy`
+    (b > 0: uncertain faces are softened more than confident ones); still positive, so argmax is unchanged."""
+    temperature = temperature * np.exp(entropy_slope * normalised_entropy(probs)) if entropy_slope else temperature
     logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
     logits -= logits.max(axis=1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(axis=1, keepdims=True)
+
+
+def calibration_suffix(temperature: float | None, entropy_slope: float = 0.0) -> str:
+    """What a calibrated model's version gets appended (its probabilities changed, its argmax did not):
+    ``-t<T>``, and ``-e<b>`` with an entropy slope; nothing uncalibrated."""
+    if temperature is None:
+        return ""
+    return f"-t{temperature:.3f}" + (f"-e{entropy_slope:.3f}" if entropy_slope else "")
 
 
 class EnsembleError(ValueError):
@@ -69,8 +91,14 @@ def read_ensemble_config(path: str | Path) -> dict:
         isinstance(temperature, int | float) and not isinstance(temperature, bool) and 0 < temperature < 1e3
     ):
         raise EnsembleError(f"{path}: 'temperature' must be a positive number, got {temperature!r}")
+    slope = config.get("entropy_slope", 0.0)
+    if not (isinstance(slope, int | float) and not isinstance(slope, bool) and abs(slope) < 1e3):
+        raise EnsembleError(f"{path}: 'entropy_slope' must be a number, got {slope!r}")
+    if slope and temperature is None:
+        raise EnsembleError(f"{path}: an 'entropy_slope' needs a 'temperature'")
+    temperature = None if temperature is None else float(temperature)
     return {"model_id": str(model_id), "members": members, "flip": flip, "weights": weights,
-            "temperature": None if temperature is None else float(temperature)}  # fmt: skip
+            "temperature": temperature, "entropy_slope": float(slope)}  # fmt: skip
 
 
 def normalised_weights(weights: list, count: int) -> list[float]:
@@ -87,7 +115,7 @@ def normalised_weights(weights: list, count: int) -> list[float]:
 
 class EnsembleClassifier:
     """Weighted mean of the members' probabilities (and of their mirrored crops with ``flip``), tempered by
-    ``temperature`` when one is given."""
+    ``temperature`` (and ``entropy_slope``, see :func:`temper`) when one is given."""
 
     def __init__(
         self,
@@ -96,6 +124,7 @@ class EnsembleClassifier:
         flip: bool = False,
         weights: list[float] | None = None,
         temperature: float | None = None,
+        entropy_slope: float = 0.0,
     ) -> None:
         if len(members) < 2:
             raise EnsembleError(f"ensemble {model_id!r} needs at least two members, got {len(members)}")
@@ -107,20 +136,24 @@ class EnsembleClassifier:
         self.weights = normalised_weights(list(weights), len(members)) if weights is not None else None
         if temperature is not None and not temperature > 0:
             raise EnsembleError(f"ensemble {model_id!r}: a temperature must be positive, got {temperature}")
-        self.temperature = temperature
+        if entropy_slope and temperature is None:
+            raise EnsembleError(f"ensemble {model_id!r}: an entropy slope needs a temperature")
+        self.temperature, self.entropy_slope = temperature, float(entropy_slope)
         # The crop the service cuts for the ensemble: the first member's framing, probabilities as output.
         self.spec = replace(members[0].spec, output="probabilities")
         identity = [[m.model_id, m.version] for m in members] + [flip]
         digest = hashlib.sha256(json.dumps(identity + ([self.weights] if self.weights else [])).encode())
         # equal weights keep the version they had before weights existed; a temperature marks it as calibrated files
         # are marked (their probabilities changed, their argmax did not)
-        self.version = digest.hexdigest()[:12] + (f"-t{temperature:.3f}" if temperature is not None else "")
+        self.version = digest.hexdigest()[:12] + calibration_suffix(temperature, self.entropy_slope)
         members_text = ",".join(m.model_id for m in members)
         self.metadata = {"mien.ensemble.members": members_text, "mien.ensemble.flip": str(flip)}
         if self.weights:
             self.metadata["mien.ensemble.weights"] = ",".join(f"{w:.6g}" for w in self.weights)
         if temperature is not None:
             self.metadata["mien.temperature"] = f"{temperature:.6g}"
+        if self.entropy_slope:
+            self.metadata["mien.entropy_slope"] = f"{self.entropy_slope:.6g}"
 
     @property
     def provider(self) -> str:
@@ -140,7 +173,7 @@ class EnsembleClassifier:
                     for view in views)  # fmt: skip
         averaged = total / len(views)
         if self.temperature is not None:
-            averaged = temper(averaged, self.temperature)
+            averaged = temper(averaged, self.temperature, self.entropy_slope)
         return averaged.astype(np.float32)
 
     @classmethod
@@ -154,7 +187,8 @@ class EnsembleClassifier:
                 f"({', '.join(sorted(available)) or 'none'})"
             )
         members = [available[m] for m in config["members"]]
-        return cls(config["model_id"], members, config["flip"], config["weights"], config["temperature"])
+        return cls(config["model_id"], members, config["flip"], config["weights"], config["temperature"],
+                   config["entropy_slope"])  # fmt: skip
 
     @classmethod
     def from_path(

@@ -12,8 +12,16 @@ import pytest
 from onnx import TensorProto, helper
 
 from mien.card import read_card
-from mien.export.calibrate import CalibrationError, calibrate, temperature_of, with_temperature
-from mien.export.calibration import rescale
+from mien.ensemble import calibration_suffix
+from mien.export.calibrate import (
+    CalibrationError,
+    calibrate,
+    calibration_of,
+    temperature_of,
+    with_temperature,
+    without_calibration,
+)
+from mien.export.calibration import fit_calibration, rescale
 from mien.runtime import OnnxClassifier
 
 CPU = ("CPUExecutionProvider",)
@@ -50,6 +58,44 @@ def test_the_graph_divides_its_logits_by_the_temperature_and_a_second_one_replac
         with_temperature(base, 0.0)
 
 
+def test_the_entropy_temperature_in_the_graph_is_the_runtimes_and_is_replaced_or_removed_whole():
+    x = np.random.default_rng(0).normal(0, 3, (64, 3)).astype(np.float32)
+    x[0] = [5.0, 5.0, 5.0]  # a uniform face (h = 1) and a certain one (h ≈ 0)
+    x[1] = [40.0, -40.0, -40.0]
+    base = identity_model()
+    graph = with_temperature(base, 0.7, 0.4)
+    assert calibration_of(graph) == pytest.approx((0.7, 0.4))
+    assert {p.key: p.value for p in graph.metadata_props}["mien.entropy_slope"] == "0.4"
+    softmax = np.exp(run(graph, x).astype(np.float64))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    raw = np.exp(x.astype(np.float64)) / np.exp(x.astype(np.float64)).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(softmax, rescale(raw, 0.7, 0.4), atol=1e-5)  # the graph is the runtime's function
+    assert (softmax.argmax(1) == x.argmax(1)).all()
+    h = np.array([1.0, 0.0])  # per-face temperatures 0.7·e^0.4 and 0.7: the logits of those faces divided by them
+    np.testing.assert_allclose(run(graph, x[:2]), x[:2] / (0.7 * np.exp(0.4 * h))[:, None], rtol=1e-4, atol=1e-4)
+    plain = with_temperature(graph, 2.0)  # a plain temperature replaces the whole entropy calibration
+    np.testing.assert_allclose(run(plain, x), x / 2.0, rtol=1e-6)
+    assert calibration_of(plain) == (2.0, 0.0) and "mien.entropy_slope" not in {p.key for p in plain.metadata_props}
+    assert len(plain.graph.node) == 2 and len(plain.graph.initializer) == 1
+    bare = without_calibration(graph)
+    assert [n.op_type for n in bare.graph.node] == ["Identity"] and not bare.graph.initializer
+    assert calibration_of(bare) == (1.0, 0.0) and not bare.metadata_props
+    np.testing.assert_allclose(run(bare, x), x)
+
+
+def test_the_entropy_fit_recovers_a_known_slope_and_temperature_scaling_has_none():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2.0, (30_000, 7))
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    true = rescale(probs, 0.8, 0.6)  # the truth is drawn from these: the calibrated probabilities
+    truth = (true.cumsum(axis=1) > rng.random((len(true), 1))).argmax(axis=1)
+    temperature, slope = fit_calibration(probs, truth, method="entropy")
+    assert temperature == pytest.approx(0.8, rel=0.1) and slope == pytest.approx(0.6, abs=0.15)
+    assert fit_calibration(probs, truth, method="temperature")[1] == 0.0
+    with pytest.raises(ValueError, match="method"):
+        fit_calibration(probs, truth, method="isotonic")
+
+
 @pytest.fixture
 def model_copy(model_dir, tmp_path):
     for path in model_dir.glob("mini_xception.*"):
@@ -64,22 +110,29 @@ def test_calibrate_fits_on_val_puts_the_temperature_in_the_graph_and_the_card(mo
     before = OnnxClassifier.from_path(model_copy, CPU).predict_crops(faces)
 
     block = calibrate(model_copy, tiny_npz)
-    temperature = block["temperature"]
-    assert temperature_of(onnx.load(model_copy)) == pytest.approx(temperature, rel=1e-6)
+    temperature, slope = block["temperature"], block["entropy_slope"]
+    assert block["method"] == "entropy"
+    assert calibration_of(onnx.load(model_copy)) == pytest.approx((temperature, slope), rel=1e-6)
     after = OnnxClassifier.from_path(model_copy, CPU).predict_crops(faces)
-    np.testing.assert_allclose(after, rescale(before, temperature), atol=1e-5)  # the runtime applies nothing more
+    np.testing.assert_allclose(after, rescale(before, temperature, slope), atol=1e-5)  # runtime applies nothing more
     assert (after.argmax(1) == before.argmax(1)).all()
     assert block["after"]["val"]["nll"] <= block["before"]["val"]["nll"] + 1e-9  # the fit minimises val NLL
     assert set(block["before"]) == set(block["after"]) == {"val", "public_test"}
 
     written = json.loads(model_copy.with_name("mini_xception.card.json").read_text())
     assert written["calibration"]["temperature"] == temperature and written["calibration"]["fitted_on"] == "val"
-    assert written["version"].endswith(f"-t{temperature:.3f}")
+    assert written["calibration"]["entropy_slope"] == slope and written["calibration"]["method"] == "entropy"
+    assert written["version"].endswith(calibration_suffix(temperature, slope))
     assert OnnxClassifier.from_path(model_copy, CPU).version == written["version"]
 
     again = calibrate(model_copy, tiny_npz)  # refitted on the uncalibrated logits: the same temperature
     assert again["temperature"] == pytest.approx(temperature, rel=1e-4)
+    assert again["entropy_slope"] == pytest.approx(slope, rel=1e-3, abs=1e-5)
     assert again["previous_temperature"] == pytest.approx(temperature, rel=1e-6)
+    plain = calibrate(model_copy, tiny_npz, method="temperature")  # one temperature, fitted on the same logits
+    assert plain["entropy_slope"] == 0.0 and calibration_of(onnx.load(model_copy))[1] == 0.0
+    np.testing.assert_allclose(OnnxClassifier.from_path(model_copy, CPU).predict_crops(faces),
+                               rescale(before, plain["temperature"]), atol=1e-5)  # fmt: skip
 
 
 def test_a_model_not_selected_on_val_is_refused_unless_forced(model_copy, tiny_npz, capsys):
@@ -114,16 +167,17 @@ def test_an_ensemble_is_calibrated_after_averaging_through_its_file(model_copy, 
     before = EnsembleClassifier.from_path(path, CPU).predict_crops(faces)
 
     block = calibrate(path, tiny_npz)
-    temperature = block["temperature"]
+    temperature, slope = block["temperature"], block["entropy_slope"]
     assert read_ensemble_config(path)["temperature"] == temperature and temperature != pytest.approx(1.0, abs=1e-3)
+    assert read_ensemble_config(path)["entropy_slope"] == slope
     served = EnsembleClassifier.from_path(path, CPU)
     after = served.predict_crops(faces)
-    np.testing.assert_allclose(after, rescale(before, temperature), atol=1e-5)  # applied once, after averaging
+    np.testing.assert_allclose(after, rescale(before, temperature, slope), atol=1e-5)  # once, after averaging
     assert (after.argmax(1) == before.argmax(1)).all()
     assert block["after"]["val"]["nll"] <= block["before"]["val"]["nll"] + 1e-9
     written = json.loads(card_file.read_text())
     assert written["calibration"]["temperature"] == temperature and written["version"] == served.version
-    assert served.version.endswith(f"-t{temperature:.3f}") and served.metadata["mien.temperature"]
+    assert served.version.endswith(calibration_suffix(temperature, slope)) and served.metadata["mien.temperature"]
     # the members' files are untouched: their own temperature stays 1
     assert temperature_of(onnx.load(folder / "twin.onnx")) == 1.0
     again = calibrate(path, tiny_npz)  # refitted on the untempered average
@@ -134,3 +188,10 @@ def test_an_ensemble_is_calibrated_after_averaging_through_its_file(model_copy, 
         path.write_text(json.dumps(config | {"temperature": bad}))
         with pytest.raises(EnsembleError, match="temperature"):
             read_ensemble_config(path)
+    for bad in ("0.3", True, None):
+        path.write_text(json.dumps(config | {"entropy_slope": bad}))
+        with pytest.raises(EnsembleError, match="entropy_slope"):
+            read_ensemble_config(path)
+    path.write_text(json.dumps({k: v for k, v in config.items() if k != "temperature"} | {"entropy_slope": 0.2}))
+    with pytest.raises(EnsembleError, match="needs a 'temperature'"):
+        read_ensemble_config(path)
