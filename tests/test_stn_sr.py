@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mien.cli import main
+from mien.spec import FER2013_LABELS
 from mien.training.config import SRPretrainConfig, TrainConfig
 from mien.training.data import load_dataset
 from mien.training.layers import EDSR, EDSR_PAPER, SpatialTransformer
@@ -21,6 +24,7 @@ from mien.training.layers.stn import affine_stats, identity_penalty, recorded_th
 from mien.training.models import create_model, default_spec
 from mien.training.models.base_cnn import ABLATION_ARMS, ablation_arms, ablation_model_kwargs
 from mien.training.objectives import build_objective
+from mien.training.recipe import config_from_dict, load_recipe
 from mien.training.sr_pretrain import (
     evaluate_sr,
     l1_step,
@@ -31,7 +35,7 @@ from mien.training.sr_pretrain import (
     ssim,
     to_grey_levels,
 )
-from mien.training.train import load_splits, train
+from mien.training.train import build_model, load_splits, seed_everything, train
 from mien.training.transforms import normalize
 from tests.conftest import write_npz
 
@@ -362,3 +366,46 @@ def test_same_classifier_init_gives_every_arm_the_classifier_base_cnn_starts_fro
     torch.manual_seed(7)
     b = create_model("stn_sr_cnn", **SMALL, same_classifier_init=False).state_dict()
     assert list(a) == list(b) and same(a, b)
+
+
+RECIPES = {arm: f"configs/experiments/ablation_{name}.toml"
+           for arm, name in zip(ABLATION_ARMS, ("base", "stn", "sr", "stn_sr"), strict=True)}  # fmt: skip
+
+
+def test_the_ablation_recipes_differ_only_in_the_front_end_and_build_ablation_arms(tmp_path):
+    """configs/experiments/ablation_*.toml, read by mien train's own loader: the same recipe but for the model,
+    stn_reg (STN arms) and sr_init (SR arms); built as mien train builds them, they are ablation_arms()'s four
+    models, classifier weights included."""
+    root = Path(__file__).resolve().parents[1]
+    configs = {arm: config_from_dict(load_recipe(root / path)) for arm, path in RECIPES.items()}
+    base = asdict(configs["base_cnn"])
+    for arm, cfg in configs.items():
+        stn, sr = ABLATION_ARMS[arm]
+        values = asdict(cfg)
+        differ = {k for k in base if values[k] != base[k]}
+        expected = {"model"} if arm != "base_cnn" else set()
+        assert differ == expected | ({"stn_reg"} if stn else set()) | ({"sr_init"} if sr else set()), arm
+        assert (cfg.model, cfg.stn_reg, cfg.freeze_sr) == (arm, 0.01 if stn else 0.0, False)
+        assert cfg.sr_init == ("~/mien-runs/sr_pretrain/sr.pt" if sr else "")
+    cfg = configs["base_cnn"]
+    assert (cfg.epochs, cfg.early_stop, cfg.optimizer, cfg.schedule, cfg.amp, cfg.channels_last) == (
+        50, 0, "sgd", "cosine", "bf16", True
+    )  # fmt: skip
+    assert (cfg.train_split, cfg.val_split, cfg.val_fraction, cfg.val_seed, cfg.augment.crop) == (
+        "train", "val", 0.1, 2013, 0
+    )  # fmt: skip
+    assert cfg.model_kwargs == {**ablation_model_kwargs()["base_cnn"], "widths": [32, 64, 128, 256]}
+
+    sr_init = tmp_path / "sr.pt"  # stands in for ~/mien-runs/sr_pretrain/sr.pt: the default EDSR, B=4, F=32
+    torch.save({"kind": "sr_pretrain", "sr_kwargs": EDSR(1).kwargs, "state_dict": EDSR(1).state_dict()}, sr_init)
+    torch.manual_seed(cfg.seed)
+    arms = ablation_arms()
+    for arm, cfg in configs.items():
+        seed_everything(cfg.seed)
+        model, *_ = build_model(replace(cfg, sr_init=str(sr_init) if cfg.sr_init else ""), FER2013_LABELS,
+                                torch.device("cpu"))  # fmt: skip
+        assert _layers(model) == _layers(arms[arm]), arm
+        built, want = model.classifier.state_dict(), arms[arm].classifier.state_dict()
+        assert list(built) == list(want), arm
+        for key, tensor in want.items():
+            torch.testing.assert_close(built[key], tensor, rtol=0, atol=0, msg=f"{arm}: {key}")
