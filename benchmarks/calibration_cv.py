@@ -1,0 +1,92 @@
+"""Which calibration method to trust, decided on the validation split alone (PublicTest never chooses).
+
+    .venv/bin/python benchmarks/calibration_cv.py [--models vgg_fer,mini_xception_kd] [--repeats 5]
+
+For each bundled model whose card says the split was held out from its training (others are listed and left
+out), the uncalibrated probabilities of the split's faces are computed once (the file with its calibration
+taken out); then, ``--repeats`` times, the faces are cut into two stratified halves, each method is fitted on
+one half and scored on the other (and the other way round), so every face is scored by a fit that never saw
+it. Printed per model and method: ECE, NLL and the ECE a calibrated model would show on the same number of
+faces (the floor, :func:`mien.export.calibration.ece_consistency`) with the p-value of "calibrated", averaged
+over the repeats ("none": the network's own probabilities, for reference); the figures
+also go to ``--out`` as JSON (docs/figures/calibration_cv.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from mien.export.calibrate import _probabilities, without_calibration
+from mien.export.calibration import (
+    METHODS,
+    ece_consistency,
+    expected_calibration_error,
+    fit_calibration,
+    negative_log_likelihood,
+    rescale,
+)
+from mien.export.ensemble_search import not_held_out
+from mien.paths import DEFAULT_DATA
+
+
+def cross_fitted(probs: np.ndarray, truth: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """Every face's probabilities calibrated by a fit on the other stratified half of the faces."""
+    from sklearn.model_selection import StratifiedKFold
+
+    out = np.array(probs, copy=True) if method == "none" else np.zeros_like(probs)
+    if method == "none":
+        return out
+    for fit, score in StratifiedKFold(2, shuffle=True, random_state=seed).split(probs, truth):
+        temperature, slope = fit_calibration(probs[fit], truth[fit], method=method)
+        out[score] = rescale(probs[score], temperature, slope)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default="models")
+    parser.add_argument("--models", default="", help="default: every models/*.onnx held out from --split")
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="docs/figures/calibration_cv.json")
+    args = parser.parse_args()
+    names = args.models.split(",") if args.models else sorted(p.stem for p in Path(args.model_dir).glob("*.onnx"))
+    for name, why in not_held_out(args.model_dir, names, args.split).items():
+        print(f"left out {name}: {why}")
+        names.remove(name)
+    results = {}
+    for name in names:
+        raw = without_calibration(onnx.load(Path(args.model_dir) / f"{name}.onnx"))
+        probs, truth = _probabilities(raw, args.data, args.split)
+        rows = {}
+        for method in ("none", *METHODS):
+            scored = [cross_fitted(probs, truth, method, seed) for seed in range(args.repeats)]
+            eces = [expected_calibration_error(p, truth) for p in scored]
+            consistency = [ece_consistency(p, ece) for p, ece in zip(scored, eces, strict=True)]
+            rows[method] = {
+                "ece": float(np.mean(eces)),
+                "ece_floor": float(np.mean([c["ece_floor"] for c in consistency])),
+                "ece_p_calibrated": float(np.mean([c["ece_p_calibrated"] for c in consistency])),
+                "nll": float(np.mean([negative_log_likelihood(p, truth) for p in scored])),
+            }
+        fitted = dict(zip(("temperature", "entropy_slope"), fit_calibration(probs, truth, "entropy"), strict=True))
+        results[name] = {"faces": len(truth), "methods": rows, "fit_on_all": fitted}
+        print(f"\n{name}: {len(truth)} {args.split} faces, scored by fits on the other half ({args.repeats} cuts)")
+        print(f"  {'method':<12} {'ECE %':>7} {'floor %':>8} {'p':>6} {'NLL':>7}")
+        for method, row in rows.items():
+            print(f"  {method:<12} {100 * row['ece']:7.2f} {100 * row['ece_floor']:8.2f} "
+                  f"{row['ece_p_calibrated']:6.3f} {row['nll']:7.4f}")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"split": args.split, "repeats": args.repeats, "models": results}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
