@@ -19,12 +19,14 @@ from mien.cli import main
 from mien.spec import FER2013_LABELS
 from mien.training.config import SRPretrainConfig, TrainConfig
 from mien.training.data import load_dataset
+from mien.training.hardware import Process
 from mien.training.layers import EDSR, EDSR_PAPER, SpatialTransformer
 from mien.training.layers.stn import affine_stats, identity_penalty, recorded_thetas
 from mien.training.models import create_model, default_spec
 from mien.training.models.base_cnn import ABLATION_ARMS, ablation_arms, ablation_model_kwargs
-from mien.training.objectives import build_objective
+from mien.training.objectives import CrossEntropy, build_objective, param_groups
 from mien.training.recipe import config_from_dict, load_recipe
+from mien.training.schedule import get_lr
 from mien.training.sr_pretrain import (
     evaluate_sr,
     l1_step,
@@ -35,9 +37,10 @@ from mien.training.sr_pretrain import (
     ssim,
     to_grey_levels,
 )
+from mien.training.support import check_supported
 from mien.training.train import build_model, load_splits, seed_everything, train
 from mien.training.transforms import normalize
-from tests.conftest import write_npz
+from tests.conftest import train_interrupted, write_npz
 
 SMALL = {"widths": (8, 16, 16, 32), "hidden": 16}
 IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -170,6 +173,104 @@ def test_affine_stats_reads_scale_rotation_and_shift():
     assert affine_stats(warps.numpy()) == stats  # numpy in, the same figures
     mirrored = torch.tensor([[[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
     assert affine_stats(mirrored)["det_negative"] == 1.0
+
+
+# --- the front ends' learning-rate scales ------------------------------------------------------------------------
+
+SCALED = dict(model="stn_sr_cnn", model_kwargs={**SMALL, "sr_kwargs": {"num_blocks": 1, "features": 8}},
+              optimizer="sgd", lr=0.05, stn_lr_scale=0.1, sr_lr_scale=0.5, stn_reg=0.01)  # fmt: skip
+
+
+def _ids(params) -> list[int]:
+    return [id(p) for p in params]
+
+
+@pytest.mark.parametrize("model_id", ["stn_sr_cnn", "stn_resnet10_triplet", "sgan"])
+def test_each_front_end_is_a_parameter_group_at_its_scaled_rate_and_every_other_parameter_is_in_the_first(model_id):
+    spec = default_spec(model_id)
+    torch.manual_seed(0)
+    model = create_model(model_id, **(SCALED["model_kwargs"] if model_id == "stn_sr_cnn" else {}))
+    owners = {"stn": SpatialTransformer, "sr": EDSR}
+    wanted = {name: {id(p) for m in model.modules() if isinstance(m, kind) for p in m.parameters()}
+              for name, kind in owners.items()}  # fmt: skip
+    cfg = TrainConfig(**{**SCALED, "model": model_id, "model_kwargs": {}})
+    groups = build_objective(cfg, spec, model, torch.Generator()).build_optimizer(model).param_groups
+    names = [g["name"] for g in groups]
+    assert names == ["main"] + [n for n in owners if wanted[n]], model_id  # the base rate's group first
+    listed = [i for g in groups for i in _ids(g["params"])]
+    assert sorted(listed) == sorted(_ids(model.parameters())) and len(set(listed)) == len(listed)  # all, once
+    for group in groups:
+        scale = {"main": 1.0, "stn": 0.1, "sr": 0.5}[group["name"]]
+        assert (group["lr_scale"], group["lr"]) == (scale, pytest.approx(0.05 * scale))
+        if group["name"] != "main":
+            assert set(_ids(group["params"])) == wanted[group["name"]]
+    assert not set(_ids(groups[0]["params"])) & (wanted["stn"] | wanted["sr"])
+
+    # the defaults (1.0): the one group every run had before the scales, in the model's order
+    default = param_groups(model, replace(cfg, stn_lr_scale=1.0, sr_lr_scale=1.0))
+    assert len(default) == 1 and _ids(default[0]["params"]) == _ids(model.parameters())
+    if wanted["sr"]:  # a frozen front end stays out of every group
+        model.sr.requires_grad_(False)
+        frozen = param_groups(model, cfg)
+        assert [g["name"] for g in frozen] == ["main", "stn"]
+        assert not {i for g in frozen for i in _ids(g["params"])} & wanted["sr"]
+        with pytest.raises(ValueError, match="must be positive"):
+            check_supported(
+                replace(cfg, sr_lr_scale=0.0), build_objective(cfg, spec, model, torch.Generator()), Process(), False
+            )
+
+
+def test_the_schedule_keeps_each_groups_ratio_through_warm_up_and_cosine_and_resume_is_exact(
+    tmp_path, small_npz, monkeypatch
+):
+    common = dict(data=str(small_npz), epochs=4, batch_size=14, warmup_epochs=1, threads=1, **SCALED)
+    rates = []
+    real_step = CrossEntropy.train_step
+
+    def recording_step(self, model, optimizer, images, y):
+        rates.append([(g["lr"], g["lr_scale"]) for g in optimizer.param_groups])
+        return real_step(self, model, optimizer, images, y)
+
+    monkeypatch.setattr(CrossEntropy, "train_step", recording_step)
+    straight = tmp_path / "straight"
+    train(TrainConfig(**common, out=str(straight)))
+    steps_per_epoch = len(rates) // 4
+    cfg = TrainConfig(**common)
+    for step, groups in enumerate(rates):
+        assert [scale for _, scale in groups] == [1.0, 0.1, 0.5]
+        assert [lr for lr, _ in groups] == pytest.approx(
+            [get_lr(cfg, step, steps_per_epoch) * s for s in (1, 0.1, 0.5)]
+        )
+    assert rates[steps_per_epoch - 1][0][0] == pytest.approx(0.05)  # the warm-up's end, then the cosine decay
+    assert rates[-1][0][0] < 0.5 * 0.05
+
+    halves = tmp_path / "halves"
+    train_interrupted(TrainConfig(**common, out=str(halves)), 2, monkeypatch)
+    with pytest.raises(ValueError, match=r"scales \[1.0, 0.1, 0.5\]; this run asks \[1.0, 0.1\]"):
+        train(TrainConfig(**{**common, "sr_lr_scale": 1.0}, out=str(halves)))  # another recipe: refused
+    train(TrainConfig(**common, out=str(halves)))
+    a, b = (torch.load(run / "last.pt", weights_only=False) for run in (straight, halves))
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3, 4]
+    for key, tensor in a["state_dict"].items():
+        torch.testing.assert_close(tensor, b["state_dict"][key], rtol=0, atol=0, msg=key)
+    assert [g["lr_scale"] for g in b["optimizer"]["param_groups"]] == [1.0, 0.1, 0.5]
+
+
+def test_a_last_pt_from_before_the_scales_resumes_exactly(tmp_path, small_npz, monkeypatch):
+    common = dict(data=str(small_npz), epochs=2, batch_size=14, warmup_epochs=1, threads=1, model="stn_cnn",
+                  model_kwargs=SMALL, out=str(tmp_path / "run"))  # fmt: skip
+    train_interrupted(TrainConfig(**common), 1, monkeypatch)
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:  # as written before the option existed
+        del group["lr_scale"], group["name"]
+    torch.save(state, last)
+    train(TrainConfig(**common))
+    train(TrainConfig(**{**common, "out": str(tmp_path / "straight")}))
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=False) for run in ("straight", "run"))
+    assert [h["epoch"] for h in b["history"]] == [1, 2]
+    for key, tensor in a["state_dict"].items():
+        torch.testing.assert_close(tensor, b["state_dict"][key], rtol=0, atol=0, msg=key)
 
 
 # --- the SR front end: EDSR, L1 step, PSNR/SSIM against bicubic ---------------------------------------------------

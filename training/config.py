@@ -129,6 +129,16 @@ class TrainConfig:
         0.0, "weight of the spatial transformer's pull to the identity warp, mean ‖θ − I‖² added to the loss "
         "(models with an STN only; 0 = off, as every recipe written before it; issue 17's arms use 0.01)"
     )  # fmt: skip
+    # the STN paper trains its localisation net slower than the classifier: at the classifier's rate it jumps out of
+    # the image within tens of steps and its gradient dies (docs/training.md, issue 17's plan)
+    stn_lr_scale: float = option(
+        1.0, "the spatial transformer's learning rate as a multiple of the scheduled rate, through warm-up and "
+        "schedule (models with an STN only; 1 = the classifier's rate, as every recipe written before it)"
+    )  # fmt: skip
+    sr_lr_scale: float = option(
+        1.0, "the SR front end's learning rate as a multiple of the scheduled rate, e.g. 0.1 to fine-tune an "
+        "--sr-init net gently (1 = the classifier's rate, as every recipe written before it; --freeze-sr: none)"
+    )  # fmt: skip
     label_source: str = option(
         "fer2013", "FER2013's labels, or the FER+ votes: 8 FER+ classes (ferplus) or FER2013's 7 (ferplus7, "
         "contempt votes dropped); see training/ferplus.py", choices=LABEL_SOURCES

@@ -17,7 +17,8 @@ the default :class:`CrossEntropy`):
 Every objective adds ``stn_reg`` · mean ‖θ − I‖² to the loss of a model with a spatial transformer
 (``training/layers/stn.py``), so the warp starts at the identity and stays near it unless moving pays; the
 epoch's mean penalty (``stn_penalty``) and what the warps do to the validation faces (``stn_scale``,
-``stn_rotation_deg``, ``stn_translation``) go into the run's history.
+``stn_rotation_deg``, ``stn_translation``) go into the run's history. Every optimiser is built on
+:func:`param_groups`, which gives the spatial transformer and the SR front end their own learning-rate scale.
 
 Every random draw comes from the run's ``torch.Generator`` (or the seeded global RNG), whose states
 ``last.pt`` saves, so resuming a run reproduces the uninterrupted one exactly.
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from mien.spec import PreprocessSpec
 from mien.training.distill import distillation_loss, load_teachers, teacher_targets
 from mien.training.hardware import in_layout
+from mien.training.layers import EDSR, SpatialTransformer
 from mien.training.layers.stn import affine_stats, has_spatial_transformer, identity_penalty, recorded_thetas
 from mien.training.losses import batch_hard_triplet_loss
 from mien.training.occlusion import random_occlusion
@@ -128,6 +130,30 @@ def balanced_batches(
     return batches
 
 
+def param_groups(model: nn.Module, cfg) -> list[dict]:
+    """``model``'s trainable parameters as optimiser groups, each with the ``lr_scale`` it steps at (a multiple of the
+    scheduled rate, kept by ``schedule.apply_lr``): first everything at scale 1, then every spatial transformer's
+    parameters at ``stn_lr_scale`` and the SR front end's at ``sr_lr_scale``, each in a group of its own only when
+    its scale is not 1, so a run without scales has the one group it always had. Frozen parameters stay out.
+    """
+    scaled = [("stn", SpatialTransformer, getattr(cfg, "stn_lr_scale", 1.0)),
+              ("sr", EDSR, getattr(cfg, "sr_lr_scale", 1.0))]  # fmt: skip
+    groups = [{"name": "main", "params": [], "lr": cfg.lr, "lr_scale": 1.0}]
+    owner: dict[int, dict] = {}  # id(parameter) → its group; the first claim wins, so none is listed twice
+    for name, kind, scale in scaled:
+        if scale == 1.0:
+            continue
+        group = {"name": name, "params": [], "lr": cfg.lr * scale, "lr_scale": scale}
+        for module in (m for m in model.modules() if isinstance(m, kind)):
+            for p in module.parameters():
+                owner.setdefault(id(p), group)
+        groups.append(group)
+    for p in model.parameters():
+        if p.requires_grad:
+            owner.get(id(p), groups[0])["params"].append(p)
+    return [g for g in groups if g["params"] or g["name"] == "main"]
+
+
 class CrossEntropy:
     """Label-smoothed cross-entropy over shuffled batches: the default objective.
 
@@ -154,7 +180,7 @@ class CrossEntropy:
         self.scaler = torch.amp.GradScaler(context.device.type, enabled=context.amp == "fp16")
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]  # frozen front ends stay out
+        params = param_groups(model, self.cfg)  # frozen front ends stay out
         if self.cfg.optimizer == "sgd":
             return torch.optim.SGD(
                 params, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=True, weight_decay=self.cfg.weight_decay
@@ -366,7 +392,7 @@ class SGANObjective(CrossEntropy):
         self.gen_optimizer = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = param_groups(model, self.cfg)
         return torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.5, 0.999), weight_decay=self.cfg.weight_decay)
 
     def _fake(self, n: int) -> torch.Tensor:

@@ -108,6 +108,13 @@ class RunFolder:
             return Progress()
         state = torch.load(last, map_location=device, weights_only=False)
         self.model.load_state_dict(state["state_dict"])
+        saved = [g.get("lr_scale", 1.0) for g in state["optimizer"]["param_groups"]]
+        asked = [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        if saved != asked:  # the loaded groups would silently keep the run's scales, or fail to load
+            raise ValueError(
+                f"{last} trained its parameter groups at learning-rate scales {saved}; this run asks {asked}: "
+                "resume with the run's stn_lr_scale/sr_lr_scale or use a new --out"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())

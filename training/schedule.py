@@ -8,6 +8,10 @@ already saves, so a resumed run follows exactly the schedule of an uninterrupted
 * ``plateau``: linear warm-up, then the rate is multiplied by ``plateau_factor`` whenever validation
   accuracy has not improved for ``plateau_patience`` epochs (like ``ReduceLROnPlateau`` in max mode).
 * early stopping: stop when validation accuracy has not improved for ``early_stop`` epochs.
+
+An optimiser group may carry an ``lr_scale`` (the spatial transformer's and the SR front end's, see
+``param_groups`` in ``training/objectives.py``): :func:`apply_lr` gives it that multiple of the scheduled
+rate at every step, so warm-up and decay move all groups together and keep their ratios.
 """
 
 from __future__ import annotations
@@ -43,6 +47,13 @@ def get_lr(cfg, step: int, steps_per_epoch: int, val_accs: list[float] = ()) -> 
     if cfg.schedule == "plateau":
         return cfg.lr * plateau_scale(list(val_accs), cfg.plateau_patience, cfg.plateau_factor)
     raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}; choose one of {SCHEDULES}")
+
+
+def apply_lr(param_groups: list[dict], lr: float) -> None:
+    """Set each optimiser group's rate to ``lr`` × its ``lr_scale`` (1 when absent, as in every optimiser and
+    last.pt made before the scales)."""
+    for group in param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def epochs_without_improvement(val_accs: list[float]) -> int:

@@ -40,6 +40,9 @@ def check_supported(cfg: TrainConfig, objective: CrossEntropy, process: Process,
     if cfg.ema and (objective.name == "sgan" or not 0.0 < cfg.ema < 1.0):
         raise ValueError(f"--ema is a decay in (0, 1) for the cross-entropy, triplet and ten-crop objectives; "
                          f"got {cfg.ema} for {objective.name}")  # fmt: skip
+    if cfg.stn_lr_scale <= 0 or cfg.sr_lr_scale <= 0:
+        raise ValueError(f"--stn-lr-scale and --sr-lr-scale multiply the learning rate and must be positive, got "
+                         f"{cfg.stn_lr_scale} and {cfg.sr_lr_scale} (--freeze-sr fixes the SR front end)")  # fmt: skip
     if process.distributed and cfg.batch_size % process.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must divide evenly over "
                          f"{process.world_size} processes")  # fmt: skip

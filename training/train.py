@@ -35,7 +35,7 @@ from mien.training.layers import as_served
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext, build_objective, predict_logits
 from mien.training.run_folder import Progress, RunFolder, run_log
-from mien.training.schedule import epochs_without_improvement, get_lr
+from mien.training.schedule import apply_lr, epochs_without_improvement, get_lr
 from mien.training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
 from mien.training.support import check_supported
 
@@ -238,8 +238,7 @@ def train_one_epoch(
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=2, disable=not process.is_main)
     for idx in bar:
         y = labels[idx]
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(cfg, step, steps_per_epoch, val_accs)
+        apply_lr(optimizer.param_groups, get_lr(cfg, step, steps_per_epoch, val_accs))
         loss, logits = objective.train_step(model, optimizer, images[idx], y if targets is None else targets[idx])
         if ema is not None:
             ema.update_parameters(model.module if isinstance(model, DDP) else model)
