@@ -179,6 +179,15 @@ def test_a_teacher_that_reads_faces_differently_is_refused(tiny_run):
         load_teachers("nowhere/best.pt", default_spec("mini_xception"))
 
 
+def test_every_teacher_of_a_list_may_start_with_a_tilde(tiny_run, monkeypatch):
+    from mien.training.models import default_spec
+
+    monkeypatch.setenv("HOME", str(tiny_run.parent))  # a shell expands only the first "~" of "~/a.pt,~/b.pt"
+    named = f"~/{tiny_run.name}/best.pt"
+    teachers = load_teachers(f"{named},{named}", default_spec("mini_xception"))
+    assert len(teachers) == 2
+
+
 def test_evaluation_scores_the_same_val_faces_that_training_held_out(tiny_npz):
     from mien.export.evaluate import eval_split
 

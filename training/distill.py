@@ -73,7 +73,8 @@ def load_teachers(paths: str, student: PreprocessSpec, threads: int = 0, channel
     """The teachers named in a comma-separated list of ``.onnx`` files and checkpoints, checked against
     the student's spec. ``channels_last`` puts checkpoint teachers in the run's memory layout."""
     teachers: list[Teacher] = []
-    for path in (p.strip() for p in paths.split(",") if p.strip()):
+    # "~/…" is expanded here: a shell expands only the first path of "--teacher ~/a.pt,~/b.pt"
+    for path in (str(Path(p.strip()).expanduser()) for p in paths.split(",") if p.strip()):
         if not Path(path).is_file():
             raise FileNotFoundError(f"teacher {path}: no such file (an exported .onnx or a mien best.pt)")
         teacher = OnnxTeacher(path, threads) if path.endswith(".onnx") else TorchTeacher(path, channels_last)
