@@ -469,14 +469,16 @@ def test_same_classifier_init_gives_every_arm_the_classifier_base_cnn_starts_fro
     assert list(a) == list(b) and same(a, b)
 
 
+#: The front ends' learning-rate scales the ablation's recipes chose (docs/training.md, issue 17's plan).
+STN_LR_SCALE, SR_LR_SCALE = 0.01, 0.1
 RECIPES = {arm: f"configs/experiments/ablation_{name}.toml"
            for arm, name in zip(ABLATION_ARMS, ("base", "stn", "sr", "stn_sr"), strict=True)}  # fmt: skip
 
 
 def test_the_ablation_recipes_differ_only_in_the_front_end_and_build_ablation_arms(tmp_path):
     """configs/experiments/ablation_*.toml, read by mien train's own loader: the same recipe but for the model,
-    stn_reg (STN arms) and sr_init (SR arms); built as mien train builds them, they are ablation_arms()'s four
-    models, classifier weights included."""
+    stn_reg and stn_lr_scale (STN arms) and sr_init and sr_lr_scale (SR arms); built as mien train builds them,
+    they are ablation_arms()'s four models, classifier weights included."""
     root = Path(__file__).resolve().parents[1]
     configs = {arm: config_from_dict(load_recipe(root / path)) for arm, path in RECIPES.items()}
     base = asdict(configs["base_cnn"])
@@ -485,8 +487,10 @@ def test_the_ablation_recipes_differ_only_in_the_front_end_and_build_ablation_ar
         values = asdict(cfg)
         differ = {k for k in base if values[k] != base[k]}
         expected = {"model"} if arm != "base_cnn" else set()
-        assert differ == expected | ({"stn_reg"} if stn else set()) | ({"sr_init"} if sr else set()), arm
+        front = ({"stn_reg", "stn_lr_scale"} if stn else set()) | ({"sr_init", "sr_lr_scale"} if sr else set())
+        assert differ == expected | front, arm
         assert (cfg.model, cfg.stn_reg, cfg.freeze_sr) == (arm, 0.01 if stn else 0.0, False)
+        assert (cfg.stn_lr_scale, cfg.sr_lr_scale) == (STN_LR_SCALE if stn else 1.0, SR_LR_SCALE if sr else 1.0)
         assert cfg.sr_init == ("~/mien-runs/sr_pretrain/sr.pt" if sr else "")
     cfg = configs["base_cnn"]
     assert (cfg.epochs, cfg.early_stop, cfg.optimizer, cfg.schedule, cfg.amp, cfg.channels_last) == (
