@@ -404,6 +404,36 @@ def test_sr_eval_scores_the_network_and_bicubic_on_the_same_faces(tmp_path, smal
     assert evaluate_sr(out, small_npz, "val")["faces"] == 7
 
 
+def test_sr_eval_scores_the_front_end_an_sr_arm_trained_as_its_pretrained_start_is_scored(tmp_path, small_npz):
+    from mien.training.models import create_model
+
+    start = tmp_path / "sr.pt"
+    pretrain_sr(SRPretrainConfig(data=str(small_npz), out=str(start), sr_kwargs={"num_blocks": 1, "features": 8},
+                                 epochs=1, batch_size=16, threads=1))  # fmt: skip
+    kwargs = {"widths": [4, 8, 8, 8], "hidden": 8, "sr_kwargs": {"num_blocks": 1, "features": 8}}
+    arm = create_model("sr_cnn", **kwargs)
+    arm.sr.load_state_dict(torch.load(start, weights_only=False)["state_dict"])
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model_id": "sr_cnn", "model_kwargs": kwargs, "spec": default_spec("sr_cnn").to_dict(),
+                "state_dict": arm.state_dict()}, checkpoint)  # fmt: skip
+    pretrained, inside = evaluate_sr(start, small_npz, "val"), evaluate_sr(checkpoint, small_npz, "val")
+    assert inside["source"] == "mien train (sr_cnn)" and pretrained["source"] == "pretrain-sr"
+    assert inside["sr_kwargs"] == {"num_blocks": 1, "features": 8}
+    assert inside["psnr_db"] == pretrained["psnr_db"] and inside["ssim"] == pretrained["ssim"]  # the same weights
+    with torch.no_grad():  # fine-tuning moved the weights: the score follows them
+        for parameter in arm.sr.parameters():
+            parameter.add_(0.05)
+    torch.save({"model_id": "sr_cnn", "model_kwargs": kwargs, "spec": default_spec("sr_cnn").to_dict(),
+                "state_dict": arm.state_dict()}, checkpoint)  # fmt: skip
+    assert evaluate_sr(checkpoint, small_npz, "val")["psnr_db"]["sr"] != pretrained["psnr_db"]["sr"]
+    base = tmp_path / "base.pt"
+    torch.save({"model_id": "base_cnn", "model_kwargs": {"widths": [4, 8, 8, 8], "hidden": 8},
+                "spec": default_spec("base_cnn").to_dict(),
+                "state_dict": create_model("base_cnn", widths=[4, 8, 8, 8], hidden=8).state_dict()}, base)  # fmt: skip
+    with pytest.raises(ValueError, match="no SR front end"):
+        evaluate_sr(base, small_npz, "val")
+
+
 # --- the ablation arms differ only in their front end ------------------------------------------------------------
 
 

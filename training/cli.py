@@ -223,7 +223,8 @@ def _add_sr_eval(sub: argparse._SubParsersAction) -> None:
                        "the high-resolution truth, its x2 downscale the input; the network's output and bicubic "
                        "upsampling are scored against the truth with PSNR (0-255 scale) and SSIM, and the margin "
                        "printed and written as JSON.")  # fmt: skip
-    p.add_argument("checkpoint", help="an SR checkpoint written by `mien pretrain-sr`")
+    p.add_argument("checkpoint", help="an SR checkpoint written by `mien pretrain-sr`, or a `mien train` checkpoint "
+                   "of sr_cnn/stn_sr_cnn (its front end as training left it)")  # fmt: skip
     p.add_argument("--data", default=DEFAULT_DATA, help="fer2013.csv, fer2013.npz or image-folder root")
     p.add_argument(
         "--split",

@@ -238,11 +238,34 @@ def _margin(sr: np.ndarray, bicubic: np.ndarray) -> dict[str, float]:
             "sr_better_share": float((diff > 0).mean())}  # fmt: skip
 
 
+def sr_front_end(checkpoint: str | Path) -> tuple[EDSR, dict, str]:
+    """(the EDSR in eval mode, its kwargs, where it came from) of a ``mien pretrain-sr`` checkpoint, or of a
+    ``mien train`` checkpoint of an SR model (sr_cnn, stn_sr_cnn): its front end as training left it, so the
+    arms' fine-tuned SR can be scored the way its pre-trained start was."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (a `mien pretrain-sr` sr.pt or a `mien train` best.pt)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(ckpt, dict) and ckpt.get("kind") == "sr_pretrain":
+        sr = EDSR(default_spec("sr_cnn").channels, **ckpt["sr_kwargs"])
+        sr.load_state_dict(ckpt["state_dict"])
+        return sr.eval(), dict(ckpt["sr_kwargs"]), "pretrain-sr"
+    from mien.training.checkpoint import load_model
+
+    model, _, trained = load_model(path)
+    sr = getattr(model, "sr", None)
+    if not isinstance(sr, EDSR):
+        raise ValueError(f"{path}: a {trained['model_id']} checkpoint has no SR front end to score")
+    kwargs = {**EDSR_SMALL, **trained["model_kwargs"].get("sr_kwargs", {})}
+    return sr.eval(), kwargs, f"mien train ({trained['model_id']})"
+
+
 @torch.no_grad()
 def evaluate_sr(
     checkpoint: str | Path, data: str | Path, split: str = "public_test", batch_size: int = 256, limit: int = 0
 ) -> dict:
-    """PSNR and SSIM of a pre-trained SR checkpoint against bicubic upsampling, on the faces of ``split``.
+    """PSNR and SSIM of an SR front end against bicubic upsampling, on the faces of ``split``: a pre-trained SR
+    checkpoint, or the front end inside an SR arm's ``mien train`` checkpoint (:func:`sr_front_end`).
 
     HR: each 48×48 face; LR: its ×2 area downscale (:func:`downscale`, what pre-training learns to undo);
     SR: the network's 48×48 output; bicubic: LR upsampled ×2 by bicubic interpolation. Both are turned back
@@ -252,11 +275,8 @@ def evaluate_sr(
     clear margin is not testing super-resolution. ``split = "val"`` scores the validation faces carved from
     Training (those pre-training held out), so the check can be made before PublicTest is looked at.
     """
-    ckpt = load_sr_checkpoint(checkpoint)
+    sr, sr_kwargs, source = sr_front_end(checkpoint)
     spec = default_spec("sr_cnn")
-    sr = EDSR(spec.channels, **ckpt["sr_kwargs"])
-    sr.load_state_dict(ckpt["state_dict"])
-    sr.eval()
     # "val": the faces mien train and pretrain-sr hold out of Training (default fraction and seed)
     faces = (load_with_validation(data) if split == CARVED_SPLIT else load_dataset(data)).subset(split)[0]
     if limit:
@@ -278,12 +298,12 @@ def evaluate_sr(
         "data": str(data),
         "split": split,
         "faces": int(len(faces)),
-        "sr_kwargs": dict(ckpt["sr_kwargs"]),
+        "sr_kwargs": sr_kwargs,
+        "source": source,
         "psnr_db": {name: _summary(p) for name, (p, _) in scores.items()},
         "ssim": {name: _summary(s) for name, (_, s) in scores.items()},
         "psnr_margin_db": _margin(scores["sr"][0], scores["bicubic"][0]),
         "ssim_margin": _margin(scores["sr"][1], scores["bicubic"][1]),
-        "pretrain_metrics": ckpt.get("metrics", {}),
     }
 
 
