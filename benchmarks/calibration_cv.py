@@ -38,9 +38,9 @@ def cross_fitted(probs: np.ndarray, truth: np.ndarray, method: str, seed: int) -
     """Every face's probabilities calibrated by a fit on the other stratified half of the faces."""
     from sklearn.model_selection import StratifiedKFold
 
-    out = np.array(probs, copy=True) if method == "none" else np.zeros_like(probs)
     if method == "none":
-        return out
+        return np.array(probs, copy=True)
+    out = np.zeros_like(probs)
     for fit, score in StratifiedKFold(2, shuffle=True, random_state=seed).split(probs, truth):
         temperature, slope = fit_calibration(probs[fit], truth[fit], method=method)
         out[score] = rescale(probs[score], temperature, slope)
