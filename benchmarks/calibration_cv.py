@@ -42,8 +42,7 @@ def cross_fitted(probs: np.ndarray, truth: np.ndarray, method: str, seed: int) -
         return np.array(probs, copy=True)
     out = np.zeros_like(probs)
     for fit, score in StratifiedKFold(2, shuffle=True, random_state=seed).split(probs, truth):
-        temperature, slope = fit_calibration(probs[fit], truth[fit], method=method)
-        out[score] = rescale(probs[score], temperature, slope)
+        out[score] = rescale(probs[score], *fit_calibration(probs[fit], truth[fit], method=method))
     return out
 
 
@@ -74,14 +73,17 @@ def main() -> None:
                 "ece_floor": float(np.mean([c["ece_floor"] for c in consistency])),
                 "ece_p_calibrated": float(np.mean([c["ece_p_calibrated"] for c in consistency])),
                 "nll": float(np.mean([negative_log_likelihood(p, truth) for p in scored])),
+                # mean top probability minus accuracy: > 0 over-confident on the whole
+                "overconfidence": float(np.mean([p.max(1).mean() - (p.argmax(1) == truth).mean() for p in scored])),
             }
-        fitted = dict(zip(("temperature", "entropy_slope"), fit_calibration(probs, truth, "entropy"), strict=True))
+        keys = ("temperature", "entropy_slope", "entropy_curve")
+        fitted = {method: dict(zip(keys, fit_calibration(probs, truth, method), strict=True)) for method in METHODS}
         results[name] = {"faces": len(truth), "methods": rows, "fit_on_all": fitted}
         print(f"\n{name}: {len(truth)} {args.split} faces, scored by fits on the other half ({args.repeats} cuts)")
-        print(f"  {'method':<12} {'ECE %':>7} {'floor %':>8} {'p':>6} {'NLL':>7}")
+        print(f"  {'method':<12} {'ECE %':>7} {'floor %':>8} {'p':>6} {'NLL':>7} {'conf-acc %':>10}")
         for method, row in rows.items():
             print(f"  {method:<12} {100 * row['ece']:7.2f} {100 * row['ece_floor']:8.2f} "
-                  f"{row['ece_p_calibrated']:6.3f} {row['nll']:7.4f}")  # fmt: skip
+                  f"{row['ece_p_calibrated']:6.3f} {row['nll']:7.4f} {100 * row['overconfidence']:+10.2f}")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"split": args.split, "repeats": args.repeats, "models": results}, indent=2) + "\n")

@@ -3,14 +3,15 @@
 
 The exported graphs end in logits (the runtime takes the softmax, ``spec.output == "logits"``), so
 calibration is a division of the logits appended after them: by a scalar initializer ``mien_temperature``
-(``--method temperature``), or by a temperature per face ``T · exp(b · h)``, h the face's normalised entropy
-and b the initializer ``mien_entropy_slope`` (``--method entropy``, the default; see
-:func:`mien.export.calibration.fit_calibration`). The file that ``/predict``, ``/v2``, Triton and ``mien eval``
-all run gives the calibrated probabilities, and the runtime applies nothing (one place). T (and b) are fitted
-on the split carved from Training (``val``) by minimising NLL, on the uncalibrated logits: refitting a
-calibrated file first removes its calibration, so calibration never stacks. The card records the
-temperature, the slope, the split they were fitted on, and ECE/NLL/Brier before and after on that split and
-on the test split; the file's version gets a ``-t<T>`` (and ``-e<b>``) suffix, since its probabilities changed.
+(``--method temperature``), or by a temperature per face ``T · exp(b · h + c · h²)``, h the face's normalised
+entropy, b and c the initializers ``mien_entropy_slope`` and ``mien_entropy_curve`` (``--method entropy``: b
+alone; ``--method top-label``, the default: both; see :func:`mien.export.calibration.fit_calibration`). The
+file that ``/predict``, ``/v2``, Triton and ``mien eval`` all run gives the calibrated probabilities, and the
+runtime applies nothing (one place). T, b and c are fitted on the split carved from Training (``val``), on the
+uncalibrated logits: refitting a calibrated file first removes its calibration, so calibration never stacks.
+The card records them, the method, the split they were fitted on, and ECE/NLL/Brier before and after on that
+split and on the test split; the file's version gets a ``-t<T>`` (``-e<b>``, ``-c<c>``) suffix, since its
+probabilities changed.
 
 A temperature is only as honest as the faces it is fitted on: they must be held out from training. The
 command refuses a model whose card does not say it was selected on the fit split (the models trained
@@ -44,9 +45,11 @@ class CalibrationError(ValueError):
 
 
 TEMPERATURE = "mien_temperature"  # the scalar initializer the logits are divided by
-SLOPE = "mien_entropy_slope"  # b of the per-face temperature T · exp(b · h), when there is one
+SLOPE = "mien_entropy_slope"  # b of the per-face temperature T · exp(b · h + c · h²), when there is one
+CURVE = "mien_entropy_curve"  # its c, when there is one
 TEMPERATURE_KEY = "mien.temperature"  # the same values in the file's metadata, for a reader of the file
 SLOPE_KEY = "mien.entropy_slope"
+CURVE_KEY = "mien.entropy_curve"
 UNCALIBRATED = "_uncalibrated"  # suffix of the logits tensor before the division
 NODE = "mien_calibration"  # the calibration's nodes and private initializers are named with this prefix
 
@@ -58,10 +61,11 @@ def _initializer(model: onnx.ModelProto, name: str) -> float | None:
     return None
 
 
-def calibration_of(model: onnx.ModelProto) -> tuple[float, float]:
-    """(temperature, entropy slope) inside ``model``: (1.0, 0.0) for a file never calibrated."""
-    temperature, slope = _initializer(model, TEMPERATURE), _initializer(model, SLOPE)
-    return (1.0 if temperature is None else temperature), (0.0 if slope is None else slope)
+def calibration_of(model: onnx.ModelProto) -> tuple[float, float, float]:
+    """(temperature, entropy slope, entropy curve) inside ``model``: (1.0, 0.0, 0.0) for a file never calibrated."""
+    temperature = _initializer(model, TEMPERATURE)
+    slope, curve = (_initializer(model, name) or 0.0 for name in (SLOPE, CURVE))
+    return (1.0 if temperature is None else temperature), slope, curve
 
 
 def temperature_of(model: onnx.ModelProto) -> float:
@@ -96,12 +100,12 @@ def without_calibration(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in out.graph.node:
         node.output[:] = [output.name if name == before else name for name in node.output]
         node.input[:] = [output.name if name == before else name for name in node.input]
-    ours = {TEMPERATURE, SLOPE}
+    ours = {TEMPERATURE, SLOPE, CURVE}
     inits = [init for init in out.graph.initializer if init.name not in ours and not init.name.startswith(NODE)]
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
-    _set_metadata(out, TEMPERATURE_KEY, None)
-    _set_metadata(out, SLOPE_KEY, None)
+    for key in (TEMPERATURE_KEY, SLOPE_KEY, CURVE_KEY):
+        _set_metadata(out, key, None)
     return out
 
 
@@ -109,9 +113,9 @@ def _scalar(name: str, value: float) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
 
 
-def _entropy_temperature(before: str, classes: int, opset: int) -> tuple[list, list, str]:
-    """Nodes and initializers computing the per-face temperature ``T · exp(b · h)`` from the logits ``before``;
-    returns them and the name of the (N × 1) temperature tensor."""
+def _entropy_temperature(before: str, classes: int, opset: int, curve: bool) -> tuple[list, list, str]:
+    """Nodes and initializers computing the per-face temperature ``T · exp(b · h)`` (``T · exp(b · h + c · h²)``
+    with ``curve``) from the logits ``before``; returns them and the name of the (N × 1) temperature tensor."""
     n = f"{NODE}_"
     inits = [_scalar(n + "eps", 1e-12), _scalar(n + "log_classes", float(np.log(classes)))]
     if opset >= 13:
@@ -130,15 +134,28 @@ def _entropy_temperature(before: str, classes: int, opset: int) -> tuple[list, l
         helper.make_node("Div", [n + "neg_entropy", n + "log_classes"], [n + "neg_h"], name=n + "normalise"),
         helper.make_node("Neg", [n + "neg_h"], [n + "h"], name=n + "h"),
         helper.make_node("Mul", [n + "h", SLOPE], [n + "slope_h"], name=n + "slope_h"),
-        helper.make_node("Exp", [n + "slope_h"], [n + "factor"], name=n + "exp"),
+    ]
+    exponent = n + "slope_h"
+    if curve:  # b·h + c·h² as (b + c·h)·h
+        nodes += [
+            helper.make_node("Mul", [n + "h", CURVE], [n + "curve_h"], name=n + "curve_h"),
+            helper.make_node("Add", [SLOPE, n + "curve_h"], [n + "local_slope"], name=n + "local_slope"),
+            helper.make_node("Mul", [n + "local_slope", n + "h"], [n + "exponent"], name=n + "exponent"),
+        ]
+        exponent = n + "exponent"
+    nodes += [
+        helper.make_node("Exp", [exponent], [n + "factor"], name=n + "exp"),
         helper.make_node("Mul", [n + "factor", TEMPERATURE], [n + "temperature"], name=n + "temperature"),
     ]
     return nodes, inits, n + "temperature"
 
 
-def with_temperature(model: onnx.ModelProto, temperature: float, entropy_slope: float = 0.0) -> onnx.ModelProto:
+def with_temperature(
+    model: onnx.ModelProto, temperature: float, entropy_slope: float = 0.0, entropy_curve: float = 0.0
+) -> onnx.ModelProto:
     """A copy of ``model`` whose output is its logits divided by ``temperature`` (replacing any earlier
-    calibration), or with ``entropy_slope`` b by the per-face ``temperature · exp(b · h)``."""
+    calibration), or with ``entropy_slope`` b and ``entropy_curve`` c by the per-face
+    ``temperature · exp(b · h + c · h²)`` (:func:`mien.ensemble.temper`)."""
     if not temperature > 0:
         raise ValueError(f"a temperature must be positive, got {temperature}")
     out = without_calibration(model)
@@ -148,18 +165,21 @@ def with_temperature(model: onnx.ModelProto, temperature: float, entropy_slope: 
         node.output[:] = [before if name == output.name else name for name in node.output]
     out.graph.initializer.append(_scalar(TEMPERATURE, temperature))
     divisor = TEMPERATURE
-    if entropy_slope:
+    if entropy_slope or entropy_curve:
         classes = output.type.tensor_type.shape.dim[-1].dim_value
         if not classes:
             raise ValueError("the model's output has no fixed number of classes to normalise the entropy by")
         opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
-        nodes, inits, divisor = _entropy_temperature(before, classes, opset)
+        nodes, inits, divisor = _entropy_temperature(before, classes, opset, curve=bool(entropy_curve))
         out.graph.initializer.append(_scalar(SLOPE, entropy_slope))
+        if entropy_curve:
+            out.graph.initializer.append(_scalar(CURVE, entropy_curve))
         out.graph.initializer.extend(inits)
         out.graph.node.extend(nodes)
     out.graph.node.append(helper.make_node("Div", [before, divisor], [output.name], name=NODE))
     _set_metadata(out, TEMPERATURE_KEY, f"{temperature:.6g}")
     _set_metadata(out, SLOPE_KEY, f"{entropy_slope:.6g}" if entropy_slope else None)
+    _set_metadata(out, CURVE_KEY, f"{entropy_curve:.6g}" if entropy_curve else None)
     onnx.checker.check_model(out)
     return out
 
@@ -195,18 +215,19 @@ def _held_out(path: Path, fit_split: str, force: bool):
 
 def _fit(path: Path, fit: tuple, test: tuple, fit_split: str, test_split: str, previous: float,
          method: str) -> dict:  # fmt: skip
-    """The temperature (and slope) fitted on ``fit`` (probabilities, truth) and the card's calibration block."""
-    temperature, slope = (round(value, 6) for value in fit_calibration(*fit, method=method))  # as in file and card
+    """The temperature (slope, curve) fitted on ``fit`` (probabilities, truth) and the card's calibration block."""
+    temperature, slope, curve = (round(value, 6) for value in fit_calibration(*fit, method=method))  # as in the file
     return {
         "temperature": temperature,
         "entropy_slope": slope,
+        "entropy_curve": curve,
         "method": method,
         "fitted_on": fit_split,
         "previous_temperature": previous,
         "before": {fit_split: _measures(*fit), test_split: _measures(*test)},
         "after": {
-            fit_split: _measures(rescale(fit[0], temperature, slope), fit[1]),
-            test_split: _measures(rescale(test[0], temperature, slope), test[1]),
+            fit_split: _measures(rescale(fit[0], temperature, slope, curve), fit[1]),
+            test_split: _measures(rescale(test[0], temperature, slope, curve), test[1]),
         },
         "bins": 15,
         "measured_by": f"mien calibrate {path} --method {method} --fit-split {fit_split} --test-split {test_split}",
@@ -215,15 +236,16 @@ def _fit(path: Path, fit: tuple, test: tuple, fit_split: str, test_split: str, p
 
 def _log(out: Path, block: dict, test_split: str) -> None:
     before, after = block["before"][test_split], block["after"][test_split]
-    log.info("%s: temperature %.4f, entropy slope %.4f (fitted on %s); %s ECE %.4f -> %.4f, NLL %.4f -> %.4f", out,
-             block["temperature"], block["entropy_slope"], block["fitted_on"], test_split, before["ece"], after["ece"],
-             before["nll"], after["nll"])  # fmt: skip
+    log.info("%s: temperature %.4f, entropy slope %.4f, curve %.4f (%s, fitted on %s); %s ECE %.4f -> %.4f, "
+             "NLL %.4f -> %.4f", out, block["temperature"], block["entropy_slope"], block["entropy_curve"],
+             block["method"], block["fitted_on"], test_split, before["ece"], after["ece"], before["nll"],
+             after["nll"])  # fmt: skip
 
 
 def calibrate(path: str | Path, data: str | Path, fit_split: str = "val", test_split: str = "public_test",
-              out: str | Path | None = None, force: bool = False, method: str = "entropy") -> dict:  # fmt: skip
-    """Fit ``path``'s temperature (and with ``method="entropy"`` its entropy slope) on ``fit_split``, write the
-    calibrated file (in place unless ``out``) and its card; returns the card's calibration block.
+              out: str | Path | None = None, force: bool = False, method: str = "top-label") -> dict:  # fmt: skip
+    """Fit ``path``'s calibration by ``method`` (:func:`~mien.export.calibration.fit_calibration`) on ``fit_split``,
+    write the calibrated file (in place unless ``out``) and its card; returns the card's calibration block.
     CalibrationError when the card does not show ``fit_split`` was held out from training (unless ``force``).
     ``path`` is an ONNX file or an ``*.ensemble.json``."""
     if str(path).endswith(ENSEMBLE_SUFFIX):
@@ -234,9 +256,10 @@ def calibrate(path: str | Path, data: str | Path, fit_split: str = "val", test_s
     raw = without_calibration(model)
     fit, test = _probabilities(raw, data, fit_split), _probabilities(raw, data, test_split)
     block = _fit(path, fit, test, fit_split, test_split, temperature_of(model), method)
-    calibrated = with_temperature(model, block["temperature"], block["entropy_slope"])
+    shape = block["temperature"], block["entropy_slope"], block["entropy_curve"]
+    calibrated = with_temperature(model, *shape)
     versions = {prop.key: prop.value for prop in calibrated.metadata_props}
-    suffix = calibration_suffix(block["temperature"], block["entropy_slope"])
+    suffix = calibration_suffix(*shape)
     version = versions.get(MODEL_VERSION_KEY, "").split("-t")[0] + suffix
     _set_metadata(calibrated, MODEL_VERSION_KEY, version)
     onnx.save(calibrated, out)
@@ -252,15 +275,15 @@ def calibrate(path: str | Path, data: str | Path, fit_split: str = "val", test_s
 
 def calibrate_ensemble(path: str | Path, data: str | Path, fit_split: str = "val", test_split: str = "public_test",
                        out: str | Path | None = None, force: bool = False,
-                       method: str = "entropy") -> dict:  # fmt: skip
-    """The same for an ensemble: a temperature (and slope) for its averaged probabilities (after the members'
-    weights and flip), written as ``"temperature"`` (and ``"entropy_slope"``) into the ensemble file, which
+                       method: str = "top-label") -> dict:  # fmt: skip
+    """The same for an ensemble: a temperature (slope, curve) for its averaged probabilities (after the members'
+    weights and flip), written as ``"temperature"`` (``"entropy_slope"``, ``"entropy_curve"``) into the file, which
     :class:`mien.ensemble.EnsembleClassifier` applies. The members' own calibration (inside their files) stays."""
     path, out = Path(path), Path(out or path)
     card = _held_out(path, fit_split, force)
     ensemble = EnsembleClassifier.from_path(path, providers=("CPUExecutionProvider",))
     previous = ensemble.temperature or 1.0
-    ensemble.temperature, ensemble.entropy_slope = None, 0.0  # fitted on the untempered average: never stacks
+    ensemble.temperature, ensemble.entropy_slope, ensemble.entropy_curve = None, 0.0, 0.0  # never stacks
 
     def probabilities(split: str) -> tuple[np.ndarray, np.ndarray]:
         faces = eval_split(data, split, tuple(ensemble.spec.labels))
@@ -269,9 +292,10 @@ def calibrate_ensemble(path: str | Path, data: str | Path, fit_split: str = "val
     block = _fit(path, probabilities(fit_split), probabilities(test_split), fit_split, test_split, previous, method)
     config = json.loads(path.read_text(encoding="utf-8"))
     config["temperature"] = block["temperature"]
-    config.pop("entropy_slope", None)
-    if block["entropy_slope"]:
-        config["entropy_slope"] = block["entropy_slope"]
+    for key in ("entropy_slope", "entropy_curve"):
+        config.pop(key, None)
+        if block[key]:
+            config[key] = block[key]
     out.write_text(json.dumps(config, indent=2) + "\n")
     calibrated = EnsembleClassifier.from_path(out, providers=("CPUExecutionProvider",))  # refuses a bad file
     if card is not None:

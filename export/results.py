@@ -197,6 +197,7 @@ def card_figures(card: Card | None) -> dict:
         "temperature": card.calibration.temperature if card and card.calibration else None,
         "temperature_fitted_on": card.calibration.fitted_on if card and card.calibration else None,
         "entropy_slope": card.calibration.entropy_slope if card and card.calibration else None,
+        "entropy_curve": card.calibration.entropy_curve if card and card.calibration else None,
     }
 
 
@@ -300,9 +301,10 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
         "Do the probabilities mean what they say? ECE: the gap between the top label's confidence and its accuracy "
         "in 15 equal-width confidence bins, weighted by the faces in each (0 is perfect); NLL: mean −log p(true "
         "label); Brier: mean squared distance to the one-hot truth. Temperature: the one `mien calibrate` fitted "
-        "on the split named (blank: never calibrated, its probabilities are the network's own); `T · e^(b h)`: a "
-        "temperature per face that grows with the face's normalised entropy h (0 certain, 1 uniform), T and b "
-        "fitted together (`--method entropy`). Models selected "
+        "on the split named (blank: never calibrated, its probabilities are the network's own); `T · e^(b h + c h²)`: "
+        "a temperature per face that follows the face's normalised entropy h (0 certain, 1 uniform), T, b and c "
+        "fitted together by the top label's log loss (`--method top-label`; `--method entropy` fits T and b by NLL; "
+        "docs/calibration.md). Models selected "
         f"on {cfg.split} cannot be calibrated honestly (no held-out faces of theirs are left), so they stay blank "
         f"until retrained with the validation split. Target: ECE ≤ {ECE_TARGET}% for every served model.",
         "",
@@ -318,8 +320,9 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
     ]
     for r in sorted(rows, key=lambda r: r["ece"]):
         temperature = "" if r["temperature"] is None else f"{r['temperature']:.3f}"
-        if r.get("entropy_slope"):
-            temperature += f" · e^({r['entropy_slope']:.3f} h)"
+        if r.get("entropy_slope") or r.get("entropy_curve"):
+            curve = f" {r['entropy_curve']:+.3f} h²" if r.get("entropy_curve") else ""
+            temperature += f" · e^({r['entropy_slope']:.3f} h{curve})"
         met = "yes" if 100 * r["ece"] <= ECE_TARGET else "no"
         floor = f"{_pct(r['ece_floor'])} ({_pct(r['ece_floor_95'])})"
         lines.append(f"| `{r['model_id']}` | {_pct(r['ece'])} | {floor} | {r['ece_p_calibrated']:.3f} | {r['nll']:.3f} "

@@ -99,10 +99,14 @@ class Calibration(_Block):
     """The temperature inside the served graph (``mien calibrate``) and what it changed."""
 
     temperature: float
-    # per face T · exp(entropy_slope · h), h its normalised entropy (mien.ensemble.temper); 0: one temperature
+    # per face T · exp(entropy_slope · h + entropy_curve · h²), h its normalised entropy (mien.ensemble.temper);
+    # both 0: one temperature
     entropy_slope: float = 0.0
-    method: str = "temperature"  # "temperature" (T alone) or "entropy" (T and entropy_slope fitted together)
-    fitted_on: str | None = None  # the split whose NLL the temperature minimises (val: carved from Training)
+    entropy_curve: float = 0.0
+    # "temperature" (T alone), "entropy" (T and entropy_slope, by NLL) or "top-label" (T, slope and curve, by the
+    # top label's log loss: see mien.export.calibration.fit_calibration)
+    method: str = "temperature"
+    fitted_on: str | None = None  # the split the calibration is fitted on (val: carved from Training)
     before: dict[str, dict[str, float]] = {}  # split -> ece, nll, brier of the uncalibrated file
     after: dict[str, dict[str, float]] = {}  # the same, calibrated
     measured_by: str | None = None

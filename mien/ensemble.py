@@ -10,10 +10,10 @@ per member, normalised to sum to 1; equal weights when absent; ``mien ensemble -
 on the validation split), and with ``"flip": true`` also those of the mirrored crops (horizontal-flip
 test-time augmentation). An optional ``"temperature"`` (written by ``mien calibrate``, fitted on the
 validation split) calibrates the averaged probabilities: ``softmax(log p / T)``, with an optional
-``"entropy_slope"`` b making the temperature ``T · exp(b · h)`` per face (h: the entropy of p over log of the
-number of classes, 0 for a certain face, 1 for a uniform one), applied here and nowhere else (an ensemble has
-no graph of its own to put it in). Members must share one label list. The ensemble
-quacks like :class:`mien.runtime.OnnxClassifier` where the service and ``mien eval`` use it
+``"entropy_slope"`` b (and ``"entropy_curve"`` c) making the temperature ``T · exp(b · h + c · h²)`` per face
+(h: the entropy of p over log of the number of classes, 0 for a certain face, 1 for a uniform one), applied
+here and nowhere else (an ensemble has no graph of its own to put it in). Members must share one label list.
+The ensemble quacks like :class:`mien.runtime.OnnxClassifier` where the service and ``mien eval`` use it
 (``spec``, ``model_id``, ``version``, ``provider``, ``predict_crops``), so it is served, listed and
 evaluated like any other model. ``mien ensemble`` writes the file and its card.
 """
@@ -40,24 +40,28 @@ def normalised_entropy(probs: np.ndarray) -> np.ndarray:
     return entropy / np.log(probs.shape[1])
 
 
-def temper(probs: np.ndarray, temperature: float, entropy_slope: float = 0.0) -> np.ndarray:
+def temper(probs: np.ndarray, temperature: float, entropy_slope: float = 0.0, entropy_curve: float = 0.0) -> np.ndarray:
     """``softmax(log p / T)`` row by row: probabilities made sharper (T < 1) or softer (T > 1); argmax unchanged.
 
-    With ``entropy_slope`` b each row gets its own temperature ``T · exp(b · h)``, h its :func:`normalised_entropy`
-    (b > 0: uncertain faces are softened more than confident ones); still positive, so argmax is unchanged."""
-    temperature = temperature * np.exp(entropy_slope * normalised_entropy(probs)) if entropy_slope else temperature
+    With ``entropy_slope`` b (and ``entropy_curve`` c) each row gets its own temperature ``T · exp(b · h + c · h²)``,
+    h its :func:`normalised_entropy` (b > 0: uncertain faces are softened more than confident ones; c bends that
+    line); still positive, so argmax is unchanged."""
+    if entropy_slope or entropy_curve:
+        h = normalised_entropy(probs)
+        temperature = temperature * np.exp(entropy_slope * h + entropy_curve * h * h)
     logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
     logits -= logits.max(axis=1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(axis=1, keepdims=True)
 
 
-def calibration_suffix(temperature: float | None, entropy_slope: float = 0.0) -> str:
+def calibration_suffix(temperature: float | None, entropy_slope: float = 0.0, entropy_curve: float = 0.0) -> str:
     """What a calibrated model's version gets appended (its probabilities changed, its argmax did not):
-    ``-t<T>``, and ``-e<b>`` with an entropy slope; nothing uncalibrated."""
+    ``-t<T>``, ``-e<b>`` with an entropy slope, ``-c<c>`` with an entropy curve; nothing uncalibrated."""
     if temperature is None:
         return ""
-    return f"-t{temperature:.3f}" + (f"-e{entropy_slope:.3f}" if entropy_slope else "")
+    return (f"-t{temperature:.3f}" + (f"-e{entropy_slope:.3f}" if entropy_slope else "")
+            + (f"-c{entropy_curve:.3f}" if entropy_curve else ""))  # fmt: skip
 
 
 class EnsembleError(ValueError):
@@ -91,14 +95,17 @@ def read_ensemble_config(path: str | Path) -> dict:
         isinstance(temperature, int | float) and not isinstance(temperature, bool) and 0 < temperature < 1e3
     ):
         raise EnsembleError(f"{path}: 'temperature' must be a positive number, got {temperature!r}")
-    slope = config.get("entropy_slope", 0.0)
-    if not (isinstance(slope, int | float) and not isinstance(slope, bool) and abs(slope) < 1e3):
-        raise EnsembleError(f"{path}: 'entropy_slope' must be a number, got {slope!r}")
-    if slope and temperature is None:
-        raise EnsembleError(f"{path}: an 'entropy_slope' needs a 'temperature'")
+    shape = {}
+    for key in ("entropy_slope", "entropy_curve"):
+        value = config.get(key, 0.0)
+        if not (isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e3):
+            raise EnsembleError(f"{path}: {key!r} must be a number, got {value!r}")
+        if value and temperature is None:
+            raise EnsembleError(f"{path}: an {key!r} needs a 'temperature'")
+        shape[key] = float(value)
     temperature = None if temperature is None else float(temperature)
     return {"model_id": str(model_id), "members": members, "flip": flip, "weights": weights,
-            "temperature": temperature, "entropy_slope": float(slope)}  # fmt: skip
+            "temperature": temperature, **shape}  # fmt: skip
 
 
 def normalised_weights(weights: list, count: int) -> list[float]:
@@ -115,7 +122,7 @@ def normalised_weights(weights: list, count: int) -> list[float]:
 
 class EnsembleClassifier:
     """Weighted mean of the members' probabilities (and of their mirrored crops with ``flip``), tempered by
-    ``temperature`` (and ``entropy_slope``, see :func:`temper`) when one is given."""
+    ``temperature`` (and ``entropy_slope``, ``entropy_curve``, see :func:`temper`) when one is given."""
 
     def __init__(
         self,
@@ -125,6 +132,7 @@ class EnsembleClassifier:
         weights: list[float] | None = None,
         temperature: float | None = None,
         entropy_slope: float = 0.0,
+        entropy_curve: float = 0.0,
     ) -> None:
         if len(members) < 2:
             raise EnsembleError(f"ensemble {model_id!r} needs at least two members, got {len(members)}")
@@ -136,16 +144,17 @@ class EnsembleClassifier:
         self.weights = normalised_weights(list(weights), len(members)) if weights is not None else None
         if temperature is not None and not temperature > 0:
             raise EnsembleError(f"ensemble {model_id!r}: a temperature must be positive, got {temperature}")
-        if entropy_slope and temperature is None:
-            raise EnsembleError(f"ensemble {model_id!r}: an entropy slope needs a temperature")
-        self.temperature, self.entropy_slope = temperature, float(entropy_slope)
+        if (entropy_slope or entropy_curve) and temperature is None:
+            raise EnsembleError(f"ensemble {model_id!r}: an entropy slope or curve needs a temperature")
+        self.temperature = temperature
+        self.entropy_slope, self.entropy_curve = float(entropy_slope), float(entropy_curve)
         # The crop the service cuts for the ensemble: the first member's framing, probabilities as output.
         self.spec = replace(members[0].spec, output="probabilities")
         identity = [[m.model_id, m.version] for m in members] + [flip]
         digest = hashlib.sha256(json.dumps(identity + ([self.weights] if self.weights else [])).encode())
         # equal weights keep the version they had before weights existed; a temperature marks it as calibrated files
         # are marked (their probabilities changed, their argmax did not)
-        self.version = digest.hexdigest()[:12] + calibration_suffix(temperature, self.entropy_slope)
+        self.version = digest.hexdigest()[:12] + calibration_suffix(temperature, self.entropy_slope, self.entropy_curve)
         members_text = ",".join(m.model_id for m in members)
         self.metadata = {"mien.ensemble.members": members_text, "mien.ensemble.flip": str(flip)}
         if self.weights:
@@ -154,6 +163,8 @@ class EnsembleClassifier:
             self.metadata["mien.temperature"] = f"{temperature:.6g}"
         if self.entropy_slope:
             self.metadata["mien.entropy_slope"] = f"{self.entropy_slope:.6g}"
+        if self.entropy_curve:
+            self.metadata["mien.entropy_curve"] = f"{self.entropy_curve:.6g}"
 
     @property
     def provider(self) -> str:
@@ -173,7 +184,7 @@ class EnsembleClassifier:
                     for view in views)  # fmt: skip
         averaged = total / len(views)
         if self.temperature is not None:
-            averaged = temper(averaged, self.temperature, self.entropy_slope)
+            averaged = temper(averaged, self.temperature, self.entropy_slope, self.entropy_curve)
         return averaged.astype(np.float32)
 
     @classmethod
@@ -188,7 +199,7 @@ class EnsembleClassifier:
             )
         members = [available[m] for m in config["members"]]
         return cls(config["model_id"], members, config["flip"], config["weights"], config["temperature"],
-                   config["entropy_slope"])  # fmt: skip
+                   config["entropy_slope"], config["entropy_curve"])  # fmt: skip
 
     @classmethod
     def from_path(

@@ -62,7 +62,7 @@ def test_write_ensemble_card_matches_mien_eval_and_is_served(two_models, tiny_np
     card = write_ensemble(["mini_xception", "twin"], two_models, flip=True, data=str(tiny_npz))
     assert read_ensemble_config(two_models / "ensemble.ensemble.json") == {
         "model_id": "ensemble", "members": ["mini_xception", "twin"], "flip": True, "weights": None,
-        "temperature": None, "entropy_slope": 0.0,
+        "temperature": None, "entropy_slope": 0.0, "entropy_curve": 0.0,
     }  # fmt: skip
     saved = json.loads((two_models / "ensemble.card.json").read_text())
     assert saved == card
