@@ -321,7 +321,8 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
     for r in sorted(rows, key=lambda r: r["ece"]):
         temperature = "" if r["temperature"] is None else f"{r['temperature']:.3f}"
         if r.get("entropy_slope") or r.get("entropy_curve"):
-            curve = f" {r['entropy_curve']:+.3f} h²" if r.get("entropy_curve") else ""
+            c = r.get("entropy_curve") or 0.0
+            curve = f" {'−' if c < 0 else '+'} {abs(c):.3f} h²" if c else ""
             temperature += f" · e^({r['entropy_slope']:.3f} h{curve})"
         met = "yes" if 100 * r["ece"] <= ECE_TARGET else "no"
         floor = f"{_pct(r['ece_floor'])} ({_pct(r['ece_floor_95'])})"
