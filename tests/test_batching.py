@@ -122,7 +122,11 @@ def test_batched_results_equal_unbatched(model_file):
         batcher.close()
     assert sizes == [8]  # all four requests in one call
     for a, b in zip(alone, together, strict=True):
-        assert np.array_equal(a, b)  # bit for bit: rows of a batch do not influence each other
+        # Rows of a batch do not influence each other: the networks give the same bits at any batch size, but the
+        # calibration inside a calibrated graph (Log, Exp over the whole N × classes tensor, vectorised over the flat
+        # buffer) can round a row's last bit differently with the batch size (3e-8 measured): far below any mixing.
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        assert (a.argmax(1) == b.argmax(1)).all()
 
 
 def test_an_error_reaches_every_request_of_the_batch_and_the_worker_survives():
