@@ -168,6 +168,14 @@ class VideoAnalysisResponse(BaseModel):
     timings_ms: VideoTimings
 
 
+class CalibrationInfo(BaseModel):
+    method: str = Field(description="temperature, entropy or top-label (docs/calibration.md)")
+    fitted_on: str | None = Field(description="the split the calibration was fitted on (val: carved from Training)")
+    tested_on: str | None = Field(description="the held-out split ece_before/ece_after were measured on")
+    ece_before: float | None = Field(description="expected calibration error (15 bins, top label) uncalibrated")
+    ece_after: float | None = Field(description="the same with the calibration the served model applies")
+
+
 class ModelInfo(BaseModel):
     id: str
     version: str
@@ -177,6 +185,10 @@ class ModelInfo(BaseModel):
     accuracy_split: str | None = Field(description="the data split `accuracy` was measured on")
     provider: str
     default: bool = Field(description="used when a request names no model")
+    calibration: CalibrationInfo | None = Field(
+        default=None, description="how the served probabilities were calibrated, from the model card; null: they are "
+        "the network's own (never calibrated, or no card)"
+    )  # fmt: skip
 
 
 class ModelsResponse(BaseModel):

@@ -59,6 +59,23 @@ class LoadedModel:
         """The split the card's accuracy was measured on."""
         return self.card.tested_on if self.card else None
 
+    @property
+    def calibration(self) -> dict | None:
+        """What /models says of the calibration the card records (None: uncalibrated or no card): its method, the
+        split it was fitted on, and ECE before and after on the held-out split the card reports."""
+        block = self.card.calibration if self.card else None
+        if block is None:
+            return None
+        held_out = [split for split in block.after if split != block.fitted_on]
+        tested_on = self.accuracy_split if self.accuracy_split in held_out else (held_out[0] if held_out else None)
+        return {
+            "method": block.method,
+            "fitted_on": block.fitted_on,
+            "tested_on": tested_on,
+            "ece_before": block.before.get(tested_on, {}).get("ece") if tested_on else None,
+            "ece_after": block.after.get(tested_on, {}).get("ece") if tested_on else None,
+        }
+
 
 def load_card(model_path: Path) -> Card | None:
     """The model card beside ``model_path``, or None (logged) when it is absent or invalid: a card only adds

@@ -78,6 +78,13 @@ def test_models_endpoint_reports_the_card_accuracy(client):
     entry = next(m for m in models if m["id"] == "mini_xception")
     assert entry["accuracy"] == pytest.approx(card["metrics"]["accuracy"])
     assert entry["version"] == card["version"]
+    assert entry["calibration"] is None  # trained on the val faces: never calibrated, its own probabilities
+    served = {m["id"]: m for m in models}
+    for model_id in ("vgg_fer", "ensemble"):  # calibrated on val: what their cards say, measured on PublicTest
+        block = json.loads((MODELS / f"{model_id}.card.json").read_text())["calibration"]
+        info = served[model_id]["calibration"]
+        assert info["method"] == block["method"] and info["fitted_on"] == "val" and info["tested_on"] == "public_test"
+        assert info["ece_after"] == block["after"]["public_test"]["ece"] < info["ece_before"]
 
 
 def test_bundled_onnx_reads_back_its_spec():

@@ -177,6 +177,13 @@ def test_calibrate_fits_on_val_puts_the_temperature_in_the_graph_and_the_card(mo
     assert entropy["after"]["val"]["nll"] <= entropy["before"]["val"]["nll"] + 1e-9  # the NLL fits minimise val NLL
     plain = calibrate(model_copy, tiny_npz, method="temperature")  # one temperature, fitted on the same logits
     assert plain["entropy_slope"] == 0.0 and calibration_of(onnx.load(model_copy))[1:] == (0.0, 0.0)
+    from tests.conftest import make_client
+
+    with make_client(model_copy.parent) as client:  # GET /models says how the served probabilities were calibrated
+        info = {m["id"]: m for m in client.get("/models").json()["models"]}["mini_xception"]["calibration"]
+    assert info == {"method": "temperature", "fitted_on": "val", "tested_on": "public_test",
+                    "ece_before": plain["before"]["public_test"]["ece"],
+                    "ece_after": plain["after"]["public_test"]["ece"]}  # fmt: skip
     np.testing.assert_allclose(OnnxClassifier.from_path(model_copy, CPU).predict_crops(faces),
                                rescale(before, plain["temperature"]), atol=1e-5)  # fmt: skip
 

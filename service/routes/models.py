@@ -1,4 +1,5 @@
-"""GET /models: what each served model is, how it preprocesses, how accurate its card says it is."""
+"""GET /models: what each served model is, how it preprocesses, how accurate its card says it is, and how its
+probabilities were calibrated."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def list_models(models: ModelsDep) -> ModelsResponse:
                 accuracy_split=loaded.accuracy_split,
                 provider=loaded.provider,
                 default=model_id == models.default_id,
+                calibration=loaded.calibration,
             )
         )
     return ModelsResponse(default=models.default_id, models=infos)
