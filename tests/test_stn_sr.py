@@ -33,6 +33,7 @@ from mien.training.sr_pretrain import (
     pretrain_sr,
     psnr,
     resolve_sr_kwargs,
+    resume_path,
     sr_faces,
     ssim,
     to_grey_levels,
@@ -344,6 +345,47 @@ def test_sr_pretraining_learns_only_from_the_training_faces_mien_train_fits(tmp_
     )  # fmt: skip
     assert [row["epoch"] for row in report["history"]] == [1, 2] and metrics["split"] == "val"
     assert report["history"][-1]["val_l1"] == metrics["val_l1"]
+
+
+def test_sr_pretraining_interrupted_and_rerun_ends_with_the_weights_of_one_whole_run(tmp_path, small_npz, monkeypatch):
+    from mien.training import sr_pretrain
+
+    def cfg(out, **over):
+        options = {"sr_kwargs": {"num_blocks": 1, "features": 8}, "epochs": 3, "batch_size": 16, "threads": 1}
+        return SRPretrainConfig(data=str(small_npz), out=str(out), **{**options, **over})
+
+    whole = tmp_path / "whole" / "sr.pt"
+    pretrain_sr(cfg(whole))
+    assert len(torch.load(resume_path(whole), weights_only=False)["history"]) == 3  # kept beside the checkpoint
+
+    # a lost session: killed in the middle of the second epoch (63 carved training faces: 3 steps an epoch)
+    real_step, calls = sr_pretrain.l1_step, {"n": 0}
+
+    def killed(*args):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    resumed = tmp_path / "resumed" / "sr.pt"
+    monkeypatch.setattr(sr_pretrain, "l1_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_sr(cfg(resumed))
+    monkeypatch.setattr(sr_pretrain, "l1_step", real_step)
+    assert not resumed.exists() and len(torch.load(resume_path(resumed), weights_only=False)["history"]) == 1
+    with pytest.raises(ValueError, match="other options.*lr"):  # never mixed with a run of other options
+        pretrain_sr(cfg(resumed, lr=0.01))
+    metrics = pretrain_sr(cfg(resumed))
+
+    a, b = torch.load(whole, weights_only=False), torch.load(resumed, weights_only=False)
+    assert [row["epoch"] for row in b["history"]] == [1, 2, 3] and metrics["epoch"] == 3
+    for key, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], tensor, rtol=0, atol=0, msg=key)
+    assert [row["val_l1"] for row in a["history"]] == [row["val_l1"] for row in b["history"]]
+    assert [row["epoch"] for row in json.loads(resumed.with_suffix(".json").read_text())["history"]] == [1, 2, 3]
+    # rerunning a finished run trains nothing more and rewrites the same checkpoint
+    pretrain_sr(cfg(resumed))
+    assert torch.load(resumed, weights_only=False)["history"] == b["history"]
 
 
 def test_sr_pretraining_refuses_to_learn_from_a_test_or_the_validation_split(tmp_path, small_npz):

@@ -201,7 +201,8 @@ def _add_pretrain_sr(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain-sr", help="pre-train the SR front end (24->48 faces, L1) for --sr-init",
                        description="Train the EDSR front end of sr_cnn/stn_sr_cnn to undo a x2 downscale of "
                        "FER2013 Training faces (less the val faces mien train carves, with --val-split val, the "
-                       "default); for `mien train --sr-init X`. L1 per epoch in <out>.json.")  # fmt: skip
+                       "default); for `mien train --sr-init X`. L1 per epoch in <out>.json; rerun the same command to "
+                       "resume from <out stem>.last.pt, written every epoch.")  # fmt: skip
     add_config_options(p, SRPretrainConfig, suppress=False)
     p.set_defaults(func=_run_pretrain_sr)
 

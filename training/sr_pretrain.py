@@ -21,6 +21,11 @@ so the classifiers behind the SR net are later selected on faces it never saw, a
 checkpoint is the last epoch's weights (cosine to zero); nothing is selected on any split, ``val_split`` is only
 reported, each epoch, in the log and in the history beside the checkpoint (``<out>.json``, rewritten every epoch).
 
+A run survives a lost session: every epoch also writes ``<out stem>.last.pt`` (weights, Adam, the schedule, the
+batch-order/flip generator and the history), and rerunning the same command resumes from it exactly (on the same
+thread count two half-runs give the weights of one whole run); a ``.last.pt`` written with other options is
+refused rather than mixed in. It stays beside the finished checkpoint, so rerunning a finished run only rewrites ``<out>``.
+
 ``mien sr-eval CHECKPOINT`` (:func:`evaluate_sr`) scores a pre-trained network against bicubic upsampling with
 PSNR and SSIM on a split's faces (PublicTest by default).
 """
@@ -43,6 +48,7 @@ from mien.training.config import SRPretrainConfig
 from mien.training.data import CARVED_SPLIT, USAGE_TO_SPLIT, load_dataset, load_with_validation
 from mien.training.layers import EDSR, EDSR_SMALL
 from mien.training.models import default_spec
+from mien.training.run_folder import save
 from mien.training.transforms import normalize
 
 log = logging.getLogger("mien.sr_pretrain")
@@ -121,10 +127,12 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
              cfg.train_split, len(val_hr), cfg.val_split)  # fmt: skip
     optimizer = torch.optim.Adam(sr.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="pretrain-sr", unit="epoch", dynamic_ncols=True):
+    last = resume_path(out)
+    history = _resume(last, cfg, sr, optimizer, schedule, generator)
+    for epoch in tqdm(range(len(history) + 1, cfg.epochs + 1), desc="pretrain-sr", unit="epoch",
+                      initial=len(history), total=cfg.epochs, dynamic_ncols=True):  # fmt: skip
         started = time.perf_counter()
         sr.train()
         order = torch.randperm(len(train_x), generator=generator)
@@ -142,6 +150,8 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
         row = {"epoch": epoch, "train_l1": total / steps_per_epoch, "val_l1": val_l1, "bicubic_l1": bicubic_l1,
                "seconds": time.perf_counter() - started}  # fmt: skip
         history.append(row)
+        save({"config": _resume_key(cfg), "state_dict": sr.state_dict(), "optimizer": optimizer.state_dict(),
+              "schedule": schedule.state_dict(), "generator": generator.get_state(), "history": history}, last)  # fmt: skip
         _write_history(out, cfg, sr, history, len(train_x), len(val_hr))
         log.info("SR epoch %d/%d  train L1 %.4f  %s L1 %.4f (bicubic %.4f)  %.0f s", epoch, cfg.epochs,
                  row["train_l1"], cfg.val_split, val_l1, bicubic_l1, row["seconds"])  # fmt: skip
@@ -150,6 +160,34 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
             "metrics": metrics, "config": asdict(cfg), "spec": spec.to_dict()}  # fmt: skip
     torch.save(ckpt, out)
     return metrics
+
+
+def resume_path(out: str | Path) -> Path:
+    """Where the run of the checkpoint ``out`` keeps its resumable state: ``<out>.last.pt`` beside it."""
+    out = Path(out).expanduser()
+    return out.with_name(out.stem + ".last.pt")
+
+
+def _resume_key(cfg: SRPretrainConfig) -> dict:
+    """The options a resumed run must share with the one that wrote ``.last.pt`` (all but the thread count)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "threads"}
+
+
+def _resume(last: Path, cfg: SRPretrainConfig, sr: nn.Module, optimizer, schedule, generator) -> list[dict]:
+    """Load ``last`` into the run's parts and return the epochs it has done; ``[]`` when there is nothing to resume."""
+    if not last.exists():
+        return []
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    if state["config"] != _resume_key(cfg):
+        differ = sorted(k for k in _resume_key(cfg) if state["config"].get(k) != _resume_key(cfg)[k])
+        raise ValueError(f"{last} was written by a run with other options ({', '.join(differ)}): rerun it with "
+                         "the same options to resume, or delete it (or use another --out) to start again")  # fmt: skip
+    sr.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    log.info("resuming SR pre-training from %s after epoch %d of %d", last, len(state["history"]), cfg.epochs)
+    return list(state["history"])
 
 
 def _write_history(out: Path, cfg: SRPretrainConfig, sr: EDSR, history: list[dict], train: int, val: int) -> None:
