@@ -117,9 +117,11 @@ def coverage_curve(probs: np.ndarray, truth: np.ndarray, thresholds: tuple[float
 
 
 def calibration_report(probs: np.ndarray, truth: np.ndarray, bins: int = BINS) -> dict:
-    """ECE (top label, ``bins`` equal-width bins), NLL and Brier score, the bins themselves, and the
-    accuracy-versus-coverage curve of ``min_confidence``."""
+    """ECE (top label, ``bins`` equal-width bins), NLL and Brier score, the mean top-label confidence and its
+    gap to the accuracy (``overconfidence``: positive when the model claims more than it gets right, the one
+    direction ECE does not show), the bins themselves, and the accuracy-versus-coverage curve of ``min_confidence``."""
     ece = expected_calibration_error(probs, truth, bins)
+    confidence = float(probs.max(axis=1).mean())
     consistency = ece_consistency(probs, ece, bins)
     table = reliability_bins(probs, truth, bins)
     for b, (low, high) in zip(table, consistency.pop("bands"), strict=True):
@@ -128,6 +130,8 @@ def calibration_report(probs: np.ndarray, truth: np.ndarray, bins: int = BINS) -
         "ece": ece,
         "nll": negative_log_likelihood(probs, truth),
         "brier": brier_score(probs, truth),
+        "mean_confidence": confidence,
+        "overconfidence": confidence - float((probs.argmax(axis=1) == truth).mean()),
         **consistency,
         "bins": table,
         "coverage": coverage_curve(probs, truth),

@@ -215,6 +215,8 @@ def evaluate_path(
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     log.info("%s on %s: accuracy %.4f, macro-F1 %.4f; ECE %.4f, NLL %.4f, Brier %.4f", model_path, split,
              report["accuracy"], report["macro_f1"], *(calibration[k] for k in ("ece", "nll", "brier")))  # fmt: skip
-    log.info("a calibrated model would score ECE %.4f on these faces (95%%: %.4f); p(calibrated) %.3f",
-             calibration["ece_floor"], calibration["ece_floor_95"], calibration["ece_p_calibrated"])  # fmt: skip
+    c = calibration
+    log.info("a calibrated model would score ECE %.4f on these faces (95%%: %.4f); p(calibrated) %.3f; mean top "
+             "probability %.4f, %+.4f against the accuracy", c["ece_floor"], c["ece_floor_95"],
+             c["ece_p_calibrated"], c["mean_confidence"], c["overconfidence"])  # fmt: skip
     return report

@@ -50,8 +50,17 @@ def test_nll_and_brier_by_hand():
     brier = (2 * 0.1**2 + 2 * 0.9**2 + 2 * 0.38**2 + 2 * 0.22**2) / 4
     assert brier_score(PROBS, TRUTH) == pytest.approx(brier)
     report = calibration_report(PROBS, TRUTH)
-    assert set(report) == {"ece", "nll", "brier", "ece_floor", "ece_floor_95", "ece_p_calibrated", "bins", "coverage"}
+    assert set(report) == {"ece", "nll", "brier", "mean_confidence", "overconfidence", "ece_floor", "ece_floor_95",
+                           "ece_p_calibrated", "bins", "coverage"}  # fmt: skip
     assert len(report["bins"]) == 15
+
+
+def test_overconfidence_is_the_mean_top_probability_less_the_accuracy_with_its_sign():
+    report = calibration_report(PROBS, TRUTH)
+    assert report["mean_confidence"] == pytest.approx((0.9 + 0.9 + 0.62 + 0.78) / 4)  # 0.80
+    assert report["overconfidence"] == pytest.approx(0.80 - 3 / 4)  # claims 80%, gets 75% right
+    humble = calibration_report(np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 1]))
+    assert humble["overconfidence"] == pytest.approx(0.65 - 1.0)  # under-confident: negative
 
 
 def synthetic(scale: float, n: int = 20_000, classes: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
