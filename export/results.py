@@ -323,7 +323,8 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
         if r.get("entropy_slope") or r.get("entropy_curve"):
             c = r.get("entropy_curve") or 0.0
             curve = f" {'−' if c < 0 else '+'} {abs(c):.3f} h²" if c else ""
-            temperature += f" · e^({r['entropy_slope']:.3f} h{curve})"
+            slope = r["entropy_slope"]
+            temperature += f" · e^({'−' if slope < 0 else ''}{abs(slope):.3f} h{curve})"
         met = "yes" if 100 * r["ece"] <= ECE_TARGET else "no"
         floor = f"{_pct(r['ece_floor'])} ({_pct(r['ece_floor_95'])})"
         lines.append(f"| `{r['model_id']}` | {_pct(r['ece'])} | {floor} | {r['ece_p_calibrated']:.3f} | {r['nll']:.3f} "

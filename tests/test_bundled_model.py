@@ -84,7 +84,9 @@ def test_models_endpoint_reports_the_card_accuracy(client):
         block = json.loads((MODELS / f"{model_id}.card.json").read_text())["calibration"]
         info = served[model_id]["calibration"]
         assert info["method"] == block["method"] and info["fitted_on"] == "val" and info["tested_on"] == "public_test"
-        assert info["ece_after"] == block["after"]["public_test"]["ece"] < info["ece_before"]
+        # the card's measurements, whichever way they went (a fit on val can miss on PublicTest: docs/calibration.md)
+        assert info["ece_after"] == block["after"]["public_test"]["ece"]
+        assert info["ece_before"] == block["before"]["public_test"]["ece"]
 
 
 def test_bundled_onnx_reads_back_its_spec():
