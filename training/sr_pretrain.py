@@ -24,7 +24,8 @@ reported, each epoch, in the log and in the history beside the checkpoint (``<ou
 A run survives a lost session: every epoch also writes ``<out stem>.last.pt`` (weights, Adam, the schedule, the
 batch-order/flip generator and the history), and rerunning the same command resumes from it exactly (on the same
 thread count two half-runs give the weights of one whole run); a ``.last.pt`` written with other options is
-refused rather than mixed in. It stays beside the finished checkpoint, so rerunning a finished run only rewrites ``<out>``.
+refused rather than mixed in. It stays beside the finished checkpoint, so rerunning a finished run only rewrites
+``<out>``.
 
 ``mien sr-eval CHECKPOINT`` (:func:`evaluate_sr`) scores a pre-trained network against bicubic upsampling with
 PSNR and SSIM on a split's faces (PublicTest by default).
@@ -150,8 +151,9 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
         row = {"epoch": epoch, "train_l1": total / steps_per_epoch, "val_l1": val_l1, "bicubic_l1": bicubic_l1,
                "seconds": time.perf_counter() - started}  # fmt: skip
         history.append(row)
-        save({"config": _resume_key(cfg), "state_dict": sr.state_dict(), "optimizer": optimizer.state_dict(),
-              "schedule": schedule.state_dict(), "generator": generator.get_state(), "history": history}, last)  # fmt: skip
+        state = {"config": _resume_key(cfg), "state_dict": sr.state_dict(), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict(), "generator": generator.get_state(), "history": history}  # fmt: skip
+        save(state, last)
         _write_history(out, cfg, sr, history, len(train_x), len(val_hr))
         log.info("SR epoch %d/%d  train L1 %.4f  %s L1 %.4f (bicubic %.4f)  %.0f s", epoch, cfg.epochs,
                  row["train_l1"], cfg.val_split, val_l1, bicubic_l1, row["seconds"])  # fmt: skip
