@@ -292,6 +292,11 @@ def _per_class(rows: list[dict], split: str) -> list[str]:
     return lines
 
 
+def _sign(x: float) -> str:
+    """A typeset minus for a negative coefficient, nothing otherwise."""
+    return "−" if x < 0 else ""
+
+
 def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list[str]:
     """ECE, NLL and Brier per model, the temperature it was calibrated with, and two reliability diagrams."""
     lines = [
@@ -321,10 +326,9 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
     for r in sorted(rows, key=lambda r: r["ece"]):
         temperature = "" if r["temperature"] is None else f"{r['temperature']:.3f}"
         if r.get("entropy_slope") or r.get("entropy_curve"):
-            c = r.get("entropy_curve") or 0.0
-            curve = f" {'−' if c < 0 else '+'} {abs(c):.3f} h²" if c else ""
-            slope = r["entropy_slope"]
-            temperature += f" · e^({'−' if slope < 0 else ''}{abs(slope):.3f} h{curve})"
+            slope, c = r["entropy_slope"], r.get("entropy_curve") or 0.0
+            curve = f" {_sign(c) or '+'} {abs(c):.3f} h²" if c else ""
+            temperature += f" · e^({_sign(slope)}{abs(slope):.3f} h{curve})"
         met = "yes" if 100 * r["ece"] <= ECE_TARGET else "no"
         floor = f"{_pct(r['ece_floor'])} ({_pct(r['ece_floor_95'])})"
         lines.append(f"| `{r['model_id']}` | {_pct(r['ece'])} | {floor} | {r['ece_p_calibrated']:.3f} | {r['nll']:.3f} "

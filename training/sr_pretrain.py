@@ -160,12 +160,12 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
     metrics = {**history[-1], "split": cfg.val_split}
     ckpt = {"kind": "sr_pretrain", "sr_kwargs": sr.kwargs, "state_dict": sr.state_dict(), "history": history,
             "metrics": metrics, "config": asdict(cfg), "spec": spec.to_dict()}  # fmt: skip
-    torch.save(ckpt, out)
+    save(ckpt, out)  # atomic, as last.pt
     return metrics
 
 
 def resume_path(out: str | Path) -> Path:
-    """Where the run of the checkpoint ``out`` keeps its resumable state: ``<out>.last.pt`` beside it."""
+    """Where the run of the checkpoint ``out`` keeps its resumable state: ``<out stem>.last.pt`` beside it."""
     out = Path(out).expanduser()
     return out.with_name(out.stem + ".last.pt")
 
@@ -179,9 +179,9 @@ def _resume(last: Path, cfg: SRPretrainConfig, sr: nn.Module, optimizer, schedul
     """Load ``last`` into the run's parts and return the epochs it has done; ``[]`` when there is nothing to resume."""
     if not last.exists():
         return []
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    if state["config"] != _resume_key(cfg):
-        differ = sorted(k for k in _resume_key(cfg) if state["config"].get(k) != _resume_key(cfg)[k])
+    state, asked = torch.load(last, map_location="cpu", weights_only=False), _resume_key(cfg)
+    if state["config"] != asked:
+        differ = sorted(k for k in asked if state["config"].get(k) != asked[k])
         raise ValueError(f"{last} was written by a run with other options ({', '.join(differ)}): rerun it with "
                          "the same options to resume, or delete it (or use another --out) to start again")  # fmt: skip
     sr.load_state_dict(state["state_dict"])
