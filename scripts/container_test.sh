@@ -11,9 +11,15 @@
 #   scripts/container_test.sh                        # everything
 #   MIEN_CONTAINER_DRY_RUN=1 scripts/container_test.sh   # lint + compose + the photo; print the podman commands
 #
+# Podman's storage (the vfs driver copies the whole file tree for every layer) lives in the run's temporary folder and
+# goes with it, so no run leaves gigabytes of build layers behind (one did: a CI run ran out of disk on the layers
+# earlier runs had left in /var/lib/containers), and the check never touches the machine's own images. The build
+# commits one image per stage (--layers=false) instead of one per Dockerfile step.
+#
 # Other settings: MIEN_PYTHON (default .venv/bin/python, with the dev extra), MIEN_DEBIAN_MIRROR (default: the
-# first Debian mirror in /etc/apt/sources.list*), MIEN_REUSE_BASE=1 (keep an existing localhost/debian-base),
-# MIEN_KEEP_IMAGE=1 (leave localhost/mien:ci in podman's storage), MIEN_READY_TIMEOUT (seconds, default 180).
+# first Debian mirror in /etc/apt/sources.list*), MIEN_PODMAN_ROOT (a lasting storage folder instead of the temporary
+# one), MIEN_REUSE_BASE=1 (keep an existing localhost/debian-base there), MIEN_KEEP_IMAGE=1 (leave localhost/mien:ci
+# there), MIEN_READY_TIMEOUT (seconds, default 180).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +31,9 @@ BASE=localhost/debian-base
 SUITE=bookworm
 READY_TIMEOUT=${MIEN_READY_TIMEOUT:-180}
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
-PODMAN=(podman --storage-driver vfs)
+WORK=$(mktemp -d)
+STORAGE=${MIEN_PODMAN_ROOT:-$WORK/storage}
+PODMAN=(podman --storage-driver vfs --root "$STORAGE" --runroot "$WORK/runroot")
 RUN_FLAGS=(--runtime runc --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 --network host)
 
 say() { printf '\n== %s\n' "$*"; }
@@ -55,7 +63,6 @@ cannot_run() {
     exit 0
 }
 
-WORK=$(mktemp -d)
 CONTAINER=""
 cleanup() {
     if [ -n "$CONTAINER" ]; then
@@ -65,7 +72,7 @@ cleanup() {
     if [ "$DRY_RUN" != 1 ] && [ "${MIEN_KEEP_IMAGE:-0}" != 1 ] && command -v podman >/dev/null; then
         "${PODMAN[@]}" rmi --force "$IMAGE" >/dev/null 2>&1 || true
     fi
-    rm -rf "$WORK"
+    rm -rf "$WORK"  # with the storage, unless MIEN_PODMAN_ROOT put it elsewhere
 }
 trap cleanup EXIT
 
@@ -87,7 +94,7 @@ if [ -z "$mirror" ]; then
 fi
 mirror=${mirror:-http://deb.debian.org/debian}
 
-BUILD_CMD=("${PODMAN[@]}" build --pull=never --isolation chroot --format docker --build-arg "BASE_IMAGE=$BASE"
+BUILD_CMD=("${PODMAN[@]}" build --pull=never --layers=false --isolation chroot --format docker --build-arg "BASE_IMAGE=$BASE"
     -v "$CA_BUNDLE:$CA_BUNDLE:ro" -t "$IMAGE" .)
 if [ "$DRY_RUN" = 1 ]; then
     echo "dry run (MIEN_CONTAINER_DRY_RUN=1): nothing is bootstrapped, built or run. The commands would be:"
@@ -121,6 +128,7 @@ else
     debootstrap --variant=minbase --include=ca-certificates,python3 "$SUITE" "$WORK/rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 \
         || { tail -n 30 "$WORK/debootstrap.log"; echo "debootstrap failed" >&2; exit 1; }
     tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import - "$BASE" >/dev/null
+    rm -rf "$WORK/rootfs"
     echo "base image $BASE made in $(($(date +%s) - start)) s"
 fi
 
@@ -176,5 +184,6 @@ PYEOF
 say "container check passed"
 echo "image $IMAGE: $((size_bytes / 1000000)) MB ($size_bytes bytes), user $user"
 echo "build time: $build_seconds s"
+echo "podman storage after the build, with the container running: $(du -sh "$STORAGE" | cut -f1) in $STORAGE"
 echo "build command: ${BUILD_CMD[*]}"
 echo "run command: ${PODMAN[*]} run -d ${RUN_FLAGS[*]} -e MIEN_HOST=127.0.0.1 -e MIEN_PORT=$port $IMAGE"
