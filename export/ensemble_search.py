@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mien.card import card_for
+from mien.ensemble import select_columns
 from mien.export.evaluate import SplitFaces, eval_split
 from mien.runtime import OnnxClassifier
 
@@ -60,7 +61,7 @@ def member_probabilities(
         p = clf.predict_crops(list(images))
         if flip:
             p = 0.5 * (p + clf.predict_crops([np.ascontiguousarray(im[:, ::-1]) for im in images]))
-        probs[name] = p[:, columns]
+        probs[name] = select_columns(p, columns)  # what the served ensemble averages for such a member
         if on_model:
             on_model(name, accuracy(probs, [name], truth))
     return probs, truth

@@ -12,7 +12,9 @@ test-time augmentation). An optional ``"temperature"`` (written by ``mien calibr
 validation split) calibrates the averaged probabilities: ``softmax(log p / T)``, with an optional
 ``"entropy_slope"`` b (and ``"entropy_curve"`` c) making the temperature ``T · exp(b · h + c · h²)`` per face
 (h: the entropy of p over log of the number of classes, 0 for a certain face, 1 for a uniform one), applied
-here and nowhere else (an ensemble has no graph of its own to put it in). Members must share one label list.
+here and nowhere else (an ensemble has no graph of its own to put it in). The ensemble serves the labels every
+member has, in the first member's order (at least two): a member with more (a FER+ model's eighth output,
+contempt, in a FER2013 ensemble) contributes its probabilities of those labels, renormalised to sum to 1.
 The ensemble quacks like :class:`mien.runtime.OnnxClassifier` where the service and ``mien eval`` use it
 (``spec``, ``model_id``, ``version``, ``provider``, ``predict_crops``), so it is served, listed and
 evaluated like any other model. ``mien ensemble`` writes the file and its card.
@@ -62,6 +64,13 @@ def calibration_suffix(temperature: float | None, entropy_slope: float = 0.0, en
         return ""
     return (f"-t{temperature:.3f}" + (f"-e{entropy_slope:.3f}" if entropy_slope else "")
             + (f"-c{entropy_curve:.3f}" if entropy_curve else ""))  # fmt: skip
+
+
+def select_columns(probs: np.ndarray, columns: list[int]) -> np.ndarray:
+    """The probabilities of ``columns`` only, renormalised to sum to 1 per row (the distribution conditioned on
+    the answer being one of those classes)."""
+    kept = np.asarray(probs)[:, columns]
+    return kept / np.clip(kept.sum(axis=1, keepdims=True), 1e-12, None)
 
 
 class EnsembleError(ValueError):
@@ -136,10 +145,12 @@ class EnsembleClassifier:
     ) -> None:
         if len(members) < 2:
             raise EnsembleError(f"ensemble {model_id!r} needs at least two members, got {len(members)}")
-        labels = {m.spec.labels for m in members}
-        if len(labels) != 1:
+        labels = tuple(name for name in members[0].spec.labels if all(name in m.spec.labels for m in members))
+        if len(labels) < 2:
             names = ", ".join(f"{m.model_id}: {list(m.spec.labels)}" for m in members)
-            raise EnsembleError(f"ensemble {model_id!r}: members disagree on labels ({names})")
+            raise EnsembleError(f"ensemble {model_id!r}: the members share fewer than two labels ({names})")
+        # per member: the columns of the shared labels, None when they are all of its outputs in the same order
+        self._columns = [None if m.spec.labels == labels else [m.spec.labels.index(n) for n in labels] for m in members]
         self.members, self.flip, self.model_id = members, flip, model_id
         self.weights = normalised_weights(list(weights), len(members)) if weights is not None else None
         if temperature is not None and not temperature > 0:
@@ -149,7 +160,7 @@ class EnsembleClassifier:
         self.temperature = temperature
         self.entropy_slope, self.entropy_curve = float(entropy_slope), float(entropy_curve)
         # The crop the service cuts for the ensemble: the first member's framing, probabilities as output.
-        self.spec = replace(members[0].spec, output="probabilities")
+        self.spec = replace(members[0].spec, output="probabilities", labels=labels)
         identity = [[m.model_id, m.version] for m in members] + [flip]
         digest = hashlib.sha256(json.dumps(identity + ([self.weights] if self.weights else [])).encode())
         # equal weights keep the version they had before weights existed; a temperature marks it as calibrated files
@@ -180,12 +191,19 @@ class EnsembleClassifier:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
         views = [crops, [np.ascontiguousarray(c[:, ::-1]) for c in crops]] if self.flip else [crops]
         weights = self.weights or [1.0 / len(self.members)] * len(self.members)
-        total = sum(w * m.predict_crops(view, batch_size) for m, w in zip(self.members, weights, strict=True)
-                    for view in views)  # fmt: skip
+        total = sum(
+            w * self._member_probabilities(i, view, batch_size) for i, w in enumerate(weights) for view in views
+        )
         averaged = total / len(views)
         if self.temperature is not None:
             averaged = temper(averaged, self.temperature, self.entropy_slope, self.entropy_curve)
         return averaged.astype(np.float32)
+
+    def _member_probabilities(self, index: int, crops: list[np.ndarray], batch_size: int) -> np.ndarray:
+        """Member ``index``'s probabilities of the ensemble's labels (renormalised when it has others too)."""
+        probs = self.members[index].predict_crops(crops, batch_size)
+        columns = self._columns[index]
+        return probs if columns is None else select_columns(probs, columns)
 
     @classmethod
     def from_config(cls, path: str | Path, available: dict[str, OnnxClassifier]) -> EnsembleClassifier:

@@ -13,7 +13,16 @@ import pytest
 from mien.card import Card
 from mien.ensemble import EnsembleClassifier, EnsembleError, load_classifier, read_ensemble_config
 from mien.export.ensemble import members_selected_on, write_ensemble
-from mien.export.ensemble_search import accuracy, fit_weights, greedy_members, mixture, nll, not_held_out, top_k
+from mien.export.ensemble_search import (
+    accuracy,
+    fit_weights,
+    greedy_members,
+    member_probabilities,
+    mixture,
+    nll,
+    not_held_out,
+    top_k,
+)
 from mien.export.evaluate import evaluate_path
 from mien.runtime import MODEL_ID_KEY, OnnxClassifier
 from tests.conftest import CPU, make_client
@@ -117,7 +126,7 @@ def test_broken_ensemble_files_are_refused_and_the_models_still_served(two_model
 def test_members_must_share_labels(two_models, tmp_path):
     a = OnnxClassifier.from_path(two_models / "mini_xception.onnx", providers=CPU)
     spec = json.loads(a.metadata["mien.preprocess_spec"])
-    spec["labels"] = ["a", "b", "c", "d", "e", "f", "g"]
+    spec["labels"] = ["a", "b", "c", "d", "e", "f", "happy"]  # one name in common: not an ensemble
     relabel(
         two_models / "mini_xception.onnx",
         tmp_path / "other.onnx",
@@ -125,8 +134,62 @@ def test_members_must_share_labels(two_models, tmp_path):
         **{"mien.preprocess_spec": json.dumps(spec)},
     )
     b = OnnxClassifier.from_path(tmp_path / "other.onnx", providers=CPU)
-    with pytest.raises(EnsembleError, match="disagree on labels"):
+    with pytest.raises(EnsembleError, match="share fewer than two labels"):
         EnsembleClassifier("e", [a, b])
+
+
+def with_contempt(src: Path, dst: Path, model_id: str) -> None:
+    """``src`` (7 FER2013 logits) as an 8-label FER+-style model: a contempt logit, a copy of angry's, appended."""
+    proto = onnx.load(str(src))
+    graph = proto.graph
+    out = graph.output[0]
+    logits = out.name + "_7"
+    for node in graph.node:  # the old output becomes an inner tensor
+        node.output[:] = [logits if o == out.name else o for o in node.output]
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array(v, np.int64), n)
+                              for n, v in (("c_start", [0]), ("c_end", [1]), ("c_axis", [1]))])  # fmt: skip
+    graph.node.extend([
+        onnx.helper.make_node("Slice", [logits, "c_start", "c_end", "c_axis"], ["contempt"]),
+        onnx.helper.make_node("Concat", [logits, "contempt"], [out.name], axis=1),
+    ])  # fmt: skip
+    out.type.tensor_type.shape.dim[1].Clear()  # 8 now, left symbolic
+    spec = json.loads({p.key: p.value for p in proto.metadata_props}["mien.preprocess_spec"])
+    spec["labels"] = [*spec["labels"], "contempt"]
+    onnx.save(proto, str(dst))
+    relabel(dst, dst, model_id, **{"mien.preprocess_spec": json.dumps(spec)})
+
+
+def test_a_member_with_more_labels_joins_on_the_shared_ones(two_models, tiny_npz, astronaut_jpeg, tmp_path):
+    """A FER+-style member (contempt too) in a FER2013 ensemble contributes its seven labels, renormalised."""
+    a = OnnxClassifier.from_path(two_models / "mini_xception.onnx", providers=CPU)
+    with_contempt(two_models / "mini_xception.onnx", tmp_path / "plus.onnx", "plus")
+    plus = OnnxClassifier.from_path(tmp_path / "plus.onnx", providers=CPU)
+    crops = faces()
+    p7, p8 = a.predict_crops(crops), plus.predict_crops(crops)
+    assert plus.spec.labels == (*a.spec.labels, "contempt") and p8.shape == (len(crops), 8)
+    np.testing.assert_allclose(p8[:, 7], p8[:, 0], atol=1e-6)  # contempt really takes a share
+    assert (p8[:, :7].sum(1) < 0.99).all()
+
+    for members in ([a, plus], [plus, a]):  # in either order the ensemble serves the seven shared labels
+        ensemble = EnsembleClassifier("e", members, weights=[0.3, 0.7])
+        assert ensemble.spec.labels == a.spec.labels and ensemble.spec.num_classes == 7
+        out = ensemble.predict_crops(crops)
+        # plus's seven renormalised probabilities are a's own, so the weighted mean is a's
+        np.testing.assert_allclose(out, p7, atol=1e-5)
+    # the search that chooses members scores such a member the way the ensemble serves it
+    (tmp_path / "mini_xception.onnx").symlink_to(two_models / "mini_xception.onnx")
+    probs, truth = member_probabilities(tmp_path, ["mini_xception", "plus"], str(tiny_npz), "public_test")
+    assert probs["plus"].shape == probs["mini_xception"].shape == (len(truth), 7)
+    np.testing.assert_allclose(probs["plus"], probs["mini_xception"], atol=1e-5)
+    # and the service lists and serves it with the shared labels
+    (tmp_path / "mixed.ensemble.json").write_text('{"members": ["plus", "mini_xception"]}')
+    with make_client(tmp_path) as c:
+        assert c.get("/ready").json()["refused"] == {}
+        models = {m["id"]: m for m in c.get("/models").json()["models"]}
+        assert models["plus"]["labels"][-1] == "contempt" and models["mixed"]["labels"] == list(a.spec.labels)
+        response = c.post("/predict?model=mixed", files={"file": ("a.jpg", astronaut_jpeg, "image/jpeg")})
+        assert response.status_code == 200, response.text
+        assert set(response.json()["faces"][0]["probabilities"]) == set(a.spec.labels)
 
 
 def test_load_classifier_picks_by_suffix(two_models):
