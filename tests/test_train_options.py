@@ -14,7 +14,7 @@ from mien.training.hardware import channels_last_hazards, use_channels_last
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext
 from mien.training.schedule import epochs_without_improvement, get_lr, plateau_scale
-from mien.training.train import TrainConfig, train
+from mien.training.train import TrainConfig, eta_seconds, train
 from tests.conftest import write_npz
 
 SMALL = {"widths": [8, 16, 32, 64], "hidden": 16}
@@ -121,3 +121,11 @@ def test_training_falls_back_to_nchw_for_a_model_that_would_crash(tmp_path, monk
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     assert ckpt["train_config"]["channels_last"] is False  # the layout that actually ran
     assert "training in NCHW instead of channels-last" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_eta_follows_the_usual_epoch_not_one_slowed_by_a_pause():
+    assert eta_seconds([100.0, 110.0, 105.0], 10) == 1050.0
+    # one epoch of the last five took 7x as long (the process was paused): the median ignores it
+    assert eta_seconds([100.0, 700.0, 105.0, 110.0, 95.0], 100) == 10_000 + 500
+    assert eta_seconds([900.0, 100.0, 100.0, 100.0, 100.0, 100.0], 3) == 300.0  # only the last five count
+    assert eta_seconds([], 5) == 0.0 and eta_seconds([100.0], 0) == 0.0

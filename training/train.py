@@ -289,14 +289,20 @@ def _stop_early(cfg: TrainConfig, progress: Progress, epoch: int) -> bool:
 
 
 def _log_epoch(cfg: TrainConfig, row: dict, progress: Progress) -> None:
-    """The epoch's figures, the best so far and an ETA from the last five epochs' pace."""
-    recent = [h["seconds"] for h in progress.history[-5:]]
-    eta = (cfg.epochs - row["epoch"]) * sum(recent) / len(recent)
+    """The epoch's figures, the best so far and an ETA (:func:`eta_seconds`)."""
+    eta = eta_seconds([h["seconds"] for h in progress.history], cfg.epochs - row["epoch"])
     log.info(
         "epoch %d/%d  train loss %.4f acc %.4f  %s loss %.4f acc %.4f  best %.4f (epoch %d)  %.0f s  ETA %s",
         row["epoch"], cfg.epochs, row["train_loss"], row["train_acc"], cfg.val_split, row["val_loss"], row["val_acc"],
         progress.best["val_acc"], progress.best["epoch"], row["seconds"], _duration(eta),
     )  # fmt: skip
+
+
+def eta_seconds(epoch_seconds: list[float], remaining: int) -> float:
+    """Seconds left for ``remaining`` epochs at the median pace of the last five: one epoch slowed by a paused
+    process or a test run beside it does not multiply the estimate (the mean of the five did, by up to 4×)."""
+    recent = epoch_seconds[-5:]
+    return remaining * float(np.median(recent)) if recent else 0.0
 
 
 def _duration(seconds: float) -> str:
