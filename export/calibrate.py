@@ -184,13 +184,16 @@ def with_temperature(
     return out
 
 
-def _probabilities(model: onnx.ModelProto, data: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``model``'s probabilities over all its classes on ``split``, and the truth as model class indices."""
+def _probabilities(
+    model: onnx.ModelProto, data: str | Path, split: str, label_source: str = "fer2013"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``model``'s probabilities over all its classes on ``split``, and the truth (``label_source``'s labels: FER2013's
+    or the FER+ majority votes, from the votes file beside ``data``) as model class indices."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save(model, path)
         classifier = OnnxClassifier.from_path(path, providers=("CPUExecutionProvider",))
-        faces = eval_split(data, split, tuple(classifier.spec.labels))
+        faces = eval_split(data, split, tuple(classifier.spec.labels), label_source)
         probs = classifier.predict_crops(list(faces.images))
     return probs, np.asarray(faces.columns)[faces.truth]
 
@@ -254,8 +257,10 @@ def calibrate(path: str | Path, data: str | Path, fit_split: str = "val", test_s
     card = _held_out(path, fit_split, force)
     model = onnx.load(path)
     raw = without_calibration(model)
-    fit, test = _probabilities(raw, data, fit_split), _probabilities(raw, data, test_split)
-    block = _fit(path, fit, test, fit_split, test_split, temperature_of(model), method)
+    # a model is calibrated on the labels it learnt (a FER+ model on the FER+ majority votes), as its card scores it
+    label_source = card.label_source if card is not None else "fer2013"
+    fit, test = (_probabilities(raw, data, split, label_source) for split in (fit_split, test_split))
+    block = _fit(path, fit, test, fit_split, test_split, temperature_of(model), method) | {"label_source": label_source}
     shape = block["temperature"], block["entropy_slope"], block["entropy_curve"]
     calibrated = with_temperature(model, *shape)
     versions = {prop.key: prop.value for prop in calibrated.metadata_props}

@@ -119,7 +119,9 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     plot_confusion(report, figures / f"{model_id}_confusion.png",
                    f"{model_id} on {cfg.split}: accuracy {report['accuracy']:.3f}")  # fmt: skip
     calibration = report["calibration"]
-    plot_reliability(calibration, figures / f"{model_id}_reliability.png", f"{model_id} on {cfg.split}")
+    own, own_calibration = _own_labels(classifier, card, cfg)  # a FER+ model: also scored, and judged, on FER+ labels
+    plot_reliability(own_calibration or calibration, figures / f"{model_id}_reliability.png",
+                     f"{model_id} on {cfg.split}" + (f" ({own['label_source']} labels)" if own else ""))  # fmt: skip
     if model_id == cfg.default_model:
         plot_coverage(calibration, figures / f"{model_id}_coverage.png",
                       f"{model_id} on {cfg.split}: accuracy against coverage")  # fmt: skip
@@ -148,6 +150,7 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
         "accuracy_ci95": list(bootstrap_ci(correct, confidence=1 - ALPHA, seed=cfg.seed)),
         "stn_affine": stn_stats(path, classifier, images) if has_op(path, "GridSample") else None,
         "correct": correct,
+        "own_labels": own,
     }
     if plot_card_curves(card, figures / f"{model_id}_curves.png"):
         row["figures"]["curves"] = f"{model_id}_curves.png"
@@ -165,6 +168,20 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     log.info("%s: accuracy %.4f, occluded %.4f, %.2f ms/face", model_id, row["accuracy"], occluded_acc,
              row["ms_per_face_b1"])  # fmt: skip
     return row
+
+
+def _own_labels(classifier, card: Card | None, cfg: ResultsConfig) -> tuple[dict | None, dict | None]:
+    """For a model whose card says it learnt other labels than FER2013's (FER+): its figures on ``cfg.split`` against
+    those labels (accuracy, macro-F1, ECE...) and the calibration report they come from; else (None, None). The
+    main table scores every model on FER2013's."""
+    label_source = card.label_source if card else "fer2013"
+    if label_source == "fer2013":
+        return None, None
+    report, _ = score_classifier(classifier, cfg.data, cfg.split, label_source)
+    keys = ("ece", "nll", "brier", "ece_floor", "ece_floor_95", "ece_p_calibrated")
+    return {"label_source": label_source, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+            "num_images": report["num_images"],
+            **{key: report["calibration"][key] for key in keys}}, report["calibration"]  # fmt: skip
 
 
 class _Recording:
@@ -223,6 +240,7 @@ def render(rows: list[dict], cfg: ResultsConfig, command: str) -> str:
     lines = _summary(rows, cfg, command)
     lines += ["", f"![accuracy against speed]({figures_rel}/{SPEED_FIGURE})"]
     lines += _per_class(rows, cfg.split)
+    lines += _other_labels(rows, cfg.split)
     lines += _calibration(rows, cfg, figures_rel)
     if all(m in by_id for m in ABLATION_ROWS):
         lines += _ablation(by_id, cfg.split)
@@ -323,22 +341,48 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
         "| model | ECE % | calibrated model's ECE % (95%) | p | NLL | Brier | temperature | fitted on | ECE ≤ target |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: r["ece"]):
+    for r in sorted(rows, key=lambda r: _calibrated(r)["ece"]):
+        m = _calibrated(r)
         temperature = "" if r["temperature"] is None else f"{r['temperature']:.3f}"
         if r.get("entropy_slope") or r.get("entropy_curve"):
             slope, c = r["entropy_slope"], r.get("entropy_curve") or 0.0
             curve = f" {_sign(c) or '+'} {abs(c):.3f} h²" if c else ""
             temperature += f" · e^({_sign(slope)}{abs(slope):.3f} h{curve})"
-        met = "yes" if 100 * r["ece"] <= ECE_TARGET else "no"
-        floor = f"{_pct(r['ece_floor'])} ({_pct(r['ece_floor_95'])})"
-        lines.append(f"| `{r['model_id']}` | {_pct(r['ece'])} | {floor} | {r['ece_p_calibrated']:.3f} | {r['nll']:.3f} "
-                     f"| {r['brier']:.3f} | {temperature} | {r['temperature_fitted_on'] or ''} | {met} |")  # fmt: skip
+        met = "yes" if 100 * m["ece"] <= ECE_TARGET else "no"
+        floor = f"{_pct(m['ece_floor'])} ({_pct(m['ece_floor_95'])})"
+        name = f"`{r['model_id']}`" + (f" ({r['own_labels']['label_source']} labels)" if r.get("own_labels") else "")
+        lines.append(f"| {name} | {_pct(m['ece'])} | {floor} | {m['ece_p_calibrated']:.3f} | {m['nll']:.3f} "
+                     f"| {m['brier']:.3f} | {temperature} | {r['temperature_fitted_on'] or ''} | {met} |")  # fmt: skip
     shown = [r for r in rows if r["model_id"] == cfg.default_model] + [r for r in rows if r["members"]]
     if shown:
         lines += [""] + [f"![{r['model_id']} reliability]({figures_rel}/{r['figures']['reliability']})" for r in shown]
     default = next((r for r in rows if r["model_id"] == cfg.default_model), None)
     if default is not None:
         lines += _coverage(default, cfg.split, figures_rel)
+    return lines
+
+
+def _calibrated(row: dict) -> dict:
+    """The figures a model's calibration is judged by: on the labels it learnt (FER+ for a FER+ model)."""
+    return row.get("own_labels") or row
+
+
+def _other_labels(rows: list[dict], split: str) -> list[str]:
+    """The models that learnt other labels than FER2013's (FER+), scored on those too; nothing when there are none."""
+    others = [r for r in rows if r.get("own_labels")]
+    if not others:
+        return []
+    lines = ["", f"## Models trained on other labels, scored on theirs ({split})", "",
+             "The tables above score every model on FER2013's labels (an 8-class FER+ model answers the most likely "
+             "of FER2013's seven; FER2013's label and the FER+ majority agree on about two thirds of the faces). "
+             "Here such a model is scored on the labels it learnt, on the faces that have one (the FER+ majority "
+             "vote, docs/training.md).",
+             "", "| model | labels | faces | accuracy % | macro-F1 % | accuracy on FER2013 labels % |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in others:
+        own = r["own_labels"]
+        lines.append(f"| `{r['model_id']}` | {own['label_source']} | {own['num_images']:,} | {_pct(own['accuracy'])} "
+                     f"| {_pct(own['macro_f1'])} | {_pct(r['accuracy'])} |")  # fmt: skip
     return lines
 
 

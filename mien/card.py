@@ -107,6 +107,7 @@ class Calibration(_Block):
     # top label's log loss: see mien.export.calibration.fit_calibration)
     method: str = "temperature"
     fitted_on: str | None = None  # the split the calibration is fitted on (val: carved from Training)
+    label_source: str | None = None  # the labels it is fitted and measured on (the model's card's; None: fer2013)
     before: dict[str, dict[str, float]] = {}  # split -> ece, nll, brier of the uncalibrated file
     after: dict[str, dict[str, float]] = {}  # the same, calibrated
     measured_by: str | None = None
@@ -165,6 +166,11 @@ class Card(_Block):
     def selected_on(self) -> str | None:
         """The split that selected the checkpoint (None when the card does not say)."""
         return self.metrics.selected_on if self.metrics else None
+
+    @property
+    def label_source(self) -> str:
+        """The labels the model learnt and is scored on: fer2013 unless the card says otherwise (FER+)."""
+        return (self.metrics.label_source if self.metrics else None) or "fer2013"
 
     def to_dict(self) -> dict[str, Any]:
         """The card as written to disk (JSON types; fields never set are left out)."""

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from mien.card import read_card
 from mien.cli import build_parser
+from mien.export.calibrate import calibrate
 from mien.export.evaluate import evaluate_path
+from mien.export.onnx_export import ExportConfig, export_checkpoint
+from mien.export.results import ResultsConfig, write_results
 from mien.spec import FER2013_LABELS
 from mien.training.checkpoint import load_model
 from mien.training.data import DataError, load_dataset
@@ -121,3 +126,50 @@ def test_cli_options():
     assert (args.label_source, args.ferplus_target) == ("ferplus7", "soft")
     args = build_parser().parse_args(["eval", "m.onnx", "--label-source", "ferplus"])
     assert args.label_source == "ferplus"
+
+
+@pytest.fixture(scope="module")
+def ferplus_bundle(tmp_path_factory):
+    """Data with 280 test faces (export's parity check needs 256) and a FER+ model (8 classes, soft targets)
+    selected on the validation split, exported into a model folder."""
+    root = tmp_path_factory.mktemp("ferplus_bundle")
+    ferplus_data = write_npz(root / "fer2013.npz", train_per_class=60, test_per_class=40)
+    write_votes(ferplus_data, root / "ferplus_votes.csv")
+    cfg = TrainConfig(data=str(ferplus_data), out=str(root / "run"), epochs=3, batch_size=32, warmup_epochs=1,
+                      threads=1, label_source="ferplus", ferplus_target="soft", val_split="val")  # fmt: skip
+    train(cfg)
+    folder = root / "models"
+    export_checkpoint(ExportConfig(checkpoint=str(root / "run" / "best.pt"), out=str(folder / "plus.onnx"),
+                                   data=str(ferplus_data), parity_faces=256, model_id="plus"))  # fmt: skip
+    assert read_card(folder / "plus.card.json").label_source == "ferplus"
+    return folder, ferplus_data
+
+
+def test_a_ferplus_model_is_calibrated_and_reported_on_its_own_labels(ferplus_bundle, tmp_path):
+    folder, ferplus_data = ferplus_bundle
+    block = calibrate(folder / "plus.onnx", ferplus_data, method="temperature")
+    assert block["label_source"] == "ferplus"
+    card = read_card(folder / "plus.card.json")
+    assert card.calibration.label_source == "ferplus"
+    # the card's PublicTest ECE after calibration is the calibrated file's, scored on the FER+ majority labels
+    plus = evaluate_path(str(folder / "plus.onnx"), str(ferplus_data), "public_test", str(tmp_path / "a"),
+                         label_source="ferplus")  # fmt: skip
+    fer = evaluate_path(str(folder / "plus.onnx"), str(ferplus_data), "public_test", str(tmp_path / "b"))
+    assert card.calibration.after["public_test"]["ece"] == pytest.approx(plus["calibration"]["ece"], abs=1e-5)
+    assert plus["num_images"] != fer["num_images"] or plus["accuracy"] != fer["accuracy"]  # two different scorings
+
+    cfg = ResultsConfig(model_dir=str(folder), data=str(ferplus_data), out=str(tmp_path / "docs" / "results.md"),
+                        figures=str(tmp_path / "docs" / "figures"), repeats=2)  # fmt: skip
+    (row,) = write_results(cfg)
+    assert row["accuracy"] == pytest.approx(fer["accuracy"])  # the main table: FER2013's labels, as for every model
+    own = row["own_labels"]
+    assert own["label_source"] == "ferplus" and own["num_images"] == plus["num_images"]
+    assert own["accuracy"] == pytest.approx(plus["accuracy"]) and own["ece"] == pytest.approx(
+        plus["calibration"]["ece"]
+    )
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "## Models trained on other labels" in text
+    assert f"| `plus` | ferplus | {plus['num_images']:,} | {100 * plus['accuracy']:.2f} |" in text
+    assert f"| `plus` (ferplus labels) | {100 * plus['calibration']['ece']:.2f} |" in text
+    saved = json.loads((tmp_path / "docs" / "figures" / "results.json").read_text())
+    assert saved[0]["own_labels"]["accuracy"] == pytest.approx(plus["accuracy"])
