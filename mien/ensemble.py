@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,8 @@ import numpy as np
 from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
 
 ENSEMBLE_SUFFIX = ".ensemble.json"
+
+log = logging.getLogger(__name__)
 
 
 def normalised_entropy(probs: np.ndarray) -> np.ndarray:
@@ -151,6 +154,10 @@ class EnsembleClassifier:
             raise EnsembleError(f"ensemble {model_id!r}: the members share fewer than two labels ({names})")
         # per member: the columns of the shared labels, None when they are all of its outputs in the same order
         self._columns = [None if m.spec.labels == labels else [m.spec.labels.index(n) for n in labels] for m in members]
+        for m in members:
+            if dropped := [n for n in m.spec.labels if n not in labels]:
+                log.info("ensemble %s: member %s's %s left out (not every member has them); its probabilities of the "
+                         "%d shared labels are renormalised", model_id, m.model_id, dropped, len(labels))  # fmt: skip
         self.members, self.flip, self.model_id = members, flip, model_id
         self.weights = normalised_weights(list(weights), len(members)) if weights is not None else None
         if temperature is not None and not temperature > 0:

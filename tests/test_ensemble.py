@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def with_contempt(src: Path, dst: Path, model_id: str) -> None:
     relabel(dst, dst, model_id, **{"mien.preprocess_spec": json.dumps(spec)})
 
 
-def test_a_member_with_more_labels_joins_on_the_shared_ones(two_models, tiny_npz, astronaut_jpeg, tmp_path):
+def test_a_member_with_more_labels_joins_on_the_shared_ones(two_models, tiny_npz, astronaut_jpeg, tmp_path, caplog):
     """A FER+-style member (contempt too) in a FER2013 ensemble contributes its seven labels, renormalised."""
     a = OnnxClassifier.from_path(two_models / "mini_xception.onnx", providers=CPU)
     with_contempt(two_models / "mini_xception.onnx", tmp_path / "plus.onnx", "plus")
@@ -171,7 +172,9 @@ def test_a_member_with_more_labels_joins_on_the_shared_ones(two_models, tiny_npz
     assert (p8[:, :7].sum(1) < 0.99).all()
 
     for members in ([a, plus], [plus, a]):  # in either order the ensemble serves the seven shared labels
-        ensemble = EnsembleClassifier("e", members, weights=[0.3, 0.7])
+        with caplog.at_level(logging.INFO, logger="mien.ensemble"):
+            ensemble = EnsembleClassifier("e", members, weights=[0.3, 0.7])
+        assert "member plus's ['contempt'] left out" in caplog.text
         assert ensemble.spec.labels == a.spec.labels and ensemble.spec.num_classes == 7
         out = ensemble.predict_crops(crops)
         # plus's seven renormalised probabilities are a's own, so the weighted mean is a's
