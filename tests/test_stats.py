@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from mien.export.stats import EXACT_BELOW, bootstrap_ci, mcnemar, paired_bootstrap_diff, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pairs(b10: int, b01: int, both_right: int = 30, both_wrong: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -97,3 +102,14 @@ def test_verdict_and_input_checks():
         mcnemar(np.ones(3, bool), np.ones(4, bool))
     with pytest.raises(ValueError, match="non-empty 1-D"):
         bootstrap_ci(np.array([], bool))
+
+
+def test_selection_optimism_is_the_kept_epoch_over_the_epochs_before_it():
+    spec = importlib.util.spec_from_file_location("selection_optimism", ROOT / "benchmarks" / "selection_optimism.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    history = [{"epoch": i + 1, "val_acc": v} for i, v in enumerate([0.5, 0.6, 0.6, 0.62, 0.6, 0.7, 0.65])]
+    row = module.optimism(history, 4)
+    assert row["epoch"] == 6 and row["val_acc"] == 0.7
+    assert row["mean_before"] == pytest.approx(0.605) and row["optimism"] == pytest.approx(0.095)
+    assert module.optimism(history, 6) is None  # only five epochs before the kept one
