@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from mien.ensemble import select_columns
 from mien.export.calibration import calibration_report, plot_coverage, plot_reliability
 from mien.spec import PreprocessSpec
 from mien.training.data import CARVED_SPLIT, DataError, FaceDataset, load_dataset, load_with_validation, select_labels
@@ -132,10 +133,10 @@ def eval_split(
 
 def score_faces(classifier: Classifier, faces: SplitFaces, batch_size: int = 256) -> dict:
     """The classification report of ``classifier`` on ``faces``: its most likely scored class against the truth."""
-    probs = classifier.predict_crops(list(faces.images), batch_size)[:, faces.columns]
+    probs = select_columns(classifier.predict_crops(list(faces.images), batch_size), faces.columns)
     report = classification_report(faces.truth, probs.argmax(1), faces.names)
     # Calibration of the scored classes (renormalised when the model has classes the label set lacks).
-    report["calibration"] = calibration_report(probs / probs.sum(axis=1, keepdims=True), faces.truth)
+    report["calibration"] = calibration_report(probs, faces.truth)
     return report
 
 
