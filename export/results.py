@@ -46,7 +46,12 @@ BEST_SINGLE_TARGET = 72.0
 ECE_TARGET = 2.0
 SPEED_FIGURE = "accuracy_vs_speed.png"
 #: Row fields kept in memory only (not written to results.json): each face's correctness, for the paired tests.
-IN_MEMORY = ("correct",)
+IN_MEMORY = ("correct", "train_config")
+#: What the ablation's arms may differ in (their front end) and where a run happened to run; any other difference
+#: between an arm's training configuration and Base's makes the pair something other than an ablation.
+FRONT_END_KEYS = frozenset({"model", "stn_reg", "stn_lr_scale", "sr_init", "sr_lr_scale", "freeze_sr",
+                            "model_kwargs.sr_kwargs"})  # fmt: skip
+RUN_KEYS = frozenset({"data", "out", "threads", "device"})
 #: The level of the ablation's tests and the confidence of its intervals.
 ALPHA = 0.05
 
@@ -206,6 +211,7 @@ def card_figures(card: Card | None) -> dict:
         "epochs": training.epochs_run if training else None,
         "seconds_per_epoch": training.seconds_per_epoch_median if training else None,
         "train_command": training.command if training else None,
+        "train_config": training.config if training else None,
         "notes": training.notes if training else None,
         # an ONNX model's flip TTA is an export option; an ensemble's, its own "flip"
         "flip_tta": export.flip_tta if export and export.flip_tta is not None else (card.flip if card else None),
@@ -426,11 +432,12 @@ def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
         f"Verdict: helps or hurts when p < {ALPHA}, otherwise no measurable effect (three arms are tested "
         f"against Base: with a Holm correction the smallest p must be below {ALPHA / 3:.4f}). STN: the mean "
         "scale (sqrt|det| of the warp's 2×2 part; below 1 the transformer zooms in) and rotation (degrees) it "
-        f"applies to the {split} faces.",
+        f"applies to the {split} faces. An arm trained with another recipe than Base (other than its front end: "
+        "epochs, learning rate, widths...) is no ablation of it: its verdict says so and names the differences.",
         "",
-        f"| | model | {split} accuracy % [{confidence} CI] | Δ vs Base, points [{confidence} CI] | McNemar vs Base "
-        "| paper, FER2013 test % | occluded % | STN scale / rotation | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| | model | epochs | {split} accuracy % [{confidence} CI] | Δ vs Base, points [{confidence} CI] "
+        "| McNemar vs Base | paper, FER2013 test % | occluded % | STN scale / rotation | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = by_id["base_cnn"]
     for model_id, name in ABLATION_ROWS.items():
@@ -443,9 +450,45 @@ def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
             delta, test, conclusion = "", "", "reference"
         else:
             delta, test, conclusion = _versus(base, r)
-        lines.append(f"| {name} | `{model_id}` | {accuracy} | {delta} | {test} | {PAPER_ABLATION[model_id]} "
-                     f"| {_pct(r['occluded_accuracy'])} | {stn_cell} | {conclusion} |")  # fmt: skip
+            differences = recipe_differences(base.get("train_config"), r.get("train_config"))
+            if differences:
+                conclusion = f"not comparable, trained differently: {differences}"
+        lines.append(f"| {name} | `{model_id}` | {r.get('epochs') or ''} | {accuracy} | {delta} | {test} "
+                     f"| {PAPER_ABLATION[model_id]} | {_pct(r['occluded_accuracy'])} | {stn_cell} "
+                     f"| {conclusion} |")  # fmt: skip
     return lines
+
+
+def recipe_differences(base: dict | None, arm: dict | None, shown: int = 4) -> str:
+    """How an arm's training configuration differs from Base's beyond its front end (``FRONT_END_KEYS``) and where
+    it ran (``RUN_KEYS``), as "key arm vs Base" items ("" when they agree; nested tables such as ``augment`` and
+    ``model_kwargs`` are compared key by key, the SR arms' ``sr_kwargs`` being their front end; a key one card
+    lacks counts as a difference unless the other's value is empty, such as ``init = ""``; both show as "—").
+    "unknown" when a card has no configuration."""
+    if base is None or arm is None:
+        return "unknown (a card without its training configuration)"
+
+    def flat(config: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in config.items():
+            if prefix + key in FRONT_END_KEYS | RUN_KEYS:
+                continue
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    a, b = flat(arm), flat(base)
+
+    def value(config: dict, key: str):  # an absent key and an empty value ("", [], {}) mean the same: none set
+        return config.get(key) if config.get(key) not in ("", [], {}) else None
+
+    keys = [key for key in dict.fromkeys([*b, *a]) if value(a, key) != value(b, key)]
+    shown_as = {None: "—"}
+    items = [f"{key} {shown_as.get(value(a, key), value(a, key))} vs {shown_as.get(value(b, key), value(b, key))}"
+             for key in keys[:shown]]  # fmt: skip
+    return ", ".join(items) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def _versus(base: dict, arm: dict) -> tuple[str, str, str]:

@@ -223,6 +223,45 @@ def test_the_ablation_table_has_intervals_paired_tests_stn_warps_and_verdicts(ab
         assert line.endswith(f"| {verdict(difference, test['p_value'])} |")
 
 
+def test_an_arm_trained_with_another_recipe_than_base_is_not_called_an_ablation(ablation):
+    """The fixture's arms share one recipe but for the model: each gets a verdict. Give +SR the old budget runs'
+    differences (fewer epochs, a lower rate, a classifier started from Base) and its verdict names them instead;
+    the Δ and McNemar cells stay, since the faces are the same."""
+    import copy
+
+    from mien.export.results import _ablation, recipe_differences
+
+    _, rows, text = ablation
+    by_id = {r["model_id"]: r for r in rows}
+    base = by_id["base_cnn"]["train_config"]
+    assert base["model"] == "base_cnn" and base["epochs"] == 2  # what the card recorded from mien train
+    for model_id in ("stn_cnn", "sr_cnn", "stn_sr_cnn"):
+        assert recipe_differences(base, by_id[model_id]["train_config"]) == ""
+    assert "not comparable" not in text and "| 2 |" in text.split("## STN / SR ablation")[1]  # the epochs column
+
+    changed = copy.deepcopy(by_id)
+    arm = changed["sr_cnn"]["train_config"]
+    arm.update(epochs=1, lr=5e-4, init="runs/base_cnn/best.pt", sr_init="sr.pt", threads=2)
+    del arm["augment"]["erasing"]  # an older card without the key: its absence is a difference
+    arm["augment"]["mixup"] = 0.2
+    found = recipe_differences(base, arm)
+    assert found == "epochs 1 vs 2, lr 0.0005 vs 0.005, augment.erasing — vs 0.0, augment.mixup 0.2 vs 0.0 and 1 more"
+    every = recipe_differences(base, arm, shown=10)
+    assert every == found.replace(" and 1 more", ", init runs/base_cnn/best.pt vs —")  # base's init is ""
+    assert "sr_init" not in every and "threads" not in every  # the front end and the machine may differ
+    assert recipe_differences(base, {**base, "init": ""}) == ""  # an empty value means what an absent key means
+    assert recipe_differences(None, arm).startswith("unknown")
+
+    lines = _ablation(changed, "public_test")
+    sr_line = next(line for line in lines if line.startswith("| +SR | `sr_cnn` |"))
+    assert sr_line.endswith(f"| not comparable, trained differently: {found} |")
+    assert "p = " in sr_line  # the paired test is still shown
+    stn_line = next(line for line in lines if line.startswith("| +STN | `stn_cnn` |"))
+    assert "not comparable" not in stn_line and stn_line == next(
+        line for line in _ablation(by_id, "public_test") if line.startswith("| +STN | `stn_cnn` |")
+    )
+
+
 def test_the_stn_warp_learnt_is_read_from_the_onnx_graph_into_the_row_and_the_table(ablation, tiny_npz):
     from mien.export.figures import stn_thetas
 
