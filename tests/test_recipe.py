@@ -118,3 +118,15 @@ def test_recipe_check_command_passes_on_the_bundled_models_and_fails_on_drift(tm
     drifted.write_text(json.dumps(card))
     assert main(["recipe", "check", str(drifted)]) == 1
     assert "lr: card 0.1, recipe 0.002" in capsys.readouterr().out
+
+
+EXPERIMENTS = sorted((ROOT / "configs" / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_recipe_loads_as_mien_train_reads_it(path):
+    """The runs queued outside the checkout start from these files: each must load (no unknown option) and
+    hold the protocol's validation split out of training (carved from Training, the fixed seed)."""
+    cfg = config_from_dict(load_recipe(path))
+    assert (cfg.train_split, cfg.val_split, cfg.val_seed) == ("train", "val", 2013), path.name
+    assert f"--config configs/experiments/{path.name}" in path.read_text()  # its header says how to run it
