@@ -433,9 +433,10 @@ def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
         f"against Base: with a Holm correction the smallest p must be below {ALPHA / 3:.4f}). STN: the mean "
         "scale (sqrt|det| of the warp's 2×2 part; below 1 the transformer zooms in) and rotation (degrees) it "
         f"applies to the {split} faces. An arm trained with another recipe than Base (other than its front end: "
-        "epochs, learning rate, widths...) is no ablation of it: its verdict says so and names the differences.",
+        "epochs, learning rate, widths...) is no ablation of it: its verdict says so and names the differences. "
+        "Epochs: the run's schedule and the epoch whose weights were kept (the best on the validation split).",
         "",
-        f"| | model | epochs | {split} accuracy % [{confidence} CI] | Δ vs Base, points [{confidence} CI] "
+        f"| | model | epochs, kept | {split} accuracy % [{confidence} CI] | Δ vs Base, points [{confidence} CI] "
         "| McNemar vs Base | paper, FER2013 test % | occluded % | STN scale / rotation | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -453,7 +454,9 @@ def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
             differences = recipe_differences(base.get("train_config"), r.get("train_config"))
             if differences:
                 conclusion = f"not comparable, trained differently: {differences}"
-        lines.append(f"| {name} | `{model_id}` | {r.get('epochs') or ''} | {accuracy} | {delta} | {test} "
+        schedule = (r.get("train_config") or {}).get("epochs")
+        epochs = f"{schedule}, kept {r['epochs']}" if schedule and r.get("epochs") else (r.get("epochs") or "")
+        lines.append(f"| {name} | `{model_id}` | {epochs} | {accuracy} | {delta} | {test} "
                      f"| {PAPER_ABLATION[model_id]} | {_pct(r['occluded_accuracy'])} | {stn_cell} "
                      f"| {conclusion} |")  # fmt: skip
     return lines

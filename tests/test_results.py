@@ -237,7 +237,11 @@ def test_an_arm_trained_with_another_recipe_than_base_is_not_called_an_ablation(
     assert base["model"] == "base_cnn" and base["epochs"] == 2  # what the card recorded from mien train
     for model_id in ("stn_cnn", "sr_cnn", "stn_sr_cnn"):
         assert recipe_differences(base, by_id[model_id]["train_config"]) == ""
-    assert "not comparable" not in text and "| 2 |" in text.split("## STN / SR ablation")[1]  # the epochs column
+    section = text.split("## STN / SR ablation")[1].split("\n## ")[0]
+    for model_id, r in by_id.items():  # the epochs column: the schedule, and the epoch kept
+        if model_id in ("base_cnn", "stn_cnn", "sr_cnn", "stn_sr_cnn"):
+            assert f"| `{model_id}` | 2, kept {r['epochs']} |" in section and 1 <= r["epochs"] <= 2
+    assert "not comparable" not in section
 
     changed = copy.deepcopy(by_id)
     arm = changed["sr_cnn"]["train_config"]
