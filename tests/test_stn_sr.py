@@ -35,6 +35,7 @@ from mien.training.sr_pretrain import (
     resolve_sr_kwargs,
     resume_path,
     sr_faces,
+    sr_l1,
     ssim,
     to_grey_levels,
 )
@@ -306,6 +307,43 @@ def test_one_l1_pretraining_step_lowers_the_l1_of_its_batch(small_npz):
     assert after < before
 
 
+def test_a_bf16_l1_step_lowers_the_fp32_l1_of_its_batch(small_npz):
+    """--amp bf16 runs the network in bf16 and steps the fp32 weights: the fp32 loss still falls."""
+    from mien.training.sr_pretrain import downscale
+
+    torch.manual_seed(0)
+    sr = EDSR(1, num_blocks=1, features=8).to(memory_format=torch.channels_last)
+    hr = normalize(_faces(small_npz), default_spec("sr_cnn")).contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(sr.parameters(), lr=1e-3)
+    with torch.no_grad():
+        fp32_before = F.l1_loss(sr(downscale(hr)), hr).item()
+    bf16_before = l1_step(sr, optimizer, hr, "bf16")
+    assert bf16_before == pytest.approx(fp32_before, abs=0.02)  # the bf16 forward is the fp32 one, rounded
+    assert all(p.dtype == torch.float32 for p in sr.parameters())
+    with torch.no_grad():
+        assert F.l1_loss(sr(downscale(hr)), hr).item() < fp32_before
+
+
+def test_a_channels_last_bf16_pretraining_writes_an_fp32_network_that_loads_anywhere(tmp_path, small_npz):
+    """Issue 17's pre-training runs channels-last in bf16: the checkpoint is an ordinary fp32 state dict that an
+    NCHW EDSR loads and that reproduces the val L1 the run recorded (validation runs fp32)."""
+    out = tmp_path / "sr.pt"
+    cfg = SRPretrainConfig(data=str(small_npz), out=str(out), sr_kwargs={"num_blocks": 1, "features": 8}, epochs=2,
+                           batch_size=16, threads=1, channels_last=True, amp="bf16")  # fmt: skip
+    metrics = pretrain_sr(cfg)
+    ckpt = torch.load(out, weights_only=False)
+    assert ckpt["config"]["amp"] == "bf16" and ckpt["config"]["channels_last"] is True
+    assert all(t.dtype == torch.float32 for t in ckpt["state_dict"].values())
+    sr = EDSR(1, **ckpt["sr_kwargs"])
+    sr.load_state_dict(ckpt["state_dict"])
+    val_faces = sr_faces(cfg)[1]
+    val_l1, bicubic_l1 = sr_l1(sr, normalize(torch.from_numpy(val_faces), default_spec("sr_cnn")))
+    assert val_l1 == pytest.approx(metrics["val_l1"], rel=1e-4)
+    assert bicubic_l1 == pytest.approx(metrics["bicubic_l1"], rel=1e-6)
+    with pytest.raises(ValueError, match="other options.*amp"):  # a resumed run keeps its precision
+        pretrain_sr(replace(cfg, amp="none", epochs=3))
+
+
 def _keys(faces) -> set[bytes]:
     return {np.asarray(f, dtype=np.uint8).tobytes() for f in faces}
 
@@ -329,9 +367,9 @@ def test_sr_pretraining_learns_only_from_the_training_faces_mien_train_fits(tmp_
     seen = []
     real_step = sr_pretrain.l1_step
 
-    def recording_step(sr, optimizer, hr):
+    def recording_step(sr, optimizer, hr, *rest):
         seen.extend(to_grey_levels(hr, default_spec("sr_cnn")))
-        return real_step(sr, optimizer, hr)
+        return real_step(sr, optimizer, hr, *rest)
 
     monkeypatch.setattr(sr_pretrain, "l1_step", recording_step)
     metrics = pretrain_sr(cfg)

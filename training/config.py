@@ -25,6 +25,8 @@ from mien.training.schedule import SCHEDULES
 
 OPTIMIZERS = ("adam", "sgd")
 AMP_MODES = ("none", "bf16", "fp16")
+#: pretrain-sr runs on the CPU only: no fp16 (it needs a GPU's GradScaler).
+SR_AMP_MODES = ("none", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 SCHEDULE = "schedule, early stopping, clipping (training/schedule.py)"
@@ -182,6 +184,13 @@ class SRPretrainConfig:
     val_seed: int = option(VAL_SEED, "seed of the carve; fixed, so the SR net never learns from mien train's val faces")
     seed: int = option(0, "seed of the initialisation, batch order and flips")
     threads: int = option(0, "torch CPU threads; 0 = torch's default")
+    # Off by default so that every SR command written before them still reproduces its network; issue 17's
+    # pre-training uses both (3.6x faster a step on the 2-core AMD EPYC with AVX-512 BF16, docs/training.md).
+    channels_last: bool = option(False, "channels-last memory layout for the EDSR's training steps")
+    amp: str = option(
+        "none", "bf16 autocast for the training steps (validation and the checkpoint stay fp32)",
+        choices=SR_AMP_MODES
+    )  # fmt: skip
     limit: int = option(0, "use only the first N training faces, for smoke tests; 0 = all")
 
 

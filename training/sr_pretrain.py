@@ -74,10 +74,13 @@ def sr_l1(sr: nn.Module, hr: torch.Tensor, batch_size: int = 256) -> tuple[float
     return net / hr.numel(), bicubic / hr.numel()
 
 
-def l1_step(sr: nn.Module, optimizer: torch.optim.Optimizer, hr: torch.Tensor) -> float:
+def l1_step(sr: nn.Module, optimizer: torch.optim.Optimizer, hr: torch.Tensor, amp: str = "none") -> float:
     """One optimiser step of EDSR's L1 loss on the batch ``hr`` (normalised faces) from its ×2 downscale;
-    returns the loss before the step."""
-    loss = F.l1_loss(sr(downscale(hr)), hr)
+    returns the loss before the step. ``amp="bf16"`` runs the network under bf16 autocast (the weights, the
+    optimiser and the loss stay fp32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        out = sr(downscale(hr))
+    loss = F.l1_loss(out.float(), hr)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -121,11 +124,14 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
     val_hr = normalize(torch.from_numpy(val_faces), spec)
     sr_kwargs = {**EDSR_SMALL, **cfg.sr_kwargs}
     sr = EDSR(spec.channels, **sr_kwargs)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    sr = sr.to(memory_format=layout)
     steps_per_epoch = len(train_x) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_x)} training faces are fewer than one batch of {cfg.batch_size}")
-    log.info("SR pre-training EDSR %s: %d %s faces, L1 reported on %d %s faces", sr.kwargs, len(train_x),
-             cfg.train_split, len(val_hr), cfg.val_split)  # fmt: skip
+    log.info("SR pre-training EDSR %s: %d %s faces, L1 reported on %d %s faces (%s, amp %s)", sr.kwargs,
+             len(train_x), cfg.train_split, len(val_hr), cfg.val_split,
+             "channels-last" if cfg.channels_last else "NCHW", cfg.amp)  # fmt: skip
     optimizer = torch.optim.Adam(sr.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
     out = Path(cfg.out).expanduser()
@@ -143,8 +149,8 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
         for i in bar:
             hr = normalize(train_x[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]], spec)
             flip = torch.rand(len(hr), generator=generator) < 0.5
-            hr = torch.where(flip[:, None, None, None], hr.flip(-1), hr)
-            total += l1_step(sr, optimizer, hr)
+            hr = torch.where(flip[:, None, None, None], hr.flip(-1), hr).contiguous(memory_format=layout)
+            total += l1_step(sr, optimizer, hr, cfg.amp)
             schedule.step()
             bar.set_postfix(l1=f"{total / (i + 1):.4f}", refresh=False)
         val_l1, bicubic_l1 = sr_l1(sr, val_hr)
