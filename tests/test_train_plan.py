@@ -1,0 +1,122 @@
+"""scripts/train_plan.sh: the remaining training as one resumable queue. Its commands are recorded by a stand-in
+interpreter (no training runs here): the steps run in the plan's order, a finished step is skipped on a rerun,
+a failed step stops the queue without being marked done, and the SR arms wait for SR to beat bicubic."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = ROOT / "scripts" / "train_plan.sh"
+
+# Records `python -m mien.cli ARGS` as one line; writes what sr-eval would (its margin from SR_MARGIN); fails the
+# step named in FAIL_STEP; runs `python -c` (the plan's own checks) with the real interpreter.
+STAND_IN = f"""#!{sys.executable}
+import json, os, sys
+from pathlib import Path
+if sys.argv[1] == "-c":
+    os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])
+args = sys.argv[3:]
+with open(os.environ["PLAN_LOG"], "a") as log:
+    log.write(" ".join(args) + "\\n")
+if os.environ.get("FAIL_ON") and os.environ["FAIL_ON"] in " ".join(args):
+    sys.exit(1)
+if args[0] == "sr-eval" and "--out" in args:
+    margin = float(os.environ.get("SR_MARGIN", "1.0"))
+    out = Path(args[args.index("--out") + 1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({{"psnr_margin_db": {{"mean": margin, "ci95": [margin - 0.1, margin + 0.1]}}}}))
+"""
+
+
+def steps() -> list[str]:
+    listed = subprocess.run([str(PLAN), "--list"], capture_output=True, text=True, check=True,
+                            env={**os.environ, "MIEN_RUNS": "/nonexistent/plan-runs-for-listing"})  # fmt: skip
+    return [line.split()[1] for line in listed.stdout.splitlines()]
+
+
+@pytest.fixture
+def plan(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(STAND_IN)
+    python.chmod(0o755)
+    runs, log = tmp_path / "runs", tmp_path / "calls.log"
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+        environ = {**os.environ, "MIEN_RUNS": str(runs), "MIEN_PYTHON": str(python), "PLAN_LOG": str(log),
+                   "MIEN_DATA": "/data/fer2013.npz", "MIEN_PLAN_WAIT": "0", **env}  # fmt: skip
+        return subprocess.run([str(PLAN), *args], capture_output=True, text=True, env=environ, timeout=120)
+
+    def calls() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    return run, calls, runs
+
+
+def test_every_training_step_names_a_recipe_of_configs_experiments():
+    names = steps()
+    assert names[:2] == ["sr_pretrain", "sr_eval"]  # SR is checked before any SR arm trains
+    for name in names[2:]:
+        assert (ROOT / "configs" / "experiments" / f"{name}.toml").is_file(), name
+    # issue 17: the ablation's arms before the seed models, issue 14's FER+ network last
+    assert names.index("ablation_stn_sr") < min(i for i, n in enumerate(names) if n.startswith("converged_"))
+    assert names[-1] == "vgg_fer_ferplus"
+
+
+def test_the_plan_runs_each_step_once_in_order_and_a_rerun_skips_what_is_done(plan):
+    run, calls, runs = plan
+    done = run("sr_pretrain", "sr_eval", "ablation_base_seed1")
+    assert done.returncode == 0, done.stderr
+    recorded = calls()
+    assert recorded[0].startswith("pretrain-sr --data /data/fer2013.npz --epochs 40") and "--amp bf16" in recorded[0]
+    assert recorded[1].startswith("sr-eval") and "--split val" in recorded[1]
+    assert recorded[2].startswith("sr-eval") and "--split public_test" in recorded[2]
+    recipe = "configs/experiments/ablation_base_seed1.toml"
+    assert recorded[3] == f"train --config {recipe} --data /data/fer2013.npz --out {runs}/ablation_base_seed1"
+    assert [c.split()[0] for c in recorded[4:]] == ["export", "eval", "eval"]  # scored beside its run, not bundled
+    assert not any("models/" in c for c in recorded)
+    assert all((runs / f"{s}.done").is_file() for s in ("sr_pretrain", "sr_eval", "ablation_base_seed1"))
+    # the code the runs import is a snapshot of HEAD outside the checkout
+    (src,) = runs.glob("src-*")
+    assert (src / "mien" / "training" / "sr_pretrain.py").is_file()
+
+    again = run("sr_pretrain", "sr_eval", "ablation_base_seed1")
+    assert again.returncode == 0 and len(calls()) == len(recorded)  # nothing rerun
+    listed = run("--list").stdout.splitlines()
+    assert "done  ablation_base_seed1" in listed and "todo  ablation_sr" in listed
+
+
+def test_a_failed_step_stops_the_plan_unmarked_and_an_sr_arm_that_loses_to_bicubic_never_trains(plan):
+    run, calls, runs = plan
+    failed = run("sr_pretrain", "sr_eval", FAIL_ON="pretrain-sr")
+    assert failed.returncode != 0
+    assert not (runs / "sr_pretrain.done").exists() and len(calls()) == 1  # sr_eval never started
+
+    gated = run("sr_eval", "ablation_sr", SR_MARGIN="-0.5")
+    assert gated.returncode != 0 and "SR does not beat bicubic" in gated.stderr
+    assert not (runs / "sr_eval.done").exists()
+    assert not any(c.startswith("train") for c in calls())
+
+
+def test_an_sr_arm_is_published_over_its_bundled_id(plan):
+    run, calls, runs = plan
+    assert run("ablation_stn_sr").returncode == 0
+    recorded = calls()
+    assert recorded[0].startswith("train --config configs/experiments/ablation_stn_sr.toml")
+    export = recorded[1].split()
+    assert export[:2] == ["export", f"{runs}/ablation_stn_sr/best.pt"] and "--flip-tta" in export
+    assert export[export.index("--model-id") + 1] == "stn_sr_cnn" and "models/stn_sr_cnn.onnx" in export
+    assert [c.split()[0] for c in recorded[2:]] == ["eval", "calibrate", "recipe", "sr-eval"]
+    assert "--split val" in recorded[2] and "--fit-split val" in recorded[3]
+
+
+def test_an_unknown_step_starts_nothing(plan):
+    run, calls, runs = plan
+    result = run("sr_pretrain", "no_such_step")
+    assert result.returncode == 2 and "unknown step no_such_step" in result.stderr
+    assert calls() == [] and not list(runs.glob("src-*"))
