@@ -20,11 +20,12 @@ DATA=${MIEN_DATA:-$(realpath -m "$REPO/../shared/data/fer2013.npz")}
 PY=${MIEN_PYTHON:-$REPO/.venv/bin/python}  # MIEN_PYTHON: another interpreter (the tests give a stand-in)
 
 # The order: SR pre-training and its PSNR/SSIM check first, then the second seed of Base and +STN (two 1-hour runs
-# that finish inside one session), then the ablation's two SR arms (≈ 6.5 h each, across sessions), then the seed
-# models, then issue 14's FER+ network (the one run of issue 14 left that needs no teacher checkpoint).
-STEPS=(sr_pretrain sr_eval ablation_base_seed1 ablation_stn_seed1 ablation_sr ablation_stn_sr
+# that finish inside one session), then the ablation's two SR arms (≈ 6.5 h each, across sessions), then issue
+# 14's FER+ network (≈ 5 h; the one run of issue 14 left that needs no teacher checkpoint, and a candidate member
+# for the ensemble), then issue 17's seed models.
+STEPS=(sr_pretrain sr_eval ablation_base_seed1 ablation_stn_seed1 ablation_sr ablation_stn_sr vgg_fer_ferplus
     converged_row_lstm converged_se_sepconv converged_dcnn converged_dcnn5 converged_stn_resnet10_triplet
-    converged_sgan vgg_fer_ferplus)
+    converged_sgan)
 
 log() { echo "$(date -u '+%F %T') plan: $*"; }
 
