@@ -86,25 +86,31 @@ sys.exit(0 if m["ci95"][0] > 0 else f"SR does not beat bicubic on val: {m}")' "$
     esac
 }
 
-mkdir -p "$RUNS"
-if [ "${1:-}" = --list ]; then
-    for s in "${STEPS[@]}"; do
-        if [ -e "$RUNS/$s.done" ]; then echo "done  $s"; else echo "todo  $s"; fi
+main() {
+    mkdir -p "$RUNS"
+    if [ "${1:-}" = --list ]; then
+        for s in "${STEPS[@]}"; do
+            if [ -e "$RUNS/$s.done" ]; then echo "done  $s"; else echo "todo  $s"; fi
+        done
+        exit 0
+    fi
+    todo=("$@")
+    [ ${#todo[@]} -gt 0 ] || todo=("${STEPS[@]}")
+    for s in "${todo[@]}"; do
+        [[ " ${STEPS[*]} " == *" $s "* ]] || { echo "unknown step $s (steps: ${STEPS[*]})" >&2; exit 2; }
     done
-    exit 0
-fi
-todo=("$@")
-[ ${#todo[@]} -gt 0 ] || todo=("${STEPS[@]}")
-for s in "${todo[@]}"; do
-    [[ " ${STEPS[*]} " == *" $s "* ]] || { echo "unknown step $s (steps: ${STEPS[*]})" >&2; exit 2; }
-done
-SRC=$(snapshot)
-for s in "${todo[@]}"; do
-    [ -e "$RUNS/$s.done" ] && continue
-    # a run started by hand finishes first (MIEN_PLAN_WAIT=0: do not wait; the tests' stand-in trains nothing)
-    while [ "${MIEN_PLAN_WAIT:-1}" != 0 ] && pgrep -f "mien.cli (train|pretrain-sr)" >/dev/null; do sleep 60; done
-    log "start $s (code $SRC)"
-    step "$s"
-    date -u '+%F %T' > "$RUNS/$s.done"
-    log "done $s"
-done
+    SRC=$(snapshot)
+    for s in "${todo[@]}"; do
+        [ -e "$RUNS/$s.done" ] && continue
+        # a run started by hand finishes first (MIEN_PLAN_WAIT=0: do not wait; the tests' stand-in trains nothing)
+        while [ "${MIEN_PLAN_WAIT:-1}" != 0 ] && pgrep -f "mien.cli (train|pretrain-sr)" >/dev/null; do sleep 60; done
+        log "start $s (code $SRC)"
+        step "$s"
+        date -u '+%F %T' > "$RUNS/$s.done"
+        log "done $s"
+    done
+}
+
+# Read to the end before anything runs: bash reads a script as it goes, so editing the checkout's copy under a
+# running plan would otherwise change what it runs next.
+main "$@"; exit $?
