@@ -29,6 +29,7 @@ from mien.training.recipe import config_from_dict, load_recipe
 from mien.training.schedule import get_lr
 from mien.training.sr_pretrain import (
     evaluate_sr,
+    format_sr_evaluation,
     l1_step,
     pretrain_sr,
     psnr,
@@ -482,6 +483,26 @@ def test_sr_eval_scores_the_network_and_bicubic_on_the_same_faces(tmp_path, smal
     assert (tmp_path / "sr.public_test.eval.json").is_file()
     # the validation faces carved from Training, which pre-training held out: the check before PublicTest
     assert evaluate_sr(out, small_npz, "val")["faces"] == 7
+
+
+def test_sr_eval_leaves_blank_faces_out_and_says_how_many(tmp_path, small_npz):
+    """A face of one grey level (PublicTest has one) comes back exactly from bicubic: its PSNR is infinite and would
+    make every mean and margin inf or nan. It is left out of both methods' scores and counted."""
+    out = tmp_path / "sr.pt"
+    pretrain_sr(SRPretrainConfig(data=str(small_npz), out=str(out), sr_kwargs={"num_blocks": 1, "features": 8},
+                                 epochs=1, batch_size=16, threads=1))  # fmt: skip
+    arrays = dict(np.load(small_npz))
+    test_rows = np.flatnonzero(arrays["split_names"][arrays["split"]] == "public_test")
+    arrays["images"][test_rows[[0, 5]]] = 128  # two blank frames among the 21 PublicTest faces
+    blanked = tmp_path / "blank.npz"
+    np.savez(blanked, **arrays)
+    report = evaluate_sr(out, blanked, "public_test")
+    assert report["faces"] == 19 and report["blank_faces_left_out"] == 2
+    for scores in (report["psnr_db"], report["ssim"]):
+        assert all(np.isfinite(scores[m]["mean"]) for m in ("sr", "bicubic"))
+    assert np.isfinite(report["psnr_margin_db"]["ci95"]).all()
+    assert "2 blank faces (one grey level) left out" in format_sr_evaluation(report)
+    assert evaluate_sr(out, small_npz, "public_test")["blank_faces_left_out"] == 0
 
 
 def test_sr_eval_scores_the_front_end_an_sr_arm_trained_as_its_pretrained_start_is_scored(tmp_path, small_npz):
