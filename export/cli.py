@@ -22,8 +22,8 @@ LABEL_SOURCES = ("fer2013", "ferplus", "ferplus7")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``export``, ``ensemble``, ``eval``, ``calibrate`` and ``results`` to the ``mien`` parser's subcommands."""
-    for add in (_add_export, _add_ensemble, _add_eval, _add_calibrate, _add_results):
+    """Add ``export``, ``ensemble``, ``eval``, ``calibrate``, ``results`` and ``recover`` to ``mien``'s subcommands."""
+    for add in (_add_export, _add_ensemble, _add_eval, _add_calibrate, _add_results, _add_recover):
         add(sub)
 
 
@@ -104,6 +104,38 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "(ferplus7); a model is scored on the classes it shares with the label set")  # fmt: skip
     p.add_argument("--ferplus-votes", default="", help="FER+ votes csv (default: ferplus_votes.csv beside --data)")
     p.set_defaults(func=_run_eval)
+
+
+def _add_recover(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recover", help="rebuild a bundled model's training checkpoint from its ONNX file",
+                       description="Rebuild the checkpoint a bundled .onnx was exported from (its best.pt, e.g. to "
+                       "teach with --teacher after its run folder was lost): the network of its card's training "
+                       "config with the file's weights, batch norms folded back as identity plus bias. Written only "
+                       "when the rebuilt network gives the file's uncalibrated logits on real faces and random input "
+                       "(the exporter's parity check); exits non-zero otherwise.")  # fmt: skip
+    p.add_argument("model", help="a bundled .onnx file with its .card.json beside it")
+    p.add_argument("--out", required=True, help="the checkpoint to write, e.g. ~/mien-runs/vgg_fer/best.pt")
+    p.add_argument("--data", default=DEFAULT_DATA, help="FER2013, for the parity check's real faces")
+    p.add_argument("--split", default="val", help="the split the parity faces come from")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest |rebuilt - file| logit difference allowed")
+    p.set_defaults(func=_run_recover)
+
+
+def _run_recover(args: argparse.Namespace) -> int:
+    from mien.export.recover import RecoveryError, recover
+
+    try:
+        parity = recover(args.model, args.out, args.data, args.split, atol=args.atol)
+    except RecoveryError as exc:
+        print(f"mien recover: {exc}", file=sys.stderr)
+        return 2
+    if not parity.passed:
+        print(f"mien recover: the rebuilt network does not give {args.model}'s logits "
+              f"(max difference {parity.max_abs_diff:.2e}); nothing written", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"{args.out}: rebuilt from {args.model}; max |rebuilt - file| {parity.max_abs_diff:.2e}, "
+          f"top label the same on all {parity.real_faces} real and {parity.random_inputs} random inputs")  # fmt: skip
+    return 0
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["train", "recipe", "pretrain-sr", "sr-eval", "export", "ensemble", "eval", "calibrate", "results", "serve",
+COMMANDS = ["train", "recipe", "pretrain-sr", "sr-eval", "export", "ensemble", "eval", "calibrate", "results", "recover", "serve",
             "analyze"]  # fmt: skip
 
 

@@ -1,0 +1,76 @@
+"""`mien recover`: a bundled model's training checkpoint rebuilt from its ONNX file (its run folder lost), checked
+against the file before it is written, and usable wherever best.pt was (a teacher, an export)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mien.cli import main
+from mien.export.calibrate import calibrate
+from mien.export.onnx_export import ExportConfig, export_checkpoint
+from mien.export.recover import RecoveryError, recover, recover_checkpoint
+from mien.training.checkpoint import load_model
+from mien.training.config import AugmentConfig, TrainConfig
+from mien.training.distill import load_teachers
+from mien.training.train import train
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory, tiny_npz):
+    """A crop-trained vgg_fer with batch norms, exported with flip averaging and calibrated on val, as bundled."""
+    run, models = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("models")
+    train(TrainConfig(data=str(tiny_npz), out=str(run), model="vgg_fer", model_kwargs={"width": 4, "hidden": 8},
+                      epochs=2, batch_size=32, lr=0.05, optimizer="sgd", warmup_epochs=1, ema=0.9, threads=1,
+                      augment=AugmentConfig(crop=40)))  # fmt: skip
+    onnx_path = models / "vgg_tiny.onnx"
+    assert export_checkpoint(ExportConfig(checkpoint=str(run / "best.pt"), out=str(onnx_path), data=str(tiny_npz),
+                                          parity_faces=256, flip_tta=True, model_id="vgg_tiny")).passed  # fmt: skip
+    calibrate(onnx_path, tiny_npz, "val", "public_test", method="temperature")
+    return run / "best.pt", onnx_path
+
+
+def test_the_rebuilt_checkpoint_computes_what_the_lost_one_did(bundled, tiny_npz, tmp_path):
+    best, onnx_path = bundled
+    out = tmp_path / "again" / "best.pt"
+    parity = recover(onnx_path, out, tiny_npz)
+    assert parity.passed and parity.argmax_agreement == 1.0 and parity.max_abs_diff < 1e-4
+    original, spec, _ = load_model(best)
+    rebuilt, rebuilt_spec, ckpt = load_model(out)
+    assert rebuilt_spec == spec and ckpt["model_id"] == "vgg_fer" and ckpt["recovered_from"]["model_id"] == "vgg_tiny"
+    assert ckpt["recovered_from"]["test_time_augmentation"] == "flip"
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(16, 1, 48, 48)).astype(np.float32))
+    with torch.no_grad():  # the same network: logits equal up to the batch-norm folding's rounding
+        torch.testing.assert_close(rebuilt(x), original(x), atol=1e-4, rtol=1e-4)
+    # it teaches as the lost best.pt taught (same crop, same answers)
+    (lost,), (found,) = load_teachers(str(best), spec), load_teachers(str(out), spec)
+    torch.testing.assert_close(found.probabilities(x), lost.probabilities(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_card_that_does_not_describe_the_file_is_refused_and_nothing_is_written(bundled, tiny_npz, tmp_path):
+    _, onnx_path = bundled
+    copy = tmp_path / "vgg_tiny.onnx"
+    copy.write_bytes(onnx_path.read_bytes())
+    card = json.loads(onnx_path.with_suffix(".card.json").read_text())
+
+    card["training"]["config"]["model_kwargs"]["width"] = 8  # another network: shapes differ
+    copy.with_suffix(".card.json").write_text(json.dumps(card))
+    with pytest.raises(RecoveryError, match="the file holds"):
+        recover_checkpoint(copy, tiny_npz)
+    assert main(["recover", str(copy), "--out", str(tmp_path / "a.pt"), "--data", str(tiny_npz)]) == 2
+
+    card["training"]["config"]["model_kwargs"]["width"] = 4
+    card["training"]["config"]["augment"]["crop"] = 0  # the right weights, served on the whole face: other logits
+    copy.with_suffix(".card.json").write_text(json.dumps(card))
+    assert main(["recover", str(copy), "--out", str(tmp_path / "b.pt"), "--data", str(tiny_npz)]) == 1
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
+
+
+def test_the_command_writes_the_checkpoint_and_says_how_close_it_is(bundled, tiny_npz, tmp_path, capsys):
+    _, onnx_path = bundled
+    out = tmp_path / "runs" / "vgg" / "best.pt"
+    assert main(["recover", str(onnx_path), "--out", str(out), "--data", str(tiny_npz)]) == 0  # the 105 val faces
+    assert out.is_file() and "top label the same on all 105 real and 32 random inputs" in capsys.readouterr().out
