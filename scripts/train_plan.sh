@@ -21,9 +21,10 @@ PY=${MIEN_PYTHON:-$REPO/.venv/bin/python}  # MIEN_PYTHON: another interpreter (t
 
 # The order: SR pre-training and its PSNR/SSIM check first, then the second seed of Base and +STN (two 1-hour runs
 # that finish inside one session), then the ablation's two SR arms (≈ 6.5 h each, across sessions), then issue
-# 14's FER+ network (≈ 5 h; the one run of issue 14 left that needs no teacher checkpoint, and a candidate member
-# for the ensemble), then issue 17's seed models.
+# 14's runs (FER+ ≈ 5 h; the two teachers' checkpoints rebuilt from the bundled files by `mien recover`, then the
+# born-again vgg_fer ≈ 8 h and the second distillation into mini_xception ≈ 5.8 h), then issue 17's seed models.
 STEPS=(sr_pretrain sr_eval ablation_base_seed1 ablation_stn_seed1 ablation_sr ablation_stn_sr vgg_fer_ferplus
+    teachers vgg_fer_ba mini_xception_fm
     converged_row_lstm converged_se_sepconv converged_dcnn converged_dcnn5 converged_stn_resnet10_triplet
     converged_sgan)
 
@@ -44,10 +45,13 @@ snapshot() {  # the code the runs import: HEAD as committed, with the mien.<part
 
 mien() { PYTHONPATH=$SRC "$PY" -m mien.cli "$@"; }
 
-train() {  # train <recipe stem> [run name]: the recipe of configs/experiments, resumed when rerun
-    local recipe=$1 name=${2:-$1}
-    mien train --config "configs/experiments/$recipe.toml" --data "$DATA" --out "$RUNS/$name"
+train() {  # train <recipe stem> [more mien train options]: the recipe of configs/experiments, resumed when rerun
+    local recipe=$1
+    shift
+    mien train --config "configs/experiments/$recipe.toml" --data "$DATA" --out "$RUNS/$recipe" "$@"
 }
+
+TEACHERS=$RUNS/vgg_fer/best.pt,$RUNS/vgg_fer_seed1/best.pt  # the two seeds, as the distillation recipes name them
 
 publish() {  # publish <run> <model id>: export over the bundled id with flip averaging, score val, calibrate, sync
     local run=$1 id=$2
@@ -83,6 +87,14 @@ sys.exit(0 if m["ci95"][0] > 0 else f"SR does not beat bicubic on val: {m}")' "$
     ablation_base_seed1 | ablation_stn_seed1) train "$1" && score_seed "$1" ;;
     converged_*) train "$1" ;;
     vgg_fer_ferplus) train vgg_fer_ferplus ;;  # exported by hand as vgg_ferplus (8 labels; docs/training.md)
+    teachers)  # best.pt of both seeds, rebuilt from the bundled files and checked against them (their run folders
+        # were lost with a machine; docs/training.md)
+        for id in vgg_fer vgg_fer_seed1; do
+            [ -e "$RUNS/$id/best.pt" ] || mien recover "models/$id.onnx" --out "$RUNS/$id/best.pt" --data "$DATA"
+        done ;;
+    vgg_fer_ba | mini_xception_fm)  # exported by hand as trial ids first: each replaces a bundled model only if
+        # better on val (docs/training.md)
+        train "$1" --teacher "$TEACHERS" ;;
     esac
 }
 

@@ -61,7 +61,8 @@ def plan(tmp_path):
 def test_every_training_step_names_a_recipe_of_configs_experiments():
     names = steps()
     assert names[:2] == ["sr_pretrain", "sr_eval"]  # SR is checked before any SR arm trains
-    for name in names[2:]:
+    assert names.index("teachers") < names.index("vgg_fer_ba") < names.index("mini_xception_fm")
+    for name in set(names[2:]) - {"teachers"}:
         assert (ROOT / "configs" / "experiments" / f"{name}.toml").is_file(), name
     # issue 17: the ablation's four arms first; issue 14's FER+ network before issue 17's seed models
     first_seed_model = min(i for i, n in enumerate(names) if n.startswith("converged_"))
@@ -120,3 +121,17 @@ def test_an_unknown_step_starts_nothing(plan):
     result = run("sr_pretrain", "no_such_step")
     assert result.returncode == 2 and "unknown step no_such_step" in result.stderr
     assert calls() == [] and not list(runs.glob("src-*"))
+
+
+def test_the_teachers_are_rebuilt_once_then_both_distillations_learn_from_them(plan):
+    run, calls, runs = plan
+    (runs / "vgg_fer").mkdir(parents=True)
+    (runs / "vgg_fer" / "best.pt").write_text("kept")  # a teacher whose run folder survived is not rebuilt
+    assert run("teachers", "vgg_fer_ba", "mini_xception_fm").returncode == 0
+    recorded = calls()
+    data = "--data /data/fer2013.npz"
+    assert recorded[0] == f"recover models/vgg_fer_seed1.onnx --out {runs}/vgg_fer_seed1/best.pt {data}"
+    teachers = f"--teacher {runs}/vgg_fer/best.pt,{runs}/vgg_fer_seed1/best.pt"
+    for call, recipe in zip(recorded[1:], ("vgg_fer_ba", "mini_xception_fm"), strict=True):
+        assert call == f"train --config configs/experiments/{recipe}.toml {data} --out {runs}/{recipe} {teachers}"
+    assert len(recorded) == 3
