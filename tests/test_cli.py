@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-COMMANDS = ["train", "recipe", "pretrain-sr", "sr-eval", "export", "ensemble", "eval", "calibrate", "results", "recover", "serve",
-            "analyze"]  # fmt: skip
+COMMANDS = ["train", "recipe", "pretrain-sr", "sr-eval", "export", "ensemble", "eval", "calibrate", "results",
+            "recover", "serve", "analyze"]  # fmt: skip
 
 
 def test_the_command_line_has_exactly_these_subcommands():
