@@ -111,6 +111,12 @@ main() {
     for s in "${todo[@]}"; do
         [[ " ${STEPS[*]} " == *" $s "* ]] || { echo "unknown step $s (steps: ${STEPS[*]})" >&2; exit 2; }
     done
+    if [ ! -x "$PY" ] && [ -z "${MIEN_PYTHON:-}" ]; then  # a new machine: the venv the test command makes, minus dev
+        log "making .venv (torch 2.13.0 CPU, mien with the train extra)"
+        python3 -m venv .venv
+        .venv/bin/pip install -q torch==2.13.0
+        .venv/bin/pip install -q -e ".[train]" --config-settings editable_mode=lenient
+    fi
     SRC=$(snapshot)
     for s in "${todo[@]}"; do
         [ -e "$RUNS/$s.done" ] && continue
