@@ -4,10 +4,10 @@
 --teacher`` (and ``--init``) load like the lost ``best.pt``: the network of the card's training config, with the
 weights the file holds. The exporter folds each batch norm into the convolution before it and drops the names of
 those weights, so the rebuild goes by structure: the file's Conv nodes, in graph order, are the network's
-convolutions in module order, and a batch norm that followed one becomes the identity plus the folded bias
-(weight 1, running mean 0, running variance 1 - eps, bias = the folded conv's bias), which computes exactly the
-folded layer; test-time augmentation runs the network once per view, and the copies of the folded weights each
-pass gets must be equal. Weights the file still names (e.g. a head's batch norm and last layer) are taken by
+convolutions in the order a forward pass calls them, and a batch norm that followed one becomes the identity plus
+the folded bias (weight 1, running mean 0, running variance 1 - eps, bias = the folded conv's bias), which computes
+exactly the folded layer; test-time augmentation runs the network once per view, and the copies of the folded weights
+each pass gets must be equal. Weights the file still names (e.g. a head's batch norm and last layer) are taken by
 name; a linear layer whose weight lost its name is the next MatMul or Gemm. Anything that does not fit (a count,
 a shape, a weight left unset) is refused.
 
@@ -71,8 +71,27 @@ def _one_view(nodes: list[onnx.NodeProto], expected: int, weights: dict[str, np.
     return views[0]
 
 
-def rebuild_state_dict(network: torch.nn.Module, model: onnx.ModelProto) -> dict[str, torch.Tensor]:
-    """``network``'s state dict with the weights of the ONNX ``model`` (see the module's docstring)."""
+def _call_order(network: torch.nn.Module, example: torch.Tensor, kinds: tuple[type, ...]) -> list[str]:
+    """Names of ``network``'s modules of ``kinds`` in the order a forward pass calls them (each once): the order
+    the exporter traced them in, which is not always the order they were registered (mini_xception's shortcut
+    convolution is registered first and runs last)."""
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _x, name=name: order.append(name) if name not in order else None)
+             for name, m in network.named_modules() if isinstance(m, kinds)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            network.eval()(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
+
+
+def rebuild_state_dict(
+    network: torch.nn.Module, model: onnx.ModelProto, example: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``network``'s state dict with the weights of the ONNX ``model`` (see the module's docstring); ``example``
+    is an input the network accepts, to find the order it runs its layers in."""
     weights = _initializers(model)
     state = {k: v.clone() for k, v in network.state_dict().items()}
     todo = {k for k in state if not k.endswith("num_batches_tracked")}
@@ -89,7 +108,8 @@ def rebuild_state_dict(network: torch.nn.Module, model: onnx.ModelProto) -> dict
     named = {n for n in weights if any(n == k or n.endswith("." + k) for k in state)}
 
     modules = list(network.named_modules())
-    torch_convs = [(i, name) for i, (name, m) in enumerate(modules) if isinstance(m, torch.nn.Conv2d)]
+    index = {name: i for i, (name, _) in enumerate(modules)}
+    torch_convs = [(index[name], name) for name in _call_order(network, example, (torch.nn.Conv2d,))]
     convs = _one_view([n for n in model.graph.node if n.op_type == "Conv"], len(torch_convs), weights, "convolutions")
     for node, (i, name) in zip(convs, torch_convs, strict=True):
         put(f"{name}.weight", weights[node.input[1]])
@@ -107,7 +127,7 @@ def rebuild_state_dict(network: torch.nn.Module, model: onnx.ModelProto) -> dict
                 raise RecoveryError(f"{name}: the file's convolution has a bias and no batch norm follows it")
             put(f"{name}.bias", bias)
 
-    linears = [name for name, m in modules if isinstance(m, torch.nn.Linear) and f"{name}.weight" in todo]
+    linears = [name for name in _call_order(network, example, (torch.nn.Linear,)) if f"{name}.weight" in todo]
     unnamed = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights
                and n.input[1] not in named]  # fmt: skip
     for name, node in zip(linears, _one_view(unnamed, len(linears), weights, "unnamed products"), strict=True):
@@ -133,7 +153,8 @@ def recover_checkpoint(onnx_path: str | Path, data: str | Path, split: str = "va
     spec = PreprocessSpec.from_dict(card["spec"])
     network = create_model(config["model"], **config.get("model_kwargs", {}))
     proto = onnx.load(onnx_path)
-    network.load_state_dict(rebuild_state_dict(network, proto))
+    example = torch.zeros(1, spec.channels, *spec.input_size)
+    network.load_state_dict(rebuild_state_dict(network, proto, example))
     served = as_served(network, config).eval()
     tta = {p.key: p.value for p in proto.metadata_props}.get("mien.test_time_augmentation", "none")
     if tta == "flip":
