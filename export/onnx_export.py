@@ -138,6 +138,14 @@ def check_parity(
     )  # fmt: skip
 
 
+def log_parity(parity: ParityResult, compared: str) -> None:
+    """One log line for a parity verdict: INFO when it passed, ERROR when not."""
+    level = logging.INFO if parity.passed else logging.ERROR
+    log.log(level, "parity %s: max |%s| = %.2e (atol %.0e), argmax agreement %.4f over %d real + %d random",
+            "passed" if parity.passed else "FAILED", compared, parity.max_abs_diff, parity.atol,
+            parity.argmax_agreement, parity.real_faces, parity.random_inputs)  # fmt: skip
+
+
 def export_checkpoint(cfg: ExportConfig) -> ParityResult:
     """Run the whole export; write the ONNX file and its card; return the parity verdict."""
     if cfg.parity_faces < 256:
@@ -167,10 +175,7 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
     log.info("wrote %s (%.1f kB) in %.1f s", out, out.stat().st_size / 1024, time.perf_counter() - started)
 
     parity = check_parity(model, make_session(out, ("CPUExecutionProvider",)), real, cfg.atol)
-    level = logging.INFO if parity.passed else logging.ERROR
-    log.log(level, "parity %s: max |torch - onnx| = %.2e (atol %.0e), argmax agreement %.4f over %d real + %d random",
-            "passed" if parity.passed else "FAILED", parity.max_abs_diff, parity.atol, parity.argmax_agreement,
-            parity.real_faces, parity.random_inputs)  # fmt: skip
+    log_parity(parity, "torch - onnx")
 
     report = score_faces(OnnxClassifier.from_path(out, providers=("CPUExecutionProvider",)), faces)
     macs = count_macs(model, torch.from_numpy(real[:1]))

@@ -20,7 +20,6 @@ checkpoint is the network before calibration, as ``best.pt`` was; its ``recovere
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +31,12 @@ from onnx import numpy_helper
 from mien.card import card_path
 from mien.export.calibrate import without_calibration
 from mien.export.evaluate import eval_split
-from mien.export.onnx_export import FlipAverage, TenCropAverage, check_parity
+from mien.export.onnx_export import FlipAverage, TenCropAverage, check_parity, log_parity
 from mien.preprocess import to_model_input
 from mien.spec import PreprocessSpec
 from mien.training.layers import as_served
 from mien.training.models import create_model
 from mien.training.run_folder import save
-
-log = logging.getLogger("mien.export")
 
 
 class RecoveryError(ValueError):
@@ -109,7 +106,9 @@ def rebuild_state_dict(
 
     modules = list(network.named_modules())
     index = {name: i for i, (name, _) in enumerate(modules)}
-    torch_convs = [(index[name], name) for name in _call_order(network, example, (torch.nn.Conv2d,))]
+    called = _call_order(network, example, (torch.nn.Conv2d, torch.nn.Linear))
+    kind = dict(modules)
+    torch_convs = [(index[name], name) for name in called if isinstance(kind[name], torch.nn.Conv2d)]
     convs = _one_view([n for n in model.graph.node if n.op_type == "Conv"], len(torch_convs), weights, "convolutions")
     for node, (i, name) in zip(convs, torch_convs, strict=True):
         put(f"{name}.weight", weights[node.input[1]])
@@ -127,7 +126,7 @@ def rebuild_state_dict(
                 raise RecoveryError(f"{name}: the file's convolution has a bias and no batch norm follows it")
             put(f"{name}.bias", bias)
 
-    linears = [name for name in _call_order(network, example, (torch.nn.Linear,)) if f"{name}.weight" in todo]
+    linears = [name for name in called if isinstance(kind[name], torch.nn.Linear) and f"{name}.weight" in todo]
     unnamed = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights
                and n.input[1] not in named]  # fmt: skip
     for name, node in zip(linears, _one_view(unnamed, len(linears), weights, "unnamed products"), strict=True):
@@ -185,10 +184,7 @@ def recover(onnx_path: str | Path, out: str | Path, data: str | Path, split: str
             atol: float = 1e-3) -> object:  # fmt: skip
     """Rebuild, check, and write the checkpoint only when the check passes; return the parity verdict."""
     ckpt, parity = recover_checkpoint(onnx_path, data, split, faces, atol)
-    log.log(logging.INFO if parity.passed else logging.ERROR,
-            "parity %s: max |rebuilt - file| = %.2e (atol %.0e), argmax agreement %.4f over %d real + %d random",
-            "passed" if parity.passed else "FAILED", parity.max_abs_diff, atol, parity.argmax_agreement,
-            parity.real_faces, parity.random_inputs)  # fmt: skip
+    log_parity(parity, "rebuilt - file")
     if parity.passed:
         out = Path(out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
