@@ -185,7 +185,7 @@ class SRPretrainConfig:
     seed: int = option(0, "seed of the initialisation, batch order and flips")
     threads: int = option(0, "torch CPU threads; 0 = torch's default")
     # Off by default so that every SR command written before them still reproduces its network; issue 17's
-    # pre-training uses both (3.6x faster a step on the 2-core AMD EPYC with AVX-512 BF16, docs/training.md).
+    # pre-training uses both (~1.9x faster a step on the 2-core AMD EPYC with AVX-512 BF16, docs/training.md).
     channels_last: bool = option(False, "channels-last memory layout for the EDSR's training steps")
     amp: str = option(
         "none", "bf16 autocast for the training steps (validation and the checkpoint stay fp32)",
