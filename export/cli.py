@@ -247,6 +247,8 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
                    "(benchmarks/fer_package_accuracy.py writes it; '' for none)")  # fmt: skip
     p.add_argument("--default-model", default="mini_xception",
                    help="the model the service serves by default: its reliability diagram is shown")  # fmt: skip
+    p.add_argument("--seed-dir", default=None,
+                   help="further seeds of the ablation arms, put beside them (default: MODEL_DIR/seeds)")  # fmt: skip
     p.set_defaults(func=_run_results)
 
 
@@ -255,7 +257,8 @@ def _run_results(args: argparse.Namespace) -> int:
 
     cfg = ResultsConfig(model_dir=args.model_dir, data=args.data, split=args.split, out=args.out,
                         figures=args.figures, threads=args.threads, repeats=args.repeats,
-                        reference=args.reference, default_model=args.default_model)  # fmt: skip
+                        reference=args.reference, default_model=args.default_model,
+                        seed_dir=args.seed_dir)  # fmt: skip
     rows = write_results(cfg, "mien " + shlex.join(sys.argv[1:]))
     for row in sorted(rows, key=lambda r: -r["accuracy"]):
         print(f"{row['model_id']:24s} accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "

@@ -9,8 +9,9 @@ score with a reliability diagram per model, and the temperature each was calibra
 confusion matrix and training curves per model, what each spatial transformer does to faces (its warp,
 read from the ONNX graph, with the mean scale and rotation it learnt), and a t-SNE map of the triplet model's
 embeddings. Also the STN/SR ablation in the form of the paper's Table 2, with a bootstrap interval of each
-arm's accuracy and McNemar's test of each arm against Base on the same faces, and the targets of the issue
-next to the measured figures.
+arm's accuracy and McNemar's test of each arm against Base on the same faces, each arm again for every further
+seed of it in ``models/seeds/`` (files measured, never served), and the targets of the issue next to the measured
+figures.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class ResultsConfig:
     default_model: str = "mini_xception"  # the model served by default: its reliability diagram is shown first
     # another package's figures on the same faces, drawn beside ours (benchmarks/fer_package_accuracy.py)
     reference: str = "docs/figures/fer_package.json"
+    # further seeds of the ablation's arms (`<arm>_seed<N>.onnx` with cards): in the ablation's table, not served;
+    # None: the folder `seeds` in model_dir
+    seed_dir: str | None = None
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -175,6 +179,27 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     return row
 
 
+def measure_seeds(cfg: ResultsConfig) -> list[dict]:
+    """One row per ONNX file in ``cfg.seed_dir`` (none when it is absent): the arm it is a seed of (its card's
+    training model), its seed, accuracy with interval, per-face correctness for the paired tests, the STN's warp."""
+    rows = []
+    for path in sorted(Path(cfg.seed_dir or Path(cfg.model_dir) / "seeds").glob("*.onnx")):
+        classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.threads)
+        config = card_figures(_card(path))
+        recording = _Recording(classifier)
+        report, faces = score_classifier(recording, cfg.data, cfg.split)
+        correct = recording.probs[:, faces.columns].argmax(1) == faces.truth
+        train_config = config["train_config"] or {}
+        rows.append({"model_id": classifier.model_id, "file": path.name, "arm": train_config.get("model"),
+                     "seed": train_config.get("seed"), "accuracy": report["accuracy"],
+                     "accuracy_ci95": list(bootstrap_ci(correct, confidence=1 - ALPHA, seed=cfg.seed)),
+                     "stn_affine": stn_stats(path, classifier, faces.images) if has_op(path, "GridSample") else None,
+                     "epochs": config["epochs"], "train_config": train_config, "correct": correct})  # fmt: skip
+        log.info("%s (seed %s of %s): accuracy %.4f", rows[-1]["model_id"], rows[-1]["seed"], rows[-1]["arm"],
+                 report["accuracy"])  # fmt: skip
+    return rows
+
+
 def _own_labels(classifier, card: Card | None, cfg: ResultsConfig) -> tuple[dict | None, dict | None]:
     """For a model whose card says it learnt other labels than FER2013's (FER+): its figures on ``cfg.split`` against
     those labels (accuracy, macro-F1, ECE...) and the calibration report they come from; else (None, None). The
@@ -239,8 +264,8 @@ def machine() -> str:
     return f"{describe_cpu()}, onnxruntime {ort.__version__} CPU provider, Python {python}"
 
 
-def render(rows: list[dict], cfg: ResultsConfig, command: str) -> str:
-    """docs/results.md from the measured rows."""
+def render(rows: list[dict], cfg: ResultsConfig, command: str, seeds: list[dict] = ()) -> str:
+    """docs/results.md from the measured rows (and the rows of the ablation arms' further seeds)."""
     figures_rel = Path(os.path.relpath(cfg.figures, Path(cfg.out).parent)).as_posix()
     by_id = {r["model_id"]: r for r in rows}
     lines = _summary(rows, cfg, command)
@@ -250,6 +275,7 @@ def render(rows: list[dict], cfg: ResultsConfig, command: str) -> str:
     lines += _calibration(rows, cfg, figures_rel)
     if all(m in by_id for m in ABLATION_ROWS):
         lines += _ablation(by_id, cfg.split)
+        lines += _ablation_seeds(by_id, list(seeds), cfg.split)
     lines += _targets(rows)
     lines += ["", "## How each model was trained", ""]
     for r in rows:
@@ -462,6 +488,70 @@ def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
     return lines
 
 
+def _ablation_seeds(by_id: dict[str, dict], seeds: list[dict], split: str) -> list[str]:
+    """Each arm once per seed: the bundled arm and its further seeds, each against Base trained with the same seed
+    (the paired tests above, per seed), and a verdict over the seeds (helps or hurts only when every seed says so).
+    Nothing when there is no further seed."""
+    seeds = [r for r in seeds if r["arm"] in ABLATION_ROWS]
+    if not seeds:
+        return []
+    confidence = f"{1 - ALPHA:.0%}"
+    arms = {model_id: [by_id[model_id], *sorted((r for r in seeds if r["arm"] == model_id), key=lambda r: r["seed"])]
+            for model_id in ABLATION_ROWS}  # fmt: skip
+    base_of = {(r.get("train_config") or {}).get("seed"): r for r in arms["base_cnn"]}
+    lines = [
+        "",
+        "### Every seed of each arm",
+        "",
+        "Seed-to-seed spread, measured: each arm trained again with another seed and nothing else changed (the "
+        "files in `models/seeds/`, scored here, not served), each compared with Base trained with the same seed "
+        f"(Δ with its paired {confidence} interval, McNemar as above). Differs from the bundled arm: its training "
+        "configuration against the bundled arm's (nothing but the seed, for a fair repeat). Over seeds: helps or "
+        "hurts only when every seed's test says so, otherwise no measurable effect.",
+        "",
+        f"| | model | seed | epochs, kept | {split} accuracy % [{confidence} CI] | Δ vs Base of the same seed, "
+        f"points [{confidence} CI] | McNemar vs that Base | STN scale / rotation | differs from the bundled arm |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for model_id, name in ABLATION_ROWS.items():
+        verdicts, deltas = [], []
+        for r in arms[model_id]:
+            seed = (r.get("train_config") or {}).get("seed")
+            ci = r.get("accuracy_ci95")
+            accuracy = _pct(r["accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+            base = base_of.get(seed)
+            if model_id == "base_cnn":
+                delta, test = "", "reference"
+            elif base is None:
+                delta, test = "", f"no Base with seed {seed}"
+            else:
+                delta, test, conclusion = _versus(base, r)
+                verdicts.append(conclusion)
+                deltas.append(r["accuracy"] - base["accuracy"])
+            stn = r.get("stn_affine")
+            stn_cell = f"{stn['scale']:.3f} / {stn['rotation_deg']:+.1f}°" if stn else ""
+            bundled = by_id[model_id]
+            differs = "(bundled)" if r is bundled else recipe_differences(bundled.get("train_config"),
+                                                                          r.get("train_config"))  # fmt: skip
+            schedule = (r.get("train_config") or {}).get("epochs")
+            epochs = f"{schedule}, kept {r['epochs']}" if schedule and r.get("epochs") else (r.get("epochs") or "")
+            lines.append(f"| {name} | `{r['model_id']}` | {seed} | {epochs} | {accuracy} | {delta} | {test} "
+                         f"| {stn_cell} | {differs or 'nothing'} |")  # fmt: skip
+        mean = 100 * float(np.mean([r["accuracy"] for r in arms[model_id]]))
+        if model_id != "base_cnn":
+            over = verdicts[0] if verdicts and len(set(verdicts)) == 1 else "no measurable effect"
+            if len(set(verdicts)) > 1:
+                over += f" (seeds disagree: {', '.join(verdicts)})"
+            mean_delta = f"{100 * float(np.mean(deltas)):+.2f}" if deltas else ""
+            summary.append(f"| {name} | {len(arms[model_id])} | {mean:.2f} | {mean_delta} | {over} |")
+        else:
+            summary.append(f"| {name} | {len(arms[model_id])} | {mean:.2f} | | reference |")
+    lines += ["", f"| over seeds | seeds | mean {split} accuracy % | mean Δ vs Base, points | verdict over seeds |",
+              "|---|---|---|---|---|", *summary]  # fmt: skip
+    return lines
+
+
 def recipe_differences(base: dict | None, arm: dict | None, shown: int = 4) -> str:
     """How an arm's training configuration differs from Base's beyond its front end (``FRONT_END_KEYS``) and where
     it ran (``RUN_KEYS``), as "key arm vs Base" items ("" when they agree; nested tables such as ``augment`` and
@@ -532,13 +622,17 @@ def write_results(cfg: ResultsConfig, command: str = "mien results") -> list[dic
     rows = measure(cfg)
     if not rows:
         raise FileNotFoundError(f"no .onnx or {ENSEMBLE_SUFFIX} file in {cfg.model_dir}")
+    seeds = measure_seeds(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     reference = Path(cfg.reference) if cfg.reference else None
     plot_speed_accuracy(rows, Path(cfg.figures) / SPEED_FIGURE, cfg.split,
                         json.loads(reference.read_text()) if reference and reference.is_file() else None)  # fmt: skip
-    out.write_text(render(rows, cfg, command))
+    out.write_text(render(rows, cfg, command, seeds))
     saved = [{k: v for k, v in r.items() if k not in IN_MEMORY} for r in rows]
     (Path(cfg.figures) / "results.json").write_text(json.dumps(saved, indent=1) + "\n")
+    if seeds:
+        saved = [{k: v for k, v in r.items() if k not in IN_MEMORY} for r in seeds]
+        (Path(cfg.figures) / "seeds.json").write_text(json.dumps(saved, indent=1) + "\n")
     log.info("wrote %s and %d figures in %s", out, sum(len(r["figures"]) for r in rows), cfg.figures)
     return rows

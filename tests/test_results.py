@@ -297,3 +297,88 @@ def test_the_stn_warp_learnt_is_read_from_the_onnx_graph_into_the_row_and_the_ta
     saved = json.loads((root / "docs" / "figures" / "results" / "results.json").read_text())
     assert all("correct" not in r and "accuracy_ci95" in r for r in saved)  # per-face answers stay in memory
     assert next(r for r in saved if r["model_id"] == "stn_cnn")["stn_affine"] == pytest.approx(warp)
+
+
+@pytest.fixture(scope="module")
+def seeds(ablation, tiny_npz) -> tuple[Path, list[dict], str]:
+    """The ablation's folder with a second seed of Base and +STN in ``models/seeds/`` (trained like the arms, with
+    seed 1, exported under their own ids), and the results written again from it."""
+    from mien.training.models.base_cnn import ablation_model_kwargs
+    from mien.training.train import TrainConfig, train
+
+    root, _, _ = ablation
+    kwargs = ablation_model_kwargs(**ARM_KWARGS)
+    (root / "models" / "seeds").mkdir()
+    for model_id in ("base_cnn", "stn_cnn"):
+        run = root / "runs" / f"{model_id}_seed1"
+        train(TrainConfig(data=str(tiny_npz), out=str(run), model=model_id, epochs=2, batch_size=32, lr=5e-3,
+                          warmup_epochs=0, threads=1, limit=256, model_kwargs=kwargs[model_id], stn_reg=0.01,
+                          seed=1))  # fmt: skip
+        export_checkpoint(ExportConfig(checkpoint=str(run / "best.pt"), data=str(tiny_npz), parity_faces=256,
+                                       out=str(root / "models" / "seeds" / f"{model_id}_seed1.onnx"),
+                                       model_id=f"{model_id}_seed1"))  # fmt: skip
+    cfg = ResultsConfig(model_dir=str(root / "models"), data=str(tiny_npz), out=str(root / "docs" / "seeds.md"),
+                        figures=str(root / "docs" / "figures" / "seeds"), repeats=3)  # fmt: skip
+    rows = write_results(cfg)
+    return root, rows, (root / "docs" / "seeds.md").read_text()
+
+
+def test_further_seeds_are_scored_beside_their_arm_against_base_of_the_same_seed(seeds, tiny_npz):
+    from mien.export.stats import mcnemar, paired_bootstrap_diff, verdict
+
+    root, rows, text = seeds
+    assert {r["model_id"] for r in rows} == {"base_cnn", "stn_cnn", "sr_cnn", "stn_sr_cnn"}  # seeds are not served
+    saved = json.loads((root / "docs" / "figures" / "seeds" / "seeds.json").read_text())
+    assert [(r["model_id"], r["arm"], r["seed"]) for r in saved] == [("base_cnn_seed1", "base_cnn", 1),
+                                                                     ("stn_cnn_seed1", "stn_cnn", 1)]  # fmt: skip
+    assert all("correct" not in r and "train_config" not in r for r in saved)
+    section = text.split("### Every seed of each arm")[1].split("\n## ")[0]
+    correct = {(m, s): _correct(root / "models" / f, tiny_npz) for m, s, f in [
+        ("base_cnn", 0, "base_cnn.onnx"), ("base_cnn", 1, "seeds/base_cnn_seed1.onnx"),
+        ("stn_cnn", 0, "stn_cnn.onnx"), ("stn_cnn", 1, "seeds/stn_cnn_seed1.onnx")]}  # fmt: skip
+    assert saved[1]["accuracy"] == pytest.approx(correct["stn_cnn", 1].mean())
+    verdicts = []
+    for seed in (0, 1):
+        model_id = "stn_cnn" if seed == 0 else "stn_cnn_seed1"
+        line = next(line for line in section.splitlines() if line.startswith(f"| +STN | `{model_id}` | {seed} |"))
+        base, arm = correct["base_cnn", seed], correct["stn_cnn", seed]
+        test, difference = mcnemar(base, arm), arm.mean() - base.mean()
+        low, high = paired_bootstrap_diff(base, arm)
+        assert f"| {100 * difference:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] |" in line
+        assert f"| {test['b10']} / {test['b01']}, p = " in line
+        assert line.endswith("| (bundled) |" if seed == 0 else "| seed 1 vs 0 |")  # nothing else differs
+        verdicts.append(verdict(difference, test["p_value"]))
+    base_line = next(line for line in section.splitlines() if line.startswith("| Base | `base_cnn_seed1` | 1 |"))
+    assert "| reference |" in base_line and base_line.endswith("| seed 1 vs 0 |")
+    assert sum(line.startswith("| +SR | ") for line in section.splitlines()) == 2  # one seed, and its summary
+    summary = next(line for line in section.splitlines() if line.startswith("| +STN | 2 |"))
+    mean = 50 * (correct["stn_cnn", 0].mean() + correct["stn_cnn", 1].mean())
+    assert summary.startswith(f"| +STN | 2 | {mean:.2f} |")
+    disagree = f"no measurable effect (seeds disagree: {', '.join(verdicts)})"
+    agreed = verdicts[0] if verdicts[0] == verdicts[1] else disagree
+    assert summary.endswith(f"| {agreed} |")
+
+
+def test_an_effect_over_seeds_needs_every_seed_to_show_it():
+    from mien.export.results import _ablation_seeds
+
+    n = 400
+    right = np.ones(n, dtype=bool)
+    worse = right.copy()
+    worse[:100] = False  # 100 faces only Base gets right: p far below 0.05
+
+    def row(model_id, seed, correct):
+        return {"model_id": model_id, "accuracy": float(correct.mean()), "correct": correct,
+                "train_config": {"model": model_id.removesuffix(f"_seed{seed}"), "seed": seed}}  # fmt: skip
+
+    by_id = {m: row(m, 0, right) for m in ("base_cnn", "sr_cnn", "stn_sr_cnn")}
+    by_id["stn_cnn"] = row("stn_cnn", 0, worse)
+    further = [{**row("base_cnn_seed1", 1, right), "arm": "base_cnn", "seed": 1},
+               {**row("stn_cnn_seed1", 1, worse), "arm": "stn_cnn", "seed": 1}]  # fmt: skip
+    summary = lambda lines: next(line for line in lines if line.startswith("| +STN | 2 |"))  # noqa: E731
+    assert summary(_ablation_seeds(by_id, further, "public_test")) == "| +STN | 2 | 75.00 | -25.00 | hurts |"
+    further[1] = {**row("stn_cnn_seed1", 1, right), "arm": "stn_cnn", "seed": 1}  # seed 1 shows nothing
+    assert summary(_ablation_seeds(by_id, further, "public_test")).endswith(
+        "| -12.50 | no measurable effect (seeds disagree: hurts, no measurable effect) |"
+    )
+    assert _ablation_seeds(by_id, [], "public_test") == []  # no further seed: no table
