@@ -61,11 +61,13 @@ publish() {  # publish <run> <model id>: export over the bundled id with flip av
     mien recipe sync "models/$id.card.json"
 }
 
-score_seed() {  # score_seed <run>: a second seed, not bundled: exported beside its run, scored on val and PublicTest
-    local run=$1
-    mien export "$RUNS/$run/best.pt" --out "$RUNS/$run/model.onnx" --data "$DATA" --split public_test --flip-tta
-    mien eval "$RUNS/$run/model.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
-    mien eval "$RUNS/$run/model.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
+score_seed() {  # score_seed <run> <id>: a further seed, not served: exported to models/seeds/ (mien results puts it in
+    # the ablation's table beside its arm), scored on val and PublicTest
+    local run=$1 id=$2
+    mien export "$RUNS/$run/best.pt" --out "models/seeds/$id.onnx" --data "$DATA" --split public_test --flip-tta \
+        --model-id "$id"
+    mien eval "models/seeds/$id.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
+    mien eval "models/seeds/$id.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
 }
 
 step() {
@@ -84,7 +86,8 @@ sys.exit(0 if m["ci95"][0] > 0 else f"SR does not beat bicubic on val: {m}")' "$
         publish "$1" "$([ "$1" = ablation_sr ] && echo sr_cnn || echo stn_sr_cnn)"
         mien sr-eval "$RUNS/$1/best.pt" --data "$DATA" --split public_test --threads 2 \
             --out "$RUNS/$1/sr.public_test.eval.json" ;;
-    ablation_base_seed1 | ablation_stn_seed1) train "$1" && score_seed "$1" ;;
+    ablation_base_seed1) train "$1" && score_seed "$1" base_cnn_seed1 ;;
+    ablation_stn_seed1) train "$1" && score_seed "$1" stn_cnn_seed1 ;;
     converged_*) train "$1" ;;
     vgg_fer_ferplus) train vgg_fer_ferplus ;;  # exported by hand as vgg_ferplus (8 labels; docs/training.md)
     teachers)  # best.pt of both seeds, rebuilt from the bundled files and checked against them (their run folders

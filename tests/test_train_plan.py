@@ -79,8 +79,11 @@ def test_the_plan_runs_each_step_once_in_order_and_a_rerun_skips_what_is_done(pl
     assert recorded[2].startswith("sr-eval") and "--split public_test" in recorded[2]
     recipe = "configs/experiments/ablation_base_seed1.toml"
     assert recorded[3] == f"train --config {recipe} --data /data/fer2013.npz --out {runs}/ablation_base_seed1"
-    assert [c.split()[0] for c in recorded[4:]] == ["export", "eval", "eval"]  # scored beside its run, not bundled
-    assert not any("models/" in c for c in recorded)
+    assert [c.split()[0] for c in recorded[4:]] == ["export", "eval", "eval"]
+    # a further seed goes to models/seeds/ under its own id (never served), not over the bundled arm
+    assert "--out models/seeds/base_cnn_seed1.onnx" in recorded[4] and "--model-id base_cnn_seed1" in recorded[4]
+    assert all("models/seeds/base_cnn_seed1.onnx" in c for c in recorded[5:])
+    assert not any("models/base_cnn" in c for c in recorded)
     assert all((runs / f"{s}.done").is_file() for s in ("sr_pretrain", "sr_eval", "ablation_base_seed1"))
     # the code the runs import is a snapshot of HEAD outside the checkout
     (src,) = runs.glob("src-*")
