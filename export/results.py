@@ -527,6 +527,8 @@ def _ablation_seeds(by_id: dict[str, dict], seeds: list[dict], split: str) -> li
                 delta, test = "", f"no Base with seed {seed}"
             else:
                 delta, test, conclusion = _versus(base, r)
+                if recipe_differences(base.get("train_config"), r.get("train_config")):
+                    conclusion = "not comparable"  # trained differently from that Base: the table above names how
                 verdicts.append(conclusion)
                 deltas.append(r["accuracy"] - base["accuracy"])
             stn = r.get("stn_affine")
@@ -541,7 +543,9 @@ def _ablation_seeds(by_id: dict[str, dict], seeds: list[dict], split: str) -> li
         mean = 100 * float(np.mean([r["accuracy"] for r in arms[model_id]]))
         if model_id != "base_cnn":
             over = verdicts[0] if verdicts and len(set(verdicts)) == 1 else "no measurable effect"
-            if len(set(verdicts)) > 1:
+            if "not comparable" in verdicts:
+                over = "not comparable (trained differently from Base, see above)"
+            elif len(set(verdicts)) > 1:
                 over += f" (seeds disagree: {', '.join(verdicts)})"
             mean_delta = f"{100 * float(np.mean(deltas)):+.2f}" if deltas else ""
             summary.append(f"| {name} | {len(arms[model_id])} | {mean:.2f} | {mean_delta} | {over} |")

@@ -382,3 +382,6 @@ def test_an_effect_over_seeds_needs_every_seed_to_show_it():
         "| -12.50 | no measurable effect (seeds disagree: hurts, no measurable effect) |"
     )
     assert _ablation_seeds(by_id, [], "public_test") == []  # no further seed: no table
+    by_id["sr_cnn"]["train_config"]["epochs"] = 2  # an arm trained with another recipe than Base gets no verdict
+    sr = next(line for line in _ablation_seeds(by_id, further, "public_test") if line.startswith("| +SR | 1 |"))
+    assert sr.endswith("| not comparable (trained differently from Base, see above) |")
