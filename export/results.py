@@ -119,10 +119,8 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.threads)
     card = _card(path)
     model_id = classifier.model_id
-    recording = _Recording(classifier)
-    report, faces = score_classifier(recording, cfg.data, cfg.split)
+    report, faces, correct = _scored(classifier, cfg)
     images, truth = faces.images, faces.truth
-    correct = recording.probs[:, faces.columns].argmax(1) == truth  # what the report's accuracy counts
     occluded = classifier.predict_crops(list(occlude(images, cfg.occlusion_area, cfg.seed)))
     occluded_acc = float((occluded[:, faces.columns].argmax(1) == truth).mean())
     plot_confusion(report, figures / f"{model_id}_confusion.png",
@@ -156,9 +154,7 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
         "coverage": calibration["coverage"],
         **from_card,
         "figures": {"confusion": f"{model_id}_confusion.png", "reliability": f"{model_id}_reliability.png"},
-        "accuracy_ci95": list(bootstrap_ci(correct, confidence=1 - ALPHA, seed=cfg.seed)),
-        "stn_affine": stn_stats(path, classifier, images) if has_op(path, "GridSample") else None,
-        "correct": correct,
+        **_paired_fields(path, classifier, images, correct, cfg),
         "own_labels": own,
     }
     if plot_card_curves(card, figures / f"{model_id}_curves.png"):
@@ -186,18 +182,31 @@ def measure_seeds(cfg: ResultsConfig) -> list[dict]:
     for path in sorted(Path(cfg.seed_dir or Path(cfg.model_dir) / "seeds").glob("*.onnx")):
         classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.threads)
         config = card_figures(_card(path))
-        recording = _Recording(classifier)
-        report, faces = score_classifier(recording, cfg.data, cfg.split)
-        correct = recording.probs[:, faces.columns].argmax(1) == faces.truth
+        report, faces, correct = _scored(classifier, cfg)
         train_config = config["train_config"] or {}
         rows.append({"model_id": classifier.model_id, "file": path.name, "arm": train_config.get("model"),
-                     "seed": train_config.get("seed"), "accuracy": report["accuracy"],
-                     "accuracy_ci95": list(bootstrap_ci(correct, confidence=1 - ALPHA, seed=cfg.seed)),
-                     "stn_affine": stn_stats(path, classifier, faces.images) if has_op(path, "GridSample") else None,
-                     "epochs": config["epochs"], "train_config": train_config, "correct": correct})  # fmt: skip
+                     "seed": train_config.get("seed"), "accuracy": report["accuracy"], "epochs": config["epochs"],
+                     "train_config": train_config,
+                     **_paired_fields(path, classifier, faces.images, correct, cfg)})  # fmt: skip
         log.info("%s (seed %s of %s): accuracy %.4f", rows[-1]["model_id"], rows[-1]["seed"], rows[-1]["arm"],
                  report["accuracy"])  # fmt: skip
     return rows
+
+
+def _scored(classifier, cfg: ResultsConfig):
+    """``score_classifier``'s report and faces on ``cfg.split``, and which faces it got right (what the report's
+    accuracy counts), from one pass of the model."""
+    recording = _Recording(classifier)
+    report, faces = score_classifier(recording, cfg.data, cfg.split)
+    return report, faces, recording.probs[:, faces.columns].argmax(1) == faces.truth
+
+
+def _paired_fields(path: Path, classifier, images: np.ndarray, correct: np.ndarray, cfg: ResultsConfig) -> dict:
+    """What the ablation's tables need of a model: its accuracy interval, the STN's warp (None without one) and its
+    per-face correctness for the paired tests (kept in memory only)."""
+    return {"accuracy_ci95": list(bootstrap_ci(correct, confidence=1 - ALPHA, seed=cfg.seed)),
+            "stn_affine": stn_stats(path, classifier, images) if has_op(path, "GridSample") else None,
+            "correct": correct}  # fmt: skip
 
 
 def _own_labels(classifier, card: Card | None, cfg: ResultsConfig) -> tuple[dict | None, dict | None]:
@@ -469,10 +478,7 @@ def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
     base = by_id["base_cnn"]
     for model_id, name in ABLATION_ROWS.items():
         r = by_id[model_id]
-        ci = r.get("accuracy_ci95")
-        accuracy = _pct(r["accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
-        stn = r.get("stn_affine")
-        stn_cell = f"{stn['scale']:.3f} / {stn['rotation_deg']:+.1f}°" if stn else ""
+        accuracy, epochs, stn_cell = _arm_cells(r)
         if model_id == "base_cnn":
             delta, test, conclusion = "", "", "reference"
         else:
@@ -480,12 +486,21 @@ def _ablation(by_id: dict[str, dict], split: str) -> list[str]:
             differences = recipe_differences(base.get("train_config"), r.get("train_config"))
             if differences:
                 conclusion = f"not comparable, trained differently: {differences}"
-        schedule = (r.get("train_config") or {}).get("epochs")
-        epochs = f"{schedule}, kept {r['epochs']}" if schedule and r.get("epochs") else (r.get("epochs") or "")
         lines.append(f"| {name} | `{model_id}` | {epochs} | {accuracy} | {delta} | {test} "
                      f"| {PAPER_ABLATION[model_id]} | {_pct(r['occluded_accuracy'])} | {stn_cell} "
                      f"| {conclusion} |")  # fmt: skip
     return lines
+
+
+def _arm_cells(r: dict) -> tuple[str, str, str]:
+    """An ablation row's accuracy with its interval, its epochs (the schedule, and the epoch kept) and its STN's
+    mean scale / rotation ("" without one)."""
+    ci = r.get("accuracy_ci95")
+    accuracy = _pct(r["accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+    schedule = (r.get("train_config") or {}).get("epochs")
+    epochs = f"{schedule}, kept {r['epochs']}" if schedule and r.get("epochs") else (r.get("epochs") or "")
+    stn = r.get("stn_affine")
+    return accuracy, epochs, f"{stn['scale']:.3f} / {stn['rotation_deg']:+.1f}°" if stn else ""
 
 
 def _ablation_seeds(by_id: dict[str, dict], seeds: list[dict], split: str) -> list[str]:
@@ -518,8 +533,7 @@ def _ablation_seeds(by_id: dict[str, dict], seeds: list[dict], split: str) -> li
         verdicts, deltas = [], []
         for r in arms[model_id]:
             seed = (r.get("train_config") or {}).get("seed")
-            ci = r.get("accuracy_ci95")
-            accuracy = _pct(r["accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+            accuracy, epochs, stn_cell = _arm_cells(r)
             base = base_of.get(seed)
             if model_id == "base_cnn":
                 delta, test = "", "reference"
@@ -531,13 +545,9 @@ def _ablation_seeds(by_id: dict[str, dict], seeds: list[dict], split: str) -> li
                     conclusion = "not comparable"  # trained differently from that Base: the table above names how
                 verdicts.append(conclusion)
                 deltas.append(r["accuracy"] - base["accuracy"])
-            stn = r.get("stn_affine")
-            stn_cell = f"{stn['scale']:.3f} / {stn['rotation_deg']:+.1f}°" if stn else ""
             bundled = by_id[model_id]
             differs = "(bundled)" if r is bundled else recipe_differences(bundled.get("train_config"),
                                                                           r.get("train_config"))  # fmt: skip
-            schedule = (r.get("train_config") or {}).get("epochs")
-            epochs = f"{schedule}, kept {r['epochs']}" if schedule and r.get("epochs") else (r.get("epochs") or "")
             lines.append(f"| {name} | `{r['model_id']}` | {seed} | {epochs} | {accuracy} | {delta} | {test} "
                          f"| {stn_cell} | {differs or 'nothing'} |")  # fmt: skip
         mean = 100 * float(np.mean([r["accuracy"] for r in arms[model_id]]))
@@ -633,10 +643,9 @@ def write_results(cfg: ResultsConfig, command: str = "mien results") -> list[dic
     plot_speed_accuracy(rows, Path(cfg.figures) / SPEED_FIGURE, cfg.split,
                         json.loads(reference.read_text()) if reference and reference.is_file() else None)  # fmt: skip
     out.write_text(render(rows, cfg, command, seeds))
-    saved = [{k: v for k, v in r.items() if k not in IN_MEMORY} for r in rows]
-    (Path(cfg.figures) / "results.json").write_text(json.dumps(saved, indent=1) + "\n")
-    if seeds:
-        saved = [{k: v for k, v in r.items() if k not in IN_MEMORY} for r in seeds]
-        (Path(cfg.figures) / "seeds.json").write_text(json.dumps(saved, indent=1) + "\n")
+    for name, measured in (("results.json", rows), ("seeds.json", seeds)):
+        if measured:
+            saved = [{k: v for k, v in r.items() if k not in IN_MEMORY} for r in measured]
+            (Path(cfg.figures) / name).write_text(json.dumps(saved, indent=1) + "\n")
     log.info("wrote %s and %d figures in %s", out, sum(len(r["figures"]) for r in rows), cfg.figures)
     return rows
