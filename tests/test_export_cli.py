@@ -59,6 +59,7 @@ def test_each_subcommand_parses_its_options():
         "m.onnx", "ferplus7", 64, None, "")  # fmt: skip
     args = parser.parse_args(["results", "--threads", "2", "--repeats", "5"])
     assert (args.threads, args.repeats, args.out, args.figures) == (2, 5, "docs/results.md", "docs/figures/results")
+    assert args.readme == "README.md" and parser.parse_args(["results", "--readme", ""]).readme == ""
     assert {args.func.__module__ for args in [parser.parse_args([c, "x"]) for c in ("export", "eval")]} == {
         "mien.export.cli"
     }

@@ -68,7 +68,11 @@ def test_the_markdown_has_the_table_targets_and_figure_links(results):
         for name in row["figures"].values():
             assert (root / "docs" / "figures" / "results" / name).stat().st_size > 1000
             assert f"(figures/results/{name})" in text
-    assert "| `mini_xception` | 66.0 |" in text and "| `ensemble` | 74.0 |" in text
+    assert "| 4 | `mini_xception` | 66.0 |" in text and "| 4 | `ensemble` | 74.0 |" in text
+    ensemble = 100 * next(r["accuracy"] for r in rows if r["model_id"] == "ensemble")
+    assert f"| 14 | `ensemble` | 72.5 | {ensemble:.2f} | {'yes' if ensemble >= 72.5 else 'no'} |" in text
+    best = max((r for r in rows if not r["members"]), key=lambda r: r["accuracy"])
+    assert f"| 14 | best single model (`{best['model_id']}`) | 71.0 | {100 * best['accuracy']:.2f} |" in text
     assert "STN / SR ablation" not in text  # its four models are not all in this folder
     assert "Machine: " in text
 
@@ -317,10 +321,47 @@ def seeds(ablation, tiny_npz) -> tuple[Path, list[dict], str]:
         export_checkpoint(ExportConfig(checkpoint=str(run / "best.pt"), data=str(tiny_npz), parity_faces=256,
                                        out=str(root / "models" / "seeds" / f"{model_id}_seed1.onnx"),
                                        model_id=f"{model_id}_seed1"))  # fmt: skip
+    (root / "README.md").write_text(README)
     cfg = ResultsConfig(model_dir=str(root / "models"), data=str(tiny_npz), out=str(root / "docs" / "seeds.md"),
-                        figures=str(root / "docs" / "figures" / "seeds"), repeats=3)  # fmt: skip
+                        figures=str(root / "docs" / "figures" / "seeds"), repeats=3,
+                        readme=str(root / "README.md"))  # fmt: skip
     rows = write_results(cfg)
     return root, rows, (root / "docs" / "seeds.md").read_text()
+
+
+README = """# A project
+
+<!-- mien results: headline -->
+old headline
+<!-- /mien results: headline -->
+
+Prose between the tables.
+
+<!-- mien results: ablation -->
+<!-- /mien results: ablation -->
+"""
+
+
+def test_the_ablation_is_saved_and_written_into_the_readme_with_the_verdict_over_seeds(seeds):
+    from mien.export.readme import ablation, blocks_in, headline
+
+    root, rows, text = seeds
+    table = json.loads((root / "docs" / "figures" / "seeds" / "ablation.json").read_text())
+    assert table["split"] == "public_test"
+    section = text.split("## STN / SR ablation")[1].split("\n## ")[0]
+    for c in table["arms"]:  # the saved cells are the ones results.md shows
+        assert (f"| {c['arm']} | `{c['model_id']}` | {c['epochs']} | {c['accuracy']} | {c['delta']} | {c['test']} "
+                f"| {c['paper']} |") in section  # fmt: skip
+    assert [c["arm"] for c in table["over_seeds"]] == ["Base", "+STN", "+SR", "+STN+SR"]
+    for c in table["over_seeds"]:
+        assert f"| {c['arm']} | {c['seeds']} | {c['mean_accuracy']} | {c['mean_delta']} | {c['verdict']} |" in section
+    readme = (root / "README.md").read_text()
+    assert readme.startswith("# A project\n") and "\nProse between the tables.\n" in readme
+    found = blocks_in(readme)
+    assert found["ablation"] == "\n".join(ablation(table["arms"], table["over_seeds"], "public_test")) + "\n"
+    assert found["headline"] == "\n".join(headline(rows, "public_test", "mini_xception")) + "\n"
+    stn = next(line for line in found["ablation"].splitlines() if line.startswith("| +STN (`stn_cnn`"))
+    assert "learnt warp: scale / rotation" in stn and "| +STN | 2 |" in found["ablation"]
 
 
 def test_further_seeds_are_scored_beside_their_arm_against_base_of_the_same_seed(seeds, tiny_npz):
