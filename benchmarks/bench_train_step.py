@@ -37,8 +37,11 @@ def bundled_kwargs(model_id: str) -> dict:
     return load_recipe(recipe).get("model_kwargs", {}) if recipe.is_file() else {}
 
 
-def make_step(model_id: str, batch: int, layout: str, amp: str, crop: int = 0, kwargs: dict | None = None):
-    """A closure running one optimiser step of ``model_id`` as the training loop does."""
+def make_step(
+    model_id: str, batch: int, layout: str, amp: str, crop: int = 0, kwargs: dict | None = None, compiled: bool = False
+):
+    """A closure running one optimiser step of ``model_id`` as the training loop does (through ``torch.compile`` of
+    the model with ``compiled``: the optimiser and the objective stay eager)."""
     kwargs = bundled_kwargs(model_id) if kwargs is None else kwargs
     spec = default_spec(model_id)
     torch.manual_seed(0)
@@ -53,7 +56,8 @@ def make_step(model_id: str, batch: int, layout: str, amp: str, crop: int = 0, k
     optimizer = objective.build_optimizer(model)
     images = torch.randint(0, 256, (batch, 48, 48), dtype=torch.uint8)
     labels = torch.randint(0, spec.num_classes, (batch,))
-    return lambda: objective.train_step(model, optimizer, images, labels)
+    runs = torch.compile(model) if compiled else model
+    return lambda: objective.train_step(runs, optimizer, images, labels)
 
 
 def main() -> None:
@@ -68,15 +72,18 @@ def main() -> None:
                         "instead of the bundled ones ('{}': the builder's defaults, the papers' widths)")  # fmt: skip
     parser.add_argument("--setups", default=None, help="only these layout:precision pairs, e.g. "
                         "'channels-last:bf16,NCHW:none' (default: all four)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="also time each set-up with the model through "
+                        "torch.compile (inductor; compiling is left out of the timing, as a warm-up)")  # fmt: skip
     args = parser.parse_args()
     chosen = [tuple(pair.split(":")) for pair in args.setups.split(",")] if args.setups else SETUPS
+    chosen = [(*pair, False) for pair in chosen] + ([(*pair, True) for pair in chosen] if args.compile else [])
     override = json.loads(args.model_kwargs) if args.model_kwargs is not None else None
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"batch {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {describe_cpu()}; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps"
           + (f"; random {args.crop}x{args.crop} crops" if args.crop else ""))  # fmt: skip
-    first = "{} {}".format(*chosen[0])
+    first = "{} {}".format(*chosen[0][:2])
     print(f"\n| model | layout | precision | images/s | s/epoch | speed-up vs {first} |\n|---|---|---|---|---|---|")
     for model_id in args.models.split(","):
         spec = default_spec(model_id)
@@ -86,11 +93,12 @@ def main() -> None:
         print(f"<!-- {model_id} {json.dumps(kwargs)}: {parameters / 1e6:.2f} M parameters -->")
         hazards = channels_last_hazards(model, (spec.channels, *spec.input_size))
         setups = [s for s in chosen if not (hazards and s[0] == "channels-last")]
-        steps = {s: make_step(model_id, args.batch_size, *s, crop=args.crop, kwargs=kwargs) for s in setups}
+        steps = {s: make_step(model_id, args.batch_size, *s[:2], crop=args.crop, kwargs=kwargs, compiled=s[2])
+                 for s in setups}  # fmt: skip
         for step in steps.values():  # warm-up: oneDNN primitive creation, allocator
             for _ in range(2):
                 step()
-        times: dict[tuple[str, str], list[float]] = {s: [] for s in setups}
+        times: dict[tuple[str, str, bool], list[float]] = {s: [] for s in setups}
         for _ in range(args.rounds):
             for setup, step in steps.items():
                 start = time.perf_counter()
@@ -98,10 +106,10 @@ def main() -> None:
                     step()
                 times[setup].append((time.perf_counter() - start) / args.steps)
         base = statistics.median(times[setups[0]])
-        for (layout, amp), samples in times.items():
+        for (layout, amp, compiled), samples in times.items():
             t = statistics.median(samples)
             epoch = t * FER2013_TRAIN_IMAGES / args.batch_size
-            precision = "bf16 autocast" if amp == "bf16" else "fp32"
+            precision = ("bf16 autocast" if amp == "bf16" else "fp32") + (", torch.compile" if compiled else "")
             print(
                 f"| {model_id} | {layout} | {precision} | {args.batch_size / t:.0f} | {epoch:.0f} | {base / t:.2f}× |"
             )
