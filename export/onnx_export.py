@@ -7,7 +7,9 @@ argmax, on real faces or on random input, the export fails and says by how much.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -232,6 +234,7 @@ def model_card(
             "history": [  # per-epoch figures, for the training curves in docs/results.md
                 {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history
             ],
+            **({"run": run} if (run := run_totals(Path(cfg.checkpoint), ckpt.get("train_config", {}))) else {}),
         },
         parity=parity,
         export={
@@ -249,6 +252,26 @@ def model_card(
             "date": time.strftime("%Y-%m-%d"),
         },  # fmt: skip
     )
+
+
+def run_totals(checkpoint: Path, config: dict) -> dict:
+    """What the whole run cost, from the ``history.jsonl`` of the run folder the checkpoint is in (the checkpoint's
+    own history ends at the epoch it kept): epochs, training seconds (the epochs' own, validation included; time
+    lost to an interrupted epoch is not counted), the torch threads, and CPU-hours = seconds × threads / 3600
+    (threads 0, torch's default, counts this machine's cores; one process: a torchrun run spends that on each of
+    its processes). {} when the checkpoint is not in a run folder."""
+    path = checkpoint.parent / "history.jsonl"
+    if not path.is_file():
+        return {}
+    epochs: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            epochs[entry["epoch"]] = entry  # an epoch written twice (a resume after a crash) counts once
+    seconds = sum(float(e.get("seconds", 0.0)) for e in epochs.values())
+    threads = int(config.get("threads") or 0) or (os.cpu_count() or 1)
+    return {"epochs": len(epochs), "seconds": round(seconds, 1), "threads": threads,
+            "cpu_hours": round(seconds * threads / 3600, 3)}  # fmt: skip
 
 
 def selection_split(ckpt: dict) -> str | None:

@@ -268,6 +268,7 @@ def card_figures(card: Card | None) -> dict:
         "entropy_curve": card.calibration.entropy_curve if card and card.calibration else None,
         "weights": card.weights if card else None,  # an ensemble's members' weights (None: equal, or not one)
         "weights_fitted_on": card.weights_fitted_on if card else None,
+        "cpu_hours": training.run.get("cpu_hours") if training and training.run else None,  # the whole run's
     }
 
 
@@ -330,7 +331,8 @@ def _summary(rows: list[dict], cfg: ResultsConfig, command: str) -> list[str]:
         "",
         "MACs: one forward pass as torch's FLOP counter sees it (twice for flip TTA); it does not count LSTM "
         "cells, so `row_lstm`'s figure is its fully connected layer only. Epoch kept: the epoch of the "
-        "checkpoint selected on the split; s/epoch: median training seconds per epoch.",
+        "checkpoint selected on the split; s/epoch: median training seconds per epoch; CPU-hours: the whole "
+        "run's training seconds × its torch threads (on the card of a model exported from its run folder).",
         "",
         f"Occluded: accuracy when a mid-grey square covering {cfg.occlusion_area:.0%} of each face is pasted at a "
         f"random place (seed {cfg.seed}; the same patches for every model).",
@@ -340,15 +342,16 @@ def _summary(rows: list[dict], cfg: ResultsConfig, command: str) -> list[str]:
         f"on {cfg.split} itself, so their figures on it are optimistic.",
         "",
         "| model | accuracy % | macro-F1 % | occluded % | parameters | MACs / face | ms/face b1 | ms/face b32 "
-        "| epoch kept | s/epoch | selected on |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| epoch kept | s/epoch | CPU-hours | selected on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r["accuracy"]):
+        hours = "" if r.get("cpu_hours") is None else f"{r['cpu_hours']:.1f}"
         lines.append(
             f"| `{r['model_id']}` | {_pct(r['accuracy'])} | {_pct(r['macro_f1'])} | {_pct(r['occluded_accuracy'])} "
             f"| {_count(r['parameters'], 1e6, 'M')} | {_count(r['macs'], 1e6, 'M')} | {r['ms_per_face_b1']:.2f} "
             f"| {r['ms_per_face_b32']:.3f} | {r['epochs'] or ''} | {r['seconds_per_epoch'] or ''} "
-            f"| {r.get('selected_on') or ''} |"
+            f"| {hours} | {r.get('selected_on') or ''} |"
         )
     return lines
 

@@ -67,6 +67,9 @@ class Training(_Block):
     notes: str | None = None
     seconds_per_epoch_median: float | None = None
     history: list[dict[str, Any]] = []  # per-epoch figures, for the training curves
+    # the whole run (not only up to the kept epoch): epochs, seconds, threads, cpu_hours; absent on
+    # older cards and for a checkpoint exported outside its run folder
+    run: dict[str, Any] = {}
 
 
 class Parity(_Block):

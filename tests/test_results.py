@@ -56,6 +56,9 @@ def test_a_row_per_servable_model_with_the_evaluated_accuracy(results, tiny_npz,
         assert row["macro_f1"] == pytest.approx(report["macro_f1"]), row["model_id"]
         assert 0 <= row["occluded_accuracy"] <= 1 and row["ms_per_face_b1"] > 0 and row["ms_per_face_b32"] > 0
     assert by_id["mini_xception"]["epochs"] == 3 and by_id["mini_xception"]["parameters"] > 50_000
+    card = json.loads((root / "models" / "mini_xception.card.json").read_text())
+    assert by_id["mini_xception"]["cpu_hours"] == card["training"]["run"]["cpu_hours"] > 0  # the whole run's
+    assert by_id["stn_resnet10_triplet"]["cpu_hours"] is None  # never trained: no run to count
     assert by_id["ensemble"]["members"] == ["mini_xception", "stn_resnet10_triplet"]
     saved = json.loads((root / "docs" / "figures" / "results" / "results.json").read_text())
     assert [r["model_id"] for r in saved] == [r["model_id"] for r in rows]
