@@ -331,8 +331,9 @@ def _summary(rows: list[dict], cfg: ResultsConfig, command: str) -> list[str]:
         "",
         "MACs: one forward pass as torch's FLOP counter sees it (twice for flip TTA); it does not count LSTM "
         "cells, so `row_lstm`'s figure is its fully connected layer only. Epoch kept: the epoch of the "
-        "checkpoint selected on the split; s/epoch: median training seconds per epoch; CPU-hours: the whole "
-        "run's training seconds × its torch threads (on the card of a model exported from its run folder).",
+        "checkpoint selected on the split; s/epoch: median training seconds per epoch; CPU-hours: what the whole "
+        "run took, its process's CPU time (older runs: wall-clock seconds × torch threads), on the card of a model "
+        "exported from its run folder.",
         "",
         f"Occluded: accuracy when a mid-grey square covering {cfg.occlusion_area:.0%} of each face is pasted at a "
         f"random place (seed {cfg.seed}; the same patches for every model).",

@@ -44,25 +44,33 @@ def test_card_records_what_a_user_needs(model_dir, tiny_run):
 
 def test_card_records_what_the_whole_run_cost(model_dir, tiny_run, tmp_path):
     """best.pt's history ends at the epoch it kept; the card's run totals come from the run folder's history.jsonl,
-    every epoch once, and CPU-hours are its seconds × the run's threads."""
+    every epoch once: CPU-hours from the CPU time each epoch recorded, else its seconds × the run's threads."""
     from mien.export.onnx_export import run_totals
 
     history = [json.loads(line) for line in (tiny_run / "history.jsonl").read_text().splitlines()]
-    seconds = sum(h["seconds"] for h in history)
+    assert all(0 < h["cpu_seconds"] for h in history)
     run = read_card(card_path(model_dir / "mini_xception.onnx")).training.run
-    assert run == {"epochs": 3, "seconds": pytest.approx(seconds, abs=0.1), "threads": 1,
-                   "cpu_hours": pytest.approx(seconds / 3600, abs=1e-3)}  # fmt: skip
+    assert run == {"epochs": 3, "seconds": pytest.approx(sum(h["seconds"] for h in history), abs=0.1), "threads": 1,
+                   "cpu_hours": pytest.approx(sum(h["cpu_seconds"] for h in history) / 3600, abs=1e-3),
+                   "cpu_hours_from": "process CPU time"}  # fmt: skip
     folder = tmp_path / "run"
     folder.mkdir()
     lines = [
-        json.dumps({"epoch": 1, "seconds": 100.0}),
-        json.dumps({"epoch": 2, "seconds": 50.0}),
-        json.dumps({"epoch": 2, "seconds": 60.0}),
+        json.dumps({"epoch": 1, "seconds": 100.0, "cpu_seconds": 150.0}),
+        json.dumps({"epoch": 2, "seconds": 50.0, "cpu_seconds": 90.0}),
+        json.dumps({"epoch": 2, "seconds": 60.0, "cpu_seconds": 100.0}),  # written again after a resume: once
         "",
-    ]  # epoch 2 written again after a resume: counted once
+    ]
     (folder / "history.jsonl").write_text("\n".join(lines))
     totals = run_totals(folder / "best.pt", {"threads": 2})
-    assert totals == {"epochs": 2, "seconds": 160.0, "threads": 2, "cpu_hours": pytest.approx(320 / 3600, abs=1e-3)}
+    assert totals["epochs"] == 2 and totals["seconds"] == 160.0
+    assert totals["cpu_hours"] == pytest.approx(250 / 3600, abs=1e-3) and totals["cpu_hours_from"] == "process CPU time"
+    lines[0] = json.dumps({"epoch": 1, "seconds": 100.0})  # an older run without CPU time: wall time x threads
+    (folder / "history.jsonl").write_text("\n".join(lines))
+    totals = run_totals(folder / "best.pt", {"threads": 2})
+    assert (
+        totals["cpu_hours"] == pytest.approx(320 / 3600, abs=1e-3) and totals["cpu_hours_from"] == "seconds x threads"
+    )
     assert run_totals(tmp_path / "best.pt", {"threads": 2}) == {}  # not in a run folder: nothing claimed
 
 

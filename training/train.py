@@ -92,7 +92,7 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         for epoch in epochs:
             if _stop_early(cfg, progress, epoch):
                 break
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             train_loss, train_acc, progress.step = train_one_epoch(
                 stepped, optimizer, objective, data.train_x, data.train_y, cfg, progress.step,
                 f"epoch {epoch}/{cfg.epochs}", data.train_targets, progress.val_accs, process, ema,
@@ -101,6 +101,7 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
             row = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **metrics,
                 "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+                "cpu_seconds": time.process_time() - cpu_started,  # every thread of this process; not paused time
             }  # fmt: skip
             improved = progress.record(row, metrics, cfg.val_split)
             if process.is_main:
