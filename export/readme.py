@@ -66,16 +66,24 @@ def headline(rows: list[dict], split: str, default_model: str, reference: dict |
         lines.append(f"| mien `{r['model_id']}` ({what}) | {f'**{accuracy}**' if r['accuracy'] == best else accuracy} "
                      f"| {100 * r['macro_f1']:.2f} | {r['ms_per_face_b1']:.2f} "
                      f"| {selected + ' (optimistic)' if selected == split else selected} |")  # fmt: skip
-    faces = rows[0]["num_images"] if rows else None
     package = (reference or {}).get("package", "")
     name, _, version = package.partition(" ")
-    for ref in (reference or {}).get("rows", []):
-        if ref.get("preparation", HEADLINE_PREPARATION) != HEADLINE_PREPARATION or ref.get("faces") != faces:
-            continue
+    for ref in headline_reference(reference, rows[0]["num_images"] if rows else None)["rows"]:
         model = ref["model"].removeprefix(name).strip()
         lines.append(f"| `{name}` {version}, {model} | {100 * ref['accuracy']:.2f} | {100 * ref['macro_f1']:.2f} "
                      f"| {ref['ms_per_face']:.2f} | — |")  # fmt: skip
     return lines
+
+
+def headline_reference(reference: dict | None, faces: int | None) -> dict:
+    """The reference package's figures (``fer_package.json``) with only its headline rows: the headline preparation
+    of a face, scored on the same number of faces as mien's models."""
+
+    def shown(r: dict) -> bool:
+        return r.get("preparation", HEADLINE_PREPARATION) == HEADLINE_PREPARATION and r.get("faces") == faces
+
+    rows = [r for r in (reference or {}).get("rows", []) if shown(r)]
+    return {**(reference or {}), "rows": rows}
 
 
 def ablation(cells: list[dict], seeds: list[dict], split: str) -> list[str]:

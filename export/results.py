@@ -32,7 +32,7 @@ from mien.export.calibration import DRAWS, plot_coverage, plot_reliability
 from mien.export.evaluate import plot_confusion, score_classifier
 from mien.export.figures import has_op, plot_card_curves, plot_speed_accuracy, plot_stn, plot_tsne, stn_stats
 from mien.export.readme import blocks as readme_blocks
-from mien.export.readme import replace_blocks, update_readme
+from mien.export.readme import headline_reference, replace_blocks, update_readme
 from mien.export.stats import EXACT_BELOW, bootstrap_ci, mcnemar, paired_bootstrap_diff, verdict
 from mien.machine import describe_cpu, median_ms
 from mien.paths import DEFAULT_DATA
@@ -696,7 +696,8 @@ def write_results(cfg: ResultsConfig, command: str = "mien results") -> list[dic
     out.parent.mkdir(parents=True, exist_ok=True)
     reference = Path(cfg.reference) if cfg.reference else None
     reference_figures = json.loads(reference.read_text()) if reference and reference.is_file() else None
-    plot_speed_accuracy(rows, Path(cfg.figures) / SPEED_FIGURE, cfg.split, reference_figures)
+    plotted = headline_reference(reference_figures, rows[0]["num_images"]) if reference_figures else None
+    plot_speed_accuracy(rows, Path(cfg.figures) / SPEED_FIGURE, cfg.split, plotted)
     out.write_text(render(rows, cfg, command, seeds))
     for name, measured in (("results.json", rows), ("seeds.json", seeds)):
         if measured:
