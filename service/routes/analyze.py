@@ -52,8 +52,8 @@ from mien.schemas import (
 )
 from mien.service.analysis import AnalyzeOptions, Analyzer, FaceRow, SummaryBuilder
 from mien.service.config import Settings
-from mien.service.deps import DetectorsDep, MetricsDep, ModelDep, SettingsDep, pick_detector
-from mien.service.detectors import FaceDetector, resolve
+from mien.service.deps import MetricsDep, ModelDep, SettingsDep
+from mien.service.detectors import FaceDetector
 from mien.service.exceptions import (
     BadMultipart,
     BadVideo,
@@ -71,15 +71,7 @@ from mien.service.frames import VIDEO_SUFFIXES, BadSource, Frame, count_sampled,
 from mien.service.imaging import GENERIC_MEDIA_TYPES, sniff_format
 from mien.service.metrics import ServiceMetrics
 from mien.service.registry import LoadedModel
-from mien.service.routes.predict import (
-    AlignQuery,
-    DetectMaxPixelsQuery,
-    DetectorQuery,
-    MaxFacesQuery,
-    MinConfidenceQuery,
-    MinFaceQuery,
-    ThresholdQuery,
-)
+from mien.service.routes.predict import FaceQueryDep
 from mien.service.security import ApiKey
 
 log = logging.getLogger(__name__)
@@ -138,32 +130,13 @@ class VideoOptions:
 
 def video_options(
     settings: SettingsDep,
-    detectors: DetectorsDep,
-    detector_name: DetectorQuery = None,
+    faces: FaceQueryDep,
     fps: FpsQuery = None,
-    min_face: MinFaceQuery = None,
-    threshold: ThresholdQuery = None,
-    max_faces: MaxFacesQuery = None,
-    align: AlignQuery = True,
-    detect_max_pixels: DetectMaxPixelsQuery = None,
-    min_confidence: MinConfidenceQuery = None,
     smooth: SmoothQuery = None,
     max_missed: MaxMissedQuery = 5,
 ) -> VideoOptions:
-    name = resolve(detector_name or settings.detector, settings.detector)
-    return VideoOptions(
-        detector=pick_detector(detectors, name),
-        detector_name=name,
-        fps=settings.video_fps if fps is None else fps,
-        min_face=min_face or settings.min_face,
-        threshold=threshold,
-        max_faces=min(max_faces or settings.max_faces, settings.max_faces),
-        align=align,
-        detect_max_pixels=settings.detect_max_pixels if detect_max_pixels is None else detect_max_pixels,
-        min_confidence=settings.min_confidence if min_confidence is None else min_confidence,
-        smooth=smooth,
-        max_missed=max_missed,
-    )
+    return VideoOptions(**faces.fields(), fps=settings.video_fps if fps is None else fps, smooth=smooth,
+                        max_missed=max_missed)  # fmt: skip
 
 
 VideoOptionsDep = Annotated[VideoOptions, Depends(video_options)]

@@ -8,6 +8,7 @@ pipeline (``mien.service.pipeline``), record the metrics, answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -95,10 +96,28 @@ class PhotoOptions:
     max_pixels: int
 
 
-def photo_options(
+@dataclass(frozen=True)
+class FaceQuery:
+    """The query parameters every route that finds faces takes (/predict, /predict/batch, /analyze/video), resolved
+    against the settings: the query can lower MIEN_MAX_FACES only, and each other one left out takes its setting."""
+
+    detector: FaceDetector
+    detector_name: str
+    max_faces: int
+    min_face: int
+    threshold: float | None
+    align: bool
+    detect_max_pixels: int
+    min_confidence: float | None
+
+    def fields(self) -> dict:
+        """The fields by name, the detector itself included (``dataclasses.asdict`` would copy it)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def face_query(
     settings: SettingsDep,
     detectors: DetectorsDep,
-    detect: DetectQuery = True,
     detector_name: DetectorQuery = None,
     min_face: MinFaceQuery = None,
     threshold: ThresholdQuery = None,
@@ -106,22 +125,29 @@ def photo_options(
     align: AlignQuery = True,
     detect_max_pixels: DetectMaxPixelsQuery = None,
     min_confidence: MinConfidenceQuery = None,
-) -> PhotoOptions:
-    """The query parameters of /predict and /predict/batch; DetectorUnavailable when the detector is not loaded."""
+) -> FaceQuery:
+    """The face-finding query parameters; DetectorUnavailable when the detector is not loaded."""
     name = resolve(detector_name or settings.detector, settings.detector)  # onnx: the default landmark detector
-    return PhotoOptions(
+    return FaceQuery(
         detector=pick_detector(detectors, name),
-        detector_name=name if detect else None,
-        detect=detect,
-        max_faces=min(max_faces or settings.max_faces, settings.max_faces),  # the query can lower the setting only
+        detector_name=name,
+        max_faces=min(max_faces or settings.max_faces, settings.max_faces),
         min_face=min_face or settings.min_face,
         threshold=threshold,
         align=align,
         detect_max_pixels=settings.detect_max_pixels if detect_max_pixels is None else detect_max_pixels,
         min_confidence=settings.min_confidence if min_confidence is None else min_confidence,
-        max_upload_bytes=settings.max_upload_bytes,
-        max_pixels=settings.max_pixels,
     )
+
+
+FaceQueryDep = Annotated[FaceQuery, Depends(face_query)]
+
+
+def photo_options(settings: SettingsDep, faces: FaceQueryDep, detect: DetectQuery = True) -> PhotoOptions:
+    """The query parameters of /predict and /predict/batch."""
+    return PhotoOptions(**{**faces.fields(), "detector_name": faces.detector_name if detect else None},
+                        detect=detect, max_upload_bytes=settings.max_upload_bytes,
+                        max_pixels=settings.max_pixels)  # fmt: skip
 
 
 PhotoOptionsDep = Annotated[PhotoOptions, Depends(photo_options)]
