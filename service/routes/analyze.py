@@ -53,7 +53,6 @@ from mien.schemas import (
 from mien.service.analysis import AnalyzeOptions, Analyzer, FaceRow, SummaryBuilder
 from mien.service.config import Settings
 from mien.service.deps import MetricsDep, ModelDep, SettingsDep
-from mien.service.detectors import FaceDetector
 from mien.service.exceptions import (
     BadMultipart,
     BadVideo,
@@ -71,7 +70,7 @@ from mien.service.frames import VIDEO_SUFFIXES, BadSource, Frame, count_sampled,
 from mien.service.imaging import GENERIC_MEDIA_TYPES, sniff_format
 from mien.service.metrics import ServiceMetrics
 from mien.service.registry import LoadedModel
-from mien.service.routes.predict import FaceQueryDep
+from mien.service.routes.predict import FaceQuery, FaceQueryDep
 from mien.service.security import ApiKey
 
 log = logging.getLogger(__name__)
@@ -105,18 +104,10 @@ MaxMissedQuery = Annotated[
 
 
 @dataclass(frozen=True)
-class VideoOptions:
+class VideoOptions(FaceQuery):
     """The query parameters of POST /analyze/video, resolved against the settings."""
 
-    detector: FaceDetector
-    detector_name: str
     fps: float
-    min_face: int
-    threshold: float | None
-    max_faces: int
-    align: bool
-    detect_max_pixels: int
-    min_confidence: float | None
     smooth: float | None
     max_missed: int
 

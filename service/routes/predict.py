@@ -80,23 +80,6 @@ MinConfidenceQuery = Annotated[
 
 
 @dataclass(frozen=True)
-class PhotoOptions:
-    """How each photo of a request is worked on: its query parameters, resolved against the settings."""
-
-    detector: FaceDetector
-    detector_name: str | None  # the detector that runs; None with detect=false
-    detect: bool
-    max_faces: int
-    min_face: int
-    threshold: float | None
-    align: bool
-    detect_max_pixels: int
-    min_confidence: float | None
-    max_upload_bytes: int
-    max_pixels: int
-
-
-@dataclass(frozen=True)
 class FaceQuery:
     """The query parameters every route that finds faces takes (/predict, /predict/batch, /analyze/video), resolved
     against the settings: the query can lower MIEN_MAX_FACES only, and each other one left out takes its setting."""
@@ -113,6 +96,16 @@ class FaceQuery:
     def fields(self) -> dict:
         """The fields by name, the detector itself included (``dataclasses.asdict`` would copy it)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class PhotoOptions(FaceQuery):
+    """How each photo of a request is worked on: its query parameters, resolved against the settings."""
+
+    detector_name: str | None  # the detector that runs; None with detect=false
+    detect: bool
+    max_upload_bytes: int
+    max_pixels: int
 
 
 def face_query(
