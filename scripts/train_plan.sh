@@ -70,6 +70,25 @@ score_seed() {  # score_seed <run> <id>: a further seed, not served: exported to
     mien eval "models/seeds/$id.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
 }
 
+progress() {  # progress <step>: "  (n/N epochs, ≈ h left at s an epoch)" for a run under way, else nothing; the
+    # epoch time is the median of the last nine (an epoch paused for a measurement does not move it)
+    local history=$RUNS/$1/history.jsonl recipe=configs/experiments/$1.toml
+    [ -f "$history" ] && [ -f "$recipe" ] || return 0
+    python3 - "$history" "$(sed -n 's/^epochs *= *\([0-9]*\).*/\1/p' "$recipe")" <<'PY'
+import json, statistics, sys
+epochs = {}
+for line in open(sys.argv[1]):
+    if line.strip():
+        entry = json.loads(line)
+        epochs[entry["epoch"]] = entry["seconds"]
+total = int(sys.argv[2] or 0)
+if epochs and total:
+    recent = statistics.median([epochs[e] for e in sorted(epochs)[-9:]])
+    left = max(total - max(epochs), 0) * recent / 3600
+    print(f"  ({max(epochs)}/{total} epochs, ≈ {left:.1f} h left at {recent:.0f} s an epoch)", end="")
+PY
+}
+
 step() {
     case $1 in
     sr_pretrain)
@@ -105,7 +124,7 @@ main() {
     mkdir -p "$RUNS"
     if [ "${1:-}" = --list ]; then
         for s in "${STEPS[@]}"; do
-            if [ -e "$RUNS/$s.done" ]; then echo "done  $s"; else echo "todo  $s"; fi
+            if [ -e "$RUNS/$s.done" ]; then echo "done  $s"; else echo "todo  $s$(progress "$s")"; fi
         done
         exit 0
     fi

@@ -95,6 +95,24 @@ def test_the_plan_runs_each_step_once_in_order_and_a_rerun_skips_what_is_done(pl
     assert "done  ablation_base_seed1" in listed and "todo  ablation_sr" in listed
 
 
+def test_the_list_shows_how_far_a_run_under_way_is_and_how_long_it_has_left(plan):
+    """Epochs done out of the recipe's, and the time left at the median of the last epochs' seconds (one epoch
+    slowed by a pause does not move it)."""
+    import json
+
+    run, _, runs = plan
+    (runs / "ablation_sr").mkdir(parents=True)
+    seconds = [400.0, 420.0, 1800.0, 410.0]  # the third paused for a measurement
+    lines = [json.dumps({"epoch": e, "seconds": s}) for e, s in enumerate(seconds, start=1)]
+    (runs / "ablation_sr" / "history.jsonl").write_text("\n".join(lines) + "\n")
+    listed = run("--list").stdout.splitlines()
+    epochs = 50  # configs/experiments/ablation_sr.toml
+    assert f"epochs = {epochs}" in (ROOT / "configs" / "experiments" / "ablation_sr.toml").read_text()
+    left = (epochs - 4) * 415.0 / 3600
+    assert f"todo  ablation_sr  (4/{epochs} epochs, ≈ {left:.1f} h left at 415 s an epoch)" in listed
+    assert "todo  ablation_stn_sr" in listed  # not started: no progress shown
+
+
 def test_a_failed_step_stops_the_plan_unmarked_and_an_sr_arm_that_loses_to_bicubic_never_trains(plan):
     run, calls, runs = plan
     failed = run("sr_pretrain", "sr_eval", FAIL_ON="pretrain-sr")
