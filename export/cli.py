@@ -59,6 +59,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ten-crop", type=int, default=0, metavar="SIZE",
                    help="average the logits of the ten SIZE x SIZE crops (corners, centre, and mirrored) inside "
                    "the ONNX graph (10x compute; for networks trained on random crops, e.g. --crop 40)")  # fmt: skip
+    p.add_argument("--shift-tta", type=int, default=0, metavar="PIXELS",
+                   help="average the logits of the face moved by PIXELS in the moves of --shift-pattern, inside "
+                   "the ONNX graph (9x compute for grid, 5x otherwise; with --flip-tta each view is mirrored "
+                   "too)")  # fmt: skip
+    p.add_argument("--shift-pattern", default="grid", choices=("grid", "plus", "cross"),
+                   help="grid: every move of a 3x3 grid; plus: the centre and the four moves along the axes; cross: "
+                   "the centre and the four diagonal moves")  # fmt: skip
     p.add_argument("--model-id", default=None,
                    help="the id the file is served as (default: the checkpoint's network, e.g. mini_xception); "
                    "for a second seed or a distilled copy bundled beside the first")  # fmt: skip
@@ -86,7 +93,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,
                        parity_faces=args.parity_faces, atol=args.atol, opset=args.opset,
-                       flip_tta=args.flip_tta, ten_crop=args.ten_crop, model_id=args.model_id)  # fmt: skip
+                       flip_tta=args.flip_tta, ten_crop=args.ten_crop, shift_tta=args.shift_tta,
+                       shift_pattern=args.shift_pattern, model_id=args.model_id)  # fmt: skip
     return 0 if export_checkpoint(cfg).passed else 1
 
 

@@ -45,6 +45,8 @@ class ExportConfig:
     opset: int = 20  # the legacy exporter supports affine_grid (STN models) from opset 20
     flip_tta: bool = False  # average the logits of each face and its mirror image inside the graph
     ten_crop: int = 0  # crop size: average the logits of the ten crops (corners, centre, mirrored) in the graph
+    shift_tta: int = 0  # pixels: average the logits of the face moved by these pixels (SHIFT_PATTERNS) in the graph
+    shift_pattern: str = "grid"
     model_id: str | None = None  # the id it is served as; default the checkpoint's network (e.g. a second seed)
 
 
@@ -76,11 +78,68 @@ class TenCropAverage(torch.nn.Module):
         return self.model(views.flatten(0, 1)).view(NUM_VIEWS, x.shape[0], -1).mean(0)
 
 
+#: The shifts of shift TTA, in units of its pixels: every (dx, dy) of a 3×3 grid, or the centre and the four
+#: moves along the axes (plus) or along the diagonals (cross).
+SHIFT_PATTERNS = {
+    "grid": [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
+    "plus": [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)],
+    "cross": [(0, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)],
+}
+
+
+class ShiftAverage(torch.nn.Module):
+    """Shift test-time augmentation in the graph: the mean of the logits of the face moved by each (dx, dy) of
+    ``shifts`` pixels (right and down for positive values), its edge pixels repeated into the border a move
+    uncovers, as the training augmentation's small random shifts leave it (around a flip-averaging model, each
+    view is also mirrored)."""
+
+    def __init__(self, model: torch.nn.Module, shifts: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.model, self.shifts = model, [(int(dx), int(dy)) for dx, dy in shifts]
+        self.pad = max(abs(v) for shift in self.shifts for v in shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad, (height, width) = self.pad, x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+        views = torch.cat([padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+                           for dx, dy in self.shifts])  # fmt: skip
+        return self.model(views).view(len(self.shifts), x.shape[0], -1).mean(0)
+
+
+def shift_views(pixels: int, pattern: str) -> list[tuple[int, int]]:
+    """The (dx, dy) moves of ``--shift-tta pixels --shift-pattern pattern``."""
+    if pattern not in SHIFT_PATTERNS:
+        raise ValueError(f"unknown shift pattern {pattern!r} (one of {', '.join(SHIFT_PATTERNS)})")
+    if pixels < 1:
+        raise ValueError(f"--shift-tta needs at least 1 pixel, got {pixels}")
+    return [(dx * pixels, dy * pixels) for dx, dy in SHIFT_PATTERNS[pattern]]
+
+
 def test_time_augmentation(cfg: ExportConfig) -> str:
-    """The name the ONNX metadata and the card give the graph's test-time augmentation."""
-    if cfg.flip_tta and cfg.ten_crop:
-        raise ValueError("--flip-tta and --ten-crop exclude each other (ten-crop already averages mirrored views)")
-    return f"ten_crop_{cfg.ten_crop}" if cfg.ten_crop else "flip" if cfg.flip_tta else "none"
+    """The name the ONNX metadata and the card give the graph's test-time augmentation: "none", "flip",
+    "ten_crop_<size>", "shift_<pattern>_<pixels>" or "flip+shift_<pattern>_<pixels>"."""
+    if cfg.ten_crop and (cfg.flip_tta or cfg.shift_tta):
+        raise ValueError("--ten-crop excludes --flip-tta and --shift-tta (ten-crop already averages mirrored views)")
+    if cfg.ten_crop:
+        return f"ten_crop_{cfg.ten_crop}"
+    shift = [f"shift_{cfg.shift_pattern}_{cfg.shift_tta}"] if cfg.shift_tta else []
+    parts = (["flip"] if cfg.flip_tta else []) + shift
+    return "+".join(parts) or "none"
+
+
+def with_test_time_augmentation(model: torch.nn.Module, tta: str) -> torch.nn.Module:
+    """``model`` wrapped in the test-time augmentation named by ``tta`` (``test_time_augmentation``'s names)."""
+    for part in tta.split("+"):
+        if part == "flip":
+            model = FlipAverage(model).eval()
+        elif part.startswith("ten_crop_"):
+            model = TenCropAverage(model, int(part.removeprefix("ten_crop_"))).eval()
+        elif part.startswith("shift_"):
+            pattern, pixels = part.removeprefix("shift_").rsplit("_", 1)
+            model = ShiftAverage(model, shift_views(int(pixels), pattern)).eval()
+        elif part != "none":
+            raise ValueError(f"unknown test-time augmentation {part!r}")
+    return model
 
 
 def count_macs(model: torch.nn.Module, example: torch.Tensor) -> int:
@@ -155,10 +214,7 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
     model, spec, ckpt = load_model(cfg.checkpoint)
     model_id = cfg.model_id or ckpt["model_id"]
     tta = test_time_augmentation(cfg)
-    if cfg.flip_tta:
-        model = FlipAverage(model).eval()
-    if cfg.ten_crop:
-        model = TenCropAverage(model, cfg.ten_crop).eval()
+    model = with_test_time_augmentation(model, tta)
     out = Path(cfg.out or f"models/{model_id}.onnx")
 
     trained = ckpt.get("train_config", {})  # a FER+ model is scored on the FER+ labels it learnt
@@ -241,10 +297,12 @@ def model_card(
             "command": f"mien export {cfg.checkpoint} --out {out} --data {cfg.data} --split {cfg.split}"
             + (" --flip-tta" if cfg.flip_tta else "")
             + (f" --ten-crop {cfg.ten_crop}" if cfg.ten_crop else "")
+            + (f" --shift-tta {cfg.shift_tta} --shift-pattern {cfg.shift_pattern}" if cfg.shift_tta else "")
             + (f" --model-id {cfg.model_id}" if cfg.model_id else ""),
             "opset": cfg.opset,
             "flip_tta": cfg.flip_tta,
             **({"ten_crop": cfg.ten_crop} if cfg.ten_crop else {}),
+            **({"shift_tta": cfg.shift_tta, "shift_pattern": cfg.shift_pattern} if cfg.shift_tta else {}),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": ort.__version__,

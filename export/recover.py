@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from mien.card import card_path
 from mien.export.calibrate import without_calibration
 from mien.export.evaluate import eval_split
-from mien.export.onnx_export import FlipAverage, TenCropAverage, check_parity, log_parity
+from mien.export.onnx_export import check_parity, log_parity, with_test_time_augmentation
 from mien.preprocess import to_model_input
 from mien.spec import PreprocessSpec
 from mien.training.layers import as_served
@@ -156,10 +156,7 @@ def recover_checkpoint(onnx_path: str | Path, data: str | Path, split: str = "va
     network.load_state_dict(rebuild_state_dict(network, proto, example))
     served = as_served(network, config).eval()
     tta = {p.key: p.value for p in proto.metadata_props}.get("mien.test_time_augmentation", "none")
-    if tta == "flip":
-        served = FlipAverage(served).eval()
-    elif tta.startswith("ten_crop_"):
-        served = TenCropAverage(served, int(tta.removeprefix("ten_crop_"))).eval()
+    served = with_test_time_augmentation(served, tta)
 
     split_faces = eval_split(data, split, spec.labels)
     pick = np.random.default_rng(0).permutation(len(split_faces.images))[:faces]

@@ -199,3 +199,52 @@ def test_ten_crop_export_averages_the_ten_views(tiny_run, tiny_npz, tmp_path):
     with pytest.raises(ValueError, match="exclude each other"):
         export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "x.onnx"),
                                        data=str(tiny_npz), flip_tta=True, ten_crop=40))  # fmt: skip
+
+
+def test_shift_export_averages_the_moved_faces_each_with_its_mirror(tiny_run, tiny_npz, tmp_path):
+    """--shift-tta 1 with --flip-tta: the logits of the face moved by every (dx, dy) of the 3×3 grid, its edge pixels
+    repeated into the uncovered border, each view averaged with its mirror, then averaged over the views."""
+    from mien.training.checkpoint import load_model
+
+    out = tmp_path / "shift.onnx"
+    result = export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(out), data=str(tiny_npz),
+                                            parity_faces=256, flip_tta=True, shift_tta=1))  # fmt: skip
+    assert result.passed
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["mien.test_time_augmentation"] == "flip+shift_grid_1"
+    model, _, _ = load_model(tiny_run / "best.pt")
+    x = np.random.default_rng(3).normal(size=(2, 1, 48, 48)).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    views = []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            view = torch.from_numpy(np.ascontiguousarray(padded[..., 1 - dy : 49 - dy, 1 - dx : 49 - dx]))
+            with torch.no_grad():
+                views.append(0.5 * (model(view) + model(view.flip(-1))))
+    got = OnnxClassifier.from_path(out).session.run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, torch.stack(views).mean(0).numpy(), atol=1e-4)
+    card = json.loads((tmp_path / "shift.card.json").read_text())
+    assert card["export"]["shift_tta"] == 1 and card["export"]["shift_pattern"] == "grid"
+    assert "--flip-tta --shift-tta 1 --shift-pattern grid" in card["export"]["command"]
+
+
+def test_a_shift_moves_the_face_right_and_down_and_repeats_its_edge():
+    from mien.export.onnx_export import ShiftAverage, shift_views
+
+    face = torch.zeros(1, 1, 5, 5)
+    face[..., 2, 0] = 1.0  # one bright pixel on the left edge
+    identity = torch.nn.Identity()  # the views come back flattened per face, as logits would
+    moved = ShiftAverage(identity, [(1, 0)])(face).view(1, 1, 5, 5)  # the face one pixel to the right
+    assert moved[0, 0, 2].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]  # the edge pixel repeated into the uncovered column
+    down = ShiftAverage(identity, [(0, 2)])(face).view(1, 1, 5, 5)
+    assert down[0, 0, :, 0].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]  # two rows down
+    assert torch.equal(ShiftAverage(identity, [(0, 0)])(face).view(1, 1, 5, 5), face)
+    assert shift_views(2, "plus") == [(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)] and len(shift_views(1, "grid")) == 9
+    with pytest.raises(ValueError, match="pattern"):
+        shift_views(1, "star")
+    with pytest.raises(ValueError, match="at least 1"):
+        shift_views(0, "grid")
+    with pytest.raises(ValueError, match="excludes"):
+        from mien.export.onnx_export import test_time_augmentation
+
+        test_time_augmentation(ExportConfig(checkpoint="x.pt", ten_crop=40, shift_tta=1))

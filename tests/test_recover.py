@@ -50,6 +50,19 @@ def test_the_rebuilt_checkpoint_computes_what_the_lost_one_did(bundled, tiny_npz
     torch.testing.assert_close(found.probabilities(x), lost.probabilities(x), atol=1e-5, rtol=1e-4)
 
 
+def test_a_file_with_shift_averaging_is_rebuilt_with_the_same_views(bundled, tiny_npz, tmp_path):
+    """The parity check against the file runs the rebuilt network through the file's own test-time augmentation."""
+    best, _ = bundled
+    shifted = tmp_path / "models" / "vgg_shift.onnx"
+    assert export_checkpoint(ExportConfig(checkpoint=str(best), out=str(shifted), data=str(tiny_npz), parity_faces=256,
+                                          flip_tta=True, shift_tta=1, shift_pattern="cross",
+                                          model_id="vgg_shift")).passed  # fmt: skip
+    out = tmp_path / "again" / "best.pt"
+    parity = recover(shifted, out, tiny_npz)
+    assert parity.passed and parity.argmax_agreement == 1.0
+    assert load_model(out)[2]["recovered_from"]["test_time_augmentation"] == "flip+shift_cross_1"
+
+
 def test_a_card_that_does_not_describe_the_file_is_refused_and_nothing_is_written(bundled, tiny_npz, tmp_path):
     _, onnx_path = bundled
     copy = tmp_path / "vgg_tiny.onnx"
