@@ -92,7 +92,7 @@ PY
 step() {
     case $1 in
     sr_pretrain)
-        mien pretrain-sr --data "$DATA" --epochs 40 --train-split train --val-split val --channels-last --amp bf16 \
+        mien pretrain-sr --data "$DATA" --epochs 40 --train-split train --val-split val --channels-last --amp auto \
             --out "$RUNS/sr_pretrain/sr.pt" --threads 2 ;;
     sr_eval)  # the SR arms test SR only if the front end beats bicubic on the val faces; then the table
         mien sr-eval "$RUNS/sr_pretrain/sr.pt" --data "$DATA" --split val --threads 2 \

@@ -625,7 +625,7 @@ def test_the_ablation_recipes_differ_only_in_the_front_end_and_build_ablation_ar
         assert cfg.sr_init == ("~/mien-runs/sr_pretrain/sr.pt" if sr else "")
     cfg = configs["base_cnn"]
     assert (cfg.epochs, cfg.early_stop, cfg.optimizer, cfg.schedule, cfg.amp, cfg.channels_last) == (
-        50, 0, "sgd", "cosine", "bf16", True
+        50, 0, "sgd", "cosine", "auto", True
     )  # fmt: skip
     assert (cfg.train_split, cfg.val_split, cfg.val_fraction, cfg.val_seed, cfg.augment.crop) == (
         "train", "val", 0.1, 2013, 0

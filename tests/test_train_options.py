@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import mien.training.hardware as hardware
 import mien.training.train as train_module
 from mien.training.hardware import channels_last_hazards, use_channels_last
 from mien.training.models import create_model, default_spec
@@ -89,6 +90,28 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16_on_cpu():
     assert dtypes == [torch.bfloat16] and logits.dtype == torch.float32  # the loop gets fp32 logits back
     _one_step(StepContext(), model)
     assert dtypes[-1] == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16 CPU", "fp32-only CPU"])
+def test_amp_auto_trains_in_bf16_only_where_the_cpu_computes_it_and_says_so_in_every_epoch(
+    tmp_path, tiny_npz, monkeypatch, native
+):
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    for probe in probes:  # the machine's answer replaced by the case's
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    assert hardware.native_bf16(torch.device("cpu"))[0] is native
+    assert hardware.resolve_amp("auto", torch.device("cpu")) == ("bf16" if native else "none")
+    assert [hardware.resolve_amp(amp, torch.device("cpu")) for amp in ("none", "bf16")] == ["none", "bf16"]
+    seen = []  # the precision each training step ran in
+    step = CrossEntropy.train_step
+    monkeypatch.setattr(CrossEntropy, "train_step", lambda self, *a, **k: seen.append(self.context.amp)
+                        or step(self, *a, **k))  # fmt: skip
+    out = tmp_path / "auto"
+    train(_cfg(tiny_npz, out, epochs=2, amp="auto"))
+    assert set(seen) == {"bf16" if native else "none"} and len(seen) == 2 * 128 // 32
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [row["precision"] for row in rows] == ["bf16" if native else "fp32"] * 2
+    assert torch.load(out / "best.pt", weights_only=False)["train_config"]["amp"] == "auto"  # the request
 
 
 def test_bf16_training_run_and_fp16_refused_on_cpu(tmp_path, tiny_npz):

@@ -74,7 +74,7 @@ def test_the_plan_runs_each_step_once_in_order_and_a_rerun_skips_what_is_done(pl
     done = run("sr_pretrain", "sr_eval", "ablation_base_seed1")
     assert done.returncode == 0, done.stderr
     recorded = calls()
-    assert recorded[0].startswith("pretrain-sr --data /data/fer2013.npz --epochs 40") and "--amp bf16" in recorded[0]
+    assert recorded[0].startswith("pretrain-sr --data /data/fer2013.npz --epochs 40") and "--amp auto" in recorded[0]
     assert recorded[1].startswith("sr-eval") and "--split val" in recorded[1]
     assert recorded[2].startswith("sr-eval") and "--split public_test" in recorded[2]
     recipe = "configs/experiments/ablation_base_seed1.toml"

@@ -24,9 +24,10 @@ from mien.training.ferplus import LABEL_SOURCES, TARGETS
 from mien.training.schedule import SCHEDULES
 
 OPTIMIZERS = ("adam", "sgd")
-AMP_MODES = ("none", "bf16", "fp16")
+#: auto: bf16 where the device computes it natively, fp32 elsewhere (training/hardware.py, resolve_amp).
+AMP_MODES = ("none", "bf16", "fp16", "auto")
 #: pretrain-sr runs on the CPU only: no fp16 (it needs a GPU's GradScaler).
-SR_AMP_MODES = ("none", "bf16")
+SR_AMP_MODES = ("none", "bf16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 
 SCHEDULE = "schedule, early stopping, clipping (training/schedule.py)"
@@ -158,8 +159,9 @@ class TrainConfig:
     early_stop: int = option(0, "stop after N epochs without a better val_acc; 0 = never", group=SCHEDULE)
     grad_clip: float = option(0.0, "max global L2 norm of the gradients; 0 = off", group=SCHEDULE)
     amp: str = option(
-        "none", "mixed precision: bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (GPU only); see "
-        "docs/training.md for what bf16 does on a CPU", choices=AMP_MODES
+        "none", "mixed precision: bf16 autocast (CPU or GPU), fp16 autocast + GradScaler (GPU only), auto = bf16 "
+        "where the device computes it natively (a GPU with bf16; a CPU with AMX or AVX-512 BF16), fp32 elsewhere; "
+        "see docs/training.md for what bf16 does on a CPU", choices=AMP_MODES
     )  # fmt: skip
     device: str = option("auto", "auto = this rank's GPU if any, else the CPU", choices=DEVICES)
 
@@ -188,8 +190,8 @@ class SRPretrainConfig:
     # pre-training uses both (~1.9x faster a step on the 2-core AMD EPYC with AVX-512 BF16, docs/training.md).
     channels_last: bool = option(False, "channels-last memory layout for the EDSR's training steps")
     amp: str = option(
-        "none", "bf16 autocast for the training steps (validation and the checkpoint stay fp32)",
-        choices=SR_AMP_MODES
+        "none", "bf16 autocast for the training steps (validation and the checkpoint stay fp32); auto = bf16 on a "
+        "CPU with AMX or AVX-512 BF16, fp32 elsewhere", choices=SR_AMP_MODES
     )  # fmt: skip
     limit: int = option(0, "use only the first N training faces, for smoke tests; 0 = all")
 

@@ -85,6 +85,37 @@ def all_reduce_sum(values: list[float], process: Process) -> list[float]:
     return tensor.tolist()
 
 
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively, and what says so. On a CPU without AMX or AVX-512 BF16, bf16
+    autocast is emulated and 7-11× slower a training step than fp32 (docs/training.md, "Precision by machine")."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        return native, f"{torch.cuda.get_device_name(device)} {'computes' if native else 'does not compute'} bf16"
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"))
+    found = [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+    if found:
+        return True, f"this CPU has {' and '.join(found)}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return False, f"this CPU has neither AMX nor AVX-512 BF16 (torch's CPU capability: {capability})"
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The precision a run trains in: ``amp`` itself, or for ``auto`` bf16 where ``device`` computes it natively
+    and none (fp32) elsewhere. A resumed run resolves again, so a run moved to another machine takes its speed."""
+    check_amp(amp, device)
+    if amp != "auto":
+        return amp
+    native, why = native_bf16(device)
+    resolved = "bf16" if native else "none"
+    log.info("--amp auto: %s, since %s", "bf16 autocast" if native else "fp32", why)
+    return resolved
+
+
+def precision_name(amp: str) -> str:
+    """What a resolved ``amp`` trains in, as history rows and logs say it: fp32, bf16 or fp16."""
+    return "fp32" if amp == "none" else amp
+
+
 def check_amp(amp: str, device: torch.device) -> None:
     """Refuse a precision this device cannot train in."""
     if amp not in AMP_MODES:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from mien.training.config import SRPretrainConfig
 from mien.training.data import CARVED_SPLIT, USAGE_TO_SPLIT, load_dataset, load_with_validation
+from mien.training.hardware import precision_name, resolve_amp
 from mien.training.layers import EDSR, EDSR_SMALL
 from mien.training.models import default_spec
 from mien.training.run_folder import save
@@ -129,9 +130,10 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
     steps_per_epoch = len(train_x) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_x)} training faces are fewer than one batch of {cfg.batch_size}")
+    amp = resolve_amp(cfg.amp, torch.device("cpu"))  # auto: bf16 on a CPU that computes it natively
     log.info("SR pre-training EDSR %s: %d %s faces, L1 reported on %d %s faces (%s, amp %s)", sr.kwargs,
              len(train_x), cfg.train_split, len(val_hr), cfg.val_split,
-             "channels-last" if cfg.channels_last else "NCHW", cfg.amp)  # fmt: skip
+             "channels-last" if cfg.channels_last else "NCHW", precision_name(amp))  # fmt: skip
     optimizer = torch.optim.Adam(sr.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
     out = Path(cfg.out).expanduser()
@@ -150,12 +152,12 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
             hr = normalize(train_x[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]], spec)
             flip = torch.rand(len(hr), generator=generator) < 0.5
             hr = torch.where(flip[:, None, None, None], hr.flip(-1), hr).contiguous(memory_format=layout)
-            total += l1_step(sr, optimizer, hr, cfg.amp)
+            total += l1_step(sr, optimizer, hr, amp)
             schedule.step()
             bar.set_postfix(l1=f"{total / (i + 1):.4f}", refresh=False)
         val_l1, bicubic_l1 = sr_l1(sr, val_hr)
         row = {"epoch": epoch, "train_l1": total / steps_per_epoch, "val_l1": val_l1, "bicubic_l1": bicubic_l1,
-               "seconds": time.perf_counter() - started}  # fmt: skip
+               "seconds": time.perf_counter() - started, "precision": precision_name(amp)}  # fmt: skip
         history.append(row)
         state = {"config": _resume_key(cfg), "state_dict": sr.state_dict(), "optimizer": optimizer.state_dict(),
                  "schedule": schedule.state_dict(), "generator": generator.get_state(), "history": history}  # fmt: skip

@@ -30,7 +30,15 @@ from mien.training.config import TrainConfig
 from mien.training.curves import plot_curves
 from mien.training.data import CARVED_SPLIT, FaceDataset, load_dataset, load_with_validation, select_labels
 from mien.training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
-from mien.training.hardware import Process, all_reduce_sum, close_distributed, init_distributed, use_channels_last
+from mien.training.hardware import (
+    Process,
+    all_reduce_sum,
+    close_distributed,
+    init_distributed,
+    precision_name,
+    resolve_amp,
+    use_channels_last,
+)
 from mien.training.layers import as_served
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext, build_objective, predict_logits
@@ -72,7 +80,8 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         model, spec, model_kwargs, cfg = build_model(cfg, data.label_names, process.device)
         objective = build_objective(cfg, spec, model, generator)
         check_supported(cfg, objective, process, soft_targets=data.train_targets is not None)
-        objective.set_context(StepContext(process.device, cfg.amp, cfg.grad_clip, process.rank, process.world_size))
+        amp = resolve_amp(cfg.amp, process.device)  # auto: bf16 where native, resolved again on every resume
+        objective.set_context(StepContext(process.device, amp, cfg.grad_clip, process.rank, process.world_size))
         optimizer = objective.build_optimizer(model)
         ema = weight_ema(model, cfg.ema) if cfg.ema else None
         run = RunFolder(out, cfg, spec, model_kwargs, model, objective, optimizer, generator, ema, recipe)
@@ -83,7 +92,7 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         log.info(
             "model %s (%s objective): %d parameters; %d process(es) on %s, %s, %s; config %s",
             cfg.model, objective.name, sum(p.numel() for p in model.parameters()), process.world_size, process.device,
-            "channels-last" if cfg.channels_last else "NCHW", cfg.amp if cfg.amp != "none" else "fp32", asdict(cfg),
+            "channels-last" if cfg.channels_last else "NCHW", precision_name(amp), asdict(cfg),
         )  # fmt: skip
 
         epochs = tqdm(range(progress.start_epoch, cfg.epochs + 1), desc=cfg.model, unit="epoch",
@@ -102,6 +111,7 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **metrics,
                 "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                 "cpu_seconds": time.process_time() - cpu_started,  # every thread of this process; not paused time
+                "precision": precision_name(amp),  # what --amp (auto included) trained this epoch in, on this machine
             }  # fmt: skip
             improved = progress.record(row, metrics, cfg.val_split)
             if process.is_main:
