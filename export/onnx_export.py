@@ -290,7 +290,12 @@ def model_card(
             "history": [  # per-epoch figures, for the training curves in docs/results.md
                 {k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in history
             ],
-            **({"run": run} if (run := run_totals(Path(cfg.checkpoint), ckpt.get("train_config", {}))) else {}),
+            # a recovered checkpoint has no run folder beside it: it carries the totals its card had
+            **(
+                {"run": run}
+                if (run := run_totals(Path(cfg.checkpoint), ckpt.get("train_config", {})) or ckpt.get("run"))
+                else {}
+            ),
         },
         parity=parity,
         export={

@@ -141,6 +141,14 @@ def rebuild_state_dict(
     return state
 
 
+def _training_record(training: dict) -> dict:
+    """The checkpoint keys an export reads the training block of its card from (onnx_export.card_for), taken back
+    from a card's ``training`` block: command, recipe, the kept epoch's metrics, notes, history and run totals."""
+    keys = {"command": "command", "recipe": "recipe", "best": "metrics", "notes": "notes", "history": "history",
+            "run": "run"}  # fmt: skip
+    return {ckpt_key: training[card_key] for card_key, ckpt_key in keys.items() if training.get(card_key)}
+
+
 def recover_checkpoint(onnx_path: str | Path, data: str | Path, split: str = "val", faces: int = 256,
                        atol: float = 1e-3) -> tuple[dict, object]:  # fmt: skip
     """(the checkpoint rebuilt from ``onnx_path`` and its card, the parity verdict against the file)."""
@@ -169,6 +177,8 @@ def recover_checkpoint(onnx_path: str | Path, data: str | Path, split: str = "va
         "spec": card["spec"],
         "state_dict": network.state_dict(),
         "train_config": config,
+        # the run's record as the card kept it, so a file exported again from here says how its weights were trained
+        **_training_record(card.get("training") or {}),
         "recovered_from": {"file": str(onnx_path), "model_id": card.get("model_id"), "version": card.get("version"),
                            "sha256": card.get("sha256"), "test_time_augmentation": tta,
                            "parity": {"max_abs_diff": parity.max_abs_diff, "argmax_agreement": parity.argmax_agreement,

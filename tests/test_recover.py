@@ -63,6 +63,26 @@ def test_a_file_with_shift_averaging_is_rebuilt_with_the_same_views(bundled, tin
     assert load_model(out)[2]["recovered_from"]["test_time_augmentation"] == "flip+shift_cross_1"
 
 
+def test_a_file_exported_again_from_the_rebuilt_checkpoint_keeps_the_card_s_training_record(bundled, tiny_npz,
+                                                                                             tmp_path):  # fmt: skip
+    """The run folder is gone, but its record is in the card: recovering carries it, so a second export (another
+    test-time augmentation, say) still says which command, recipe and epochs trained its weights."""
+    _, onnx_path = bundled
+    rebuilt = tmp_path / "again" / "best.pt"
+    assert recover(onnx_path, rebuilt, tiny_npz).passed
+    again = tmp_path / "models" / "vgg_again.onnx"
+    assert export_checkpoint(ExportConfig(checkpoint=str(rebuilt), out=str(again), data=str(tiny_npz),
+                                          parity_faces=256, flip_tta=True, model_id="vgg_again")).passed  # fmt: skip
+    first = json.loads(onnx_path.with_suffix(".card.json").read_text())["training"]
+    second = json.loads(again.with_suffix(".card.json").read_text())["training"]
+    assert first["history"] and first["best"] and first["config"]  # a record to keep
+    for key in ("command", "recipe", "config", "best", "epochs_run", "seconds_per_epoch_median", "history", "run"):
+        assert second.get(key) == first.get(key), key
+    assert (
+        second["epochs_run"] == len(first["history"]) == second["best"]["epoch"]
+    )  # the history ends at the kept epoch
+
+
 def test_a_card_that_does_not_describe_the_file_is_refused_and_nothing_is_written(bundled, tiny_npz, tmp_path):
     _, onnx_path = bundled
     copy = tmp_path / "vgg_tiny.onnx"
