@@ -38,14 +38,26 @@ def bundled_kwargs(model_id: str) -> dict:
 
 
 def make_step(
-    model_id: str, batch: int, layout: str, amp: str, crop: int = 0, kwargs: dict | None = None, compiled: bool = False
+    model_id: str,
+    batch: int,
+    layout: str,
+    amp: str,
+    crop: int = 0,
+    kwargs: dict | None = None,
+    compiled: bool = False,
+    freeze_sr: bool = False,
 ):
     """A closure running one optimiser step of ``model_id`` as the training loop does (through ``torch.compile`` of
-    the model with ``compiled``: the optimiser and the objective stay eager)."""
+    the model with ``compiled``: the optimiser and the objective stay eager; with ``freeze_sr`` the SR front end is
+    fixed, as ``mien train --freeze-sr`` fixes it, so no gradient flows through it)."""
     kwargs = bundled_kwargs(model_id) if kwargs is None else kwargs
     spec = default_spec(model_id)
     torch.manual_seed(0)
     model = create_model(model_id, num_classes=spec.num_classes, **kwargs).train()
+    if freeze_sr:
+        if getattr(model, "sr", None) is None:
+            raise SystemExit(f"--freeze-sr: {model_id} has no SR front end")
+        model.sr.requires_grad_(False)
     channels_last = layout == "channels-last"
     cfg = config_from_dict({"model": model_id, "channels_last": channels_last, "batch_size": batch,
                             "augment": {"crop": crop}})  # fmt: skip
@@ -74,6 +86,8 @@ def main() -> None:
                         "'channels-last:bf16,NCHW:none' (default: all four)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="also time each set-up with the model through "
                         "torch.compile (inductor; compiling is left out of the timing, as a warm-up)")  # fmt: skip
+    parser.add_argument("--freeze-sr", action="store_true", help="fix the SR front end of sr_cnn/stn_sr_cnn "
+                        "(mien train --freeze-sr): no gradient through it")  # fmt: skip
     args = parser.parse_args()
     chosen = [tuple(pair.split(":")) for pair in args.setups.split(",")] if args.setups else SETUPS
     chosen = [(*pair, False) for pair in chosen] + ([(*pair, True) for pair in chosen] if args.compile else [])
@@ -82,7 +96,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"batch {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {describe_cpu()}; "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps"
-          + (f"; random {args.crop}x{args.crop} crops" if args.crop else ""))  # fmt: skip
+          + (f"; random {args.crop}x{args.crop} crops" if args.crop else "")
+          + ("; SR front end frozen" if args.freeze_sr else ""))  # fmt: skip
     first = "{} {}".format(*chosen[0][:2])
     print(f"\n| model | layout | precision | images/s | s/epoch | speed-up vs {first} |\n|---|---|---|---|---|---|")
     for model_id in args.models.split(","):
@@ -93,7 +108,8 @@ def main() -> None:
         print(f"<!-- {model_id} {json.dumps(kwargs)}: {parameters / 1e6:.2f} M parameters -->")
         hazards = channels_last_hazards(model, (spec.channels, *spec.input_size))
         setups = [s for s in chosen if not (hazards and s[0] == "channels-last")]
-        steps = {s: make_step(model_id, args.batch_size, *s[:2], crop=args.crop, kwargs=kwargs, compiled=s[2])
+        steps = {s: make_step(model_id, args.batch_size, *s[:2], crop=args.crop, kwargs=kwargs, compiled=s[2],
+                           freeze_sr=args.freeze_sr)
                  for s in setups}  # fmt: skip
         for step in steps.values():  # warm-up: oneDNN primitive creation, allocator
             for _ in range(2):

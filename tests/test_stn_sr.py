@@ -535,6 +535,52 @@ def test_sr_eval_scores_the_front_end_an_sr_arm_trained_as_its_pretrained_start_
         evaluate_sr(base, small_npz, "val")
 
 
+def test_sr_finetune_epochs_keeps_the_pretrained_front_end_fixed_until_the_last_epochs_and_resumes_exactly(
+    tmp_path, small_npz, monkeypatch
+):
+    """Issue 17: pre-trained SR, the classifier trained behind it, SR fine-tuned jointly for the last epochs."""
+    start = tmp_path / "sr.pt"
+    pretrain_sr(SRPretrainConfig(data=str(small_npz), out=str(start), sr_kwargs={"num_blocks": 1, "features": 8},
+                                 epochs=1, batch_size=16, threads=1))  # fmt: skip
+    pretrained = torch.load(start, weights_only=False)["state_dict"]
+    kwargs = {"widths": [4, 8, 8, 8], "hidden": 8}
+    common = dict(data=str(small_npz), model="sr_cnn", model_kwargs=kwargs, epochs=3, batch_size=14,
+                  warmup_epochs=1, threads=1, sr_init=str(start), sr_finetune_epochs=1, ema=0)  # fmt: skip
+    seen = []  # per step: does the SR front end train?
+    real_step = CrossEntropy.train_step
+
+    def recording_step(self, model, optimizer, images, y):
+        seen.append(all(p.requires_grad for p in model.sr.parameters()))
+        return real_step(self, model, optimizer, images, y)
+
+    monkeypatch.setattr(CrossEntropy, "train_step", recording_step)
+    straight = tmp_path / "straight"
+    train(TrainConfig(**common, out=str(straight)))
+    per_epoch = len(seen) // 3
+    assert seen == [False] * 2 * per_epoch + [True] * per_epoch
+    rows = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
+    assert [row["sr_trains"] for row in rows] == [False, False, True]
+
+    def sr_weights(run, name="last.pt"):
+        state = torch.load(run / name, weights_only=False)["state_dict"]
+        return {k.removeprefix("sr."): v for k, v in state.items() if k.startswith("sr.")}
+
+    halves = tmp_path / "halves"  # stopped after epoch 2: the front end is still the pre-trained one
+    train_interrupted(TrainConfig(**common, out=str(halves)), 2, monkeypatch)
+    for key, tensor in sr_weights(halves).items():
+        torch.testing.assert_close(tensor, pretrained[key], rtol=0, atol=0, msg=key)
+    train(TrainConfig(**common, out=str(halves)))  # resumed into the fine-tuning epoch, as the whole run
+    a, b = torch.load(straight / "last.pt", weights_only=False), torch.load(halves / "last.pt", weights_only=False)
+    for key, tensor in a["state_dict"].items():
+        torch.testing.assert_close(tensor, b["state_dict"][key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(tensor, pretrained[key]) for key, tensor in sr_weights(straight).items())
+
+    for bad, match in (({"sr_init": ""}, "needs --sr-init"), ({"freeze_sr": True}, "no --freeze-sr"),
+                       ({"sr_finetune_epochs": -1}, "N >= 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            train(TrainConfig(**{**common, **bad}, out=str(tmp_path / "refused")))
+
+
 # --- the ablation arms differ only in their front end ------------------------------------------------------------
 
 
@@ -600,15 +646,15 @@ def test_same_classifier_init_gives_every_arm_the_classifier_base_cnn_starts_fro
     assert list(a) == list(b) and same(a, b)
 
 
-#: The front ends' learning-rate scales the ablation's recipes chose (docs/training.md, issue 17's plan).
-STN_LR_SCALE, SR_LR_SCALE = 0.01, 0.1
+#: The STN's learning-rate scale and the SR front end's joint epochs the ablation's recipes chose (docs/training.md).
+STN_LR_SCALE, SR_FINETUNE_EPOCHS = 0.01, 10
 RECIPES = {arm: f"configs/experiments/ablation_{name}.toml"
            for arm, name in zip(ABLATION_ARMS, ("base", "stn", "sr", "stn_sr"), strict=True)}  # fmt: skip
 
 
 def test_the_ablation_recipes_differ_only_in_the_front_end_and_build_ablation_arms(tmp_path):
     """configs/experiments/ablation_*.toml, read by mien train's own loader: the same recipe but for the model,
-    stn_reg and stn_lr_scale (STN arms) and sr_init and sr_lr_scale (SR arms); built as mien train builds them,
+    stn_reg and stn_lr_scale (STN arms) and sr_init and sr_finetune_epochs (SR arms); built as mien train builds them,
     they are ablation_arms()'s four models, classifier weights included."""
     root = Path(__file__).resolve().parents[1]
     configs = {arm: config_from_dict(load_recipe(root / path)) for arm, path in RECIPES.items()}
@@ -618,10 +664,11 @@ def test_the_ablation_recipes_differ_only_in_the_front_end_and_build_ablation_ar
         values = asdict(cfg)
         differ = {k for k in base if values[k] != base[k]}
         expected = {"model"} if arm != "base_cnn" else set()
-        front = ({"stn_reg", "stn_lr_scale"} if stn else set()) | ({"sr_init", "sr_lr_scale"} if sr else set())
+        front = ({"stn_reg", "stn_lr_scale"} if stn else set()) | ({"sr_init", "sr_finetune_epochs"} if sr else set())
         assert differ == expected | front, arm
         assert (cfg.model, cfg.stn_reg, cfg.freeze_sr) == (arm, 0.01 if stn else 0.0, False)
-        assert (cfg.stn_lr_scale, cfg.sr_lr_scale) == (STN_LR_SCALE if stn else 1.0, SR_LR_SCALE if sr else 1.0)
+        assert (cfg.stn_lr_scale, cfg.sr_lr_scale) == (STN_LR_SCALE if stn else 1.0, 1.0)
+        assert cfg.sr_finetune_epochs == (SR_FINETUNE_EPOCHS if sr else 0)
         assert cfg.sr_init == ("~/mien-runs/sr_pretrain/sr.pt" if sr else "")
     cfg = configs["base_cnn"]
     assert (cfg.epochs, cfg.early_stop, cfg.optimizer, cfg.schedule, cfg.amp, cfg.channels_last) == (

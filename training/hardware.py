@@ -87,7 +87,7 @@ def all_reduce_sum(values: list[float], process: Process) -> list[float]:
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
     """Whether ``device`` computes bf16 natively, and what says so. On a CPU without AMX or AVX-512 BF16, bf16
-    autocast is emulated and 7-11× slower a training step than fp32 (docs/training.md, "Precision by machine")."""
+    autocast is emulated and 10-14× slower a training step than fp32 (docs/training.md, "Precision by machine")."""
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
         return native, f"{torch.cuda.get_device_name(device)} {'computes' if native else 'does not compute'} bf16"

@@ -43,6 +43,13 @@ def check_supported(cfg: TrainConfig, objective: CrossEntropy, process: Process,
     if cfg.stn_lr_scale <= 0 or cfg.sr_lr_scale <= 0:
         raise ValueError(f"--stn-lr-scale and --sr-lr-scale multiply the learning rate and must be positive, got "
                          f"{cfg.stn_lr_scale} and {cfg.sr_lr_scale} (--freeze-sr fixes the SR front end)")  # fmt: skip
+    if cfg.sr_finetune_epochs:
+        if cfg.sr_finetune_epochs < 0 or not cfg.sr_init or cfg.freeze_sr:
+            raise ValueError("--sr-finetune-epochs N fixes an --sr-init front end until the last N epochs; it needs "
+                             f"--sr-init, N >= 0 and no --freeze-sr (got {cfg.sr_finetune_epochs})")  # fmt: skip
+        if process.distributed:
+            raise ValueError("--sr-finetune-epochs changes which parameters train during the run, which "
+                             "DistributedDataParallel does not follow; train it in one process")  # fmt: skip
     if process.distributed and cfg.batch_size % process.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must divide evenly over "
                          f"{process.world_size} processes")  # fmt: skip

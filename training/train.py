@@ -101,6 +101,7 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         for epoch in epochs:
             if _stop_early(cfg, progress, epoch):
                 break
+            sr_trains = _sr_phase(cfg, model, epoch)
             started, cpu_started = time.perf_counter(), time.process_time()
             train_loss, train_acc, progress.step = train_one_epoch(
                 stepped, optimizer, objective, data.train_x, data.train_y, cfg, progress.step,
@@ -112,12 +113,26 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
                 "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                 "cpu_seconds": time.process_time() - cpu_started,  # every thread of this process; not paused time
                 "precision": precision_name(amp),  # what --amp (auto included) trained this epoch in, on this machine
+                **({"sr_trains": sr_trains} if cfg.sr_finetune_epochs else {}),
             }  # fmt: skip
             improved = progress.record(row, metrics, cfg.val_split)
             if process.is_main:
                 run.write_epoch(row, improved, progress)
             _log_epoch(cfg, row, progress)
     return progress.best
+
+
+def _sr_phase(cfg: TrainConfig, model: nn.Module, epoch: int) -> bool:
+    """With ``sr_finetune_epochs``: fix the SR front end before the last N epochs and train it in them (set per
+    epoch from the epoch number alone, so a resumed run is in the same phase); whether it trains this epoch."""
+    if not cfg.sr_finetune_epochs:
+        return not cfg.freeze_sr
+    trains = epoch > cfg.epochs - cfg.sr_finetune_epochs
+    if trains != any(p.requires_grad for p in model.sr.parameters()):
+        log.info("epoch %d: the SR front end %s", epoch, "trains with the classifier from here" if trains else
+                 f"stays fixed until epoch {cfg.epochs - cfg.sr_finetune_epochs + 1}")  # fmt: skip
+    model.sr.requires_grad_(trains)  # the optimiser holds its parameters: without gradients they are not stepped
+    return trains
 
 
 def seed_everything(seed: int) -> torch.Generator:
