@@ -18,6 +18,7 @@ REPO=$PWD
 RUNS=${MIEN_RUNS:-$HOME/mien-runs}
 DATA=${MIEN_DATA:-$(realpath -m "$REPO/../shared/data/fer2013.npz")}
 PY=${MIEN_PYTHON:-$REPO/.venv/bin/python}  # MIEN_PYTHON: another interpreter (the tests give a stand-in)
+MODELS=${MIEN_MODELS:-$REPO/models}  # where the cards of exported runs are (the tests give another)
 
 # The order: SR pre-training and its PSNR/SSIM check first, then the second seed of Base and +STN (two 1-hour runs
 # that finish inside one session), then the ablation's two SR arms (≈ 6.5 h each, across sessions), then issue
@@ -89,6 +90,32 @@ if epochs and total:
 PY
 }
 
+exported() {  # exported <step>: the card in the repository that the step's run was exported into (its training
+    # command's --out is the step's run folder), if any: a step whose product is committed is done even when the
+    # machine came back without its run folder and <step>.done
+    python3 - "$1" "$MODELS" <<'PY'
+import json, sys
+from pathlib import Path
+step, models = sys.argv[1], Path(sys.argv[2])
+for card in sorted([*models.glob("*.card.json"), *models.glob("seeds/*.card.json")]):
+    try:
+        words = json.loads(card.read_text()).get("training", {}).get("command", "").split()
+    except (OSError, ValueError):
+        continue
+    if "--out" in words[:-1] and Path(words[words.index("--out") + 1]).name == step:
+        print(card)
+        break
+PY
+}
+
+finished() {  # finished <step>: its .done mark, or its product in the repository (SR pre-training: both SR arms')
+    [ -e "$RUNS/$1.done" ] && return 0
+    case $1 in
+    sr_pretrain | sr_eval) [ -n "$(exported ablation_sr)" ] && [ -n "$(exported ablation_stn_sr)" ] ;;
+    *) [ -n "$(exported "$1")" ] ;;
+    esac
+}
+
 step() {
     case $1 in
     sr_pretrain)
@@ -124,7 +151,11 @@ main() {
     mkdir -p "$RUNS"
     if [ "${1:-}" = --list ]; then
         for s in "${STEPS[@]}"; do
-            if [ -e "$RUNS/$s.done" ]; then echo "done  $s"; else echo "todo  $s$(progress "$s")"; fi
+            if finished "$s"; then
+                echo "done  $s$([ -e "$RUNS/$s.done" ] || echo "  (its exported card is in $MODELS)")"
+            else
+                echo "todo  $s$(progress "$s")"
+            fi
         done
         exit 0
     fi
@@ -141,7 +172,10 @@ main() {
     fi
     SRC=$(snapshot)
     for s in "${todo[@]}"; do
-        [ -e "$RUNS/$s.done" ] && continue
+        if finished "$s"; then
+            [ -e "$RUNS/$s.done" ] || log "skip $s: its exported card is in $MODELS"
+            continue
+        fi
         # a run started by hand finishes first (MIEN_PLAN_WAIT=0: do not wait; the tests' stand-in trains nothing)
         while [ "${MIEN_PLAN_WAIT:-1}" != 0 ] && pgrep -f "mien.cli (train|pretrain-sr)" >/dev/null; do sleep 60; done
         log "start $s (code $SRC)"

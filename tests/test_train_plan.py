@@ -4,6 +4,7 @@ a failed step stops the queue without being marked done, and the SR arms wait fo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def plan(tmp_path):
 
     def run(*args: str, **env: str) -> subprocess.CompletedProcess:
         environ = {**os.environ, "MIEN_RUNS": str(runs), "MIEN_PYTHON": str(python), "PLAN_LOG": str(log),
-                   "MIEN_DATA": "/data/fer2013.npz", "MIEN_PLAN_WAIT": "0", **env}  # fmt: skip
+                   "MIEN_DATA": "/data/fer2013.npz", "MIEN_PLAN_WAIT": "0", "MIEN_MODELS": str(tmp_path / "models"),
+                   **env}  # fmt: skip
         return subprocess.run([str(PLAN), *args], capture_output=True, text=True, env=environ, timeout=120)
 
     def calls() -> list[str]:
@@ -93,6 +95,35 @@ def test_the_plan_runs_each_step_once_in_order_and_a_rerun_skips_what_is_done(pl
     assert again.returncode == 0 and len(calls()) == len(recorded)  # nothing rerun
     listed = run("--list").stdout.splitlines()
     assert "done  ablation_base_seed1" in listed and "todo  ablation_sr" in listed
+
+
+def _card(path: Path, out: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = f"mien train --config configs/experiments/x.toml --data /data/fer2013.npz --out {out}"
+    path.write_text(json.dumps({"model_id": path.name.split(".")[0], "training": {"command": command}}))
+
+
+def test_a_step_whose_exported_card_is_in_the_repository_is_done_after_its_run_folder_is_lost(plan, tmp_path):
+    """A machine that comes back without ~/mien-runs loses the .done marks, not what was committed."""
+    run, calls, runs = plan
+    models = tmp_path / "models"
+    _card(models / "seeds" / "base_cnn_seed1.card.json", "/root/mien-runs/ablation_base_seed1")
+    _card(models / "sr_cnn.card.json", "/elsewhere/ablation_sr")
+    _card(models / "base_cnn.card.json", "/root/mien-runs/ablation_base")  # not a step of the plan
+    listed = run("--list").stdout.splitlines()
+    assert "done  ablation_base_seed1  (its exported card is in " + str(models) + ")" in listed
+    assert "done  ablation_sr  (its exported card is in " + str(models) + ")" in listed
+    assert "todo  ablation_stn_seed1" in listed and "todo  ablation_stn_sr" in listed
+    assert "todo  sr_pretrain" in listed  # SR pre-training is needed until both SR arms are exported
+    done = run("ablation_base_seed1", "ablation_sr", "ablation_stn_seed1")
+    assert done.returncode == 0, done.stderr
+    assert [c.split()[:3] for c in calls() if c.startswith("train")] == [
+        ["train", "--config", "configs/experiments/ablation_stn_seed1.toml"]
+    ]
+    assert "skip ablation_sr: its exported card is in" in done.stdout
+    _card(models / "stn_sr_cnn.card.json", "/root/mien-runs/ablation_stn_sr")
+    listed = run("--list").stdout.splitlines()
+    assert listed[:2] == [f"done  {s}  (its exported card is in {models})" for s in ("sr_pretrain", "sr_eval")]
 
 
 def test_the_list_shows_how_far_a_run_under_way_is_and_how_long_it_has_left(plan):
