@@ -196,7 +196,7 @@ def test_ten_crop_export_averages_the_ten_views(tiny_run, tiny_npz, tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
     card = json.loads((tmp_path / "ten.card.json").read_text())
     assert card["export"]["ten_crop"] == 40 and "--ten-crop 40" in card["export"]["command"]
-    with pytest.raises(ValueError, match="exclude each other"):
+    with pytest.raises(ValueError, match="--ten-crop excludes --flip-tta"):
         export_checkpoint(ExportConfig(checkpoint=str(tiny_run / "best.pt"), out=str(tmp_path / "x.onnx"),
                                        data=str(tiny_npz), flip_tta=True, ten_crop=40))  # fmt: skip
 
