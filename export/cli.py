@@ -31,7 +31,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check and a model card",
                        description="Checkpoint -> ONNX (dynamic batch) -> onnx.checker -> parity against PyTorch "
                        "on real faces and random input -> model card. Exits non-zero when parity fails.")  # fmt: skip
-    p.add_argument("checkpoint", help="a best.pt written by `mien train`, the word `detector` to export a face "
+    p.add_argument("checkpoint", help="a best.pt written by `mien train` (or an sr.pt of `mien pretrain-sr`: its EDSR "
+                   "front end, default --out models/frontends/edsr_x2.onnx), the word `detector` to export a face "
                    "detector (see --kind), or `triton` to write a Triton model repository of the bundled "
                    "models")  # fmt: skip
     p.add_argument("--kind", choices=("mtcnn", "yunet"), default="mtcnn",
@@ -89,6 +90,12 @@ def _run_export(args: argparse.Namespace) -> int:
             print(f"left out {name}: {why}", file=sys.stderr)
         print(f"wrote {len(result.exported)} model(s) to {result.repo}: {', '.join(result.exported) or 'none'}")
         return 0 if result.exported and not result.refused else 1
+    from mien.export.sr_export import DEFAULT_OUT as SR_OUT
+    from mien.export.sr_export import export_sr_front_end, is_sr_checkpoint
+
+    if is_sr_checkpoint(args.checkpoint):  # a pre-trained SR front end: kept in models/frontends/, not served
+        parity = export_sr_front_end(args.checkpoint, args.out or SR_OUT, args.data, opset=args.opset, atol=args.atol)
+        return 0 if parity.passed else 1
     from mien.export.onnx_export import ExportConfig, export_checkpoint
 
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, data=args.data, split=args.split,

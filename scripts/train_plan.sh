@@ -20,11 +20,12 @@ DATA=${MIEN_DATA:-$(realpath -m "$REPO/../shared/data/fer2013.npz")}
 PY=${MIEN_PYTHON:-$REPO/.venv/bin/python}  # MIEN_PYTHON: another interpreter (the tests give a stand-in)
 MODELS=${MIEN_MODELS:-$REPO/models}  # where the cards of exported runs are (the tests give another)
 
-# The order: SR pre-training and its PSNR/SSIM check first, then the second seed of Base and +STN (two 1-hour runs
-# that finish inside one session), then the ablation's two SR arms (≈ 6.5 h each, across sessions), then issue
+# The order: SR pre-training, its PSNR/SSIM check and its export into the repository (models/frontends/, which the SR
+# arms' recipes name, so a lost run folder costs no second pre-training) first, then the second seed of Base and
+# +STN (two 1-hour runs that finish inside one session), then the ablation's two SR arms (across sessions), then issue
 # 14's runs (FER+ ≈ 5 h; the two teachers' checkpoints rebuilt from the bundled files by `mien recover`, then the
 # born-again vgg_fer ≈ 8 h and the second distillation into mini_xception ≈ 5.8 h), then issue 17's seed models.
-STEPS=(sr_pretrain sr_eval ablation_base_seed1 ablation_stn_seed1 ablation_sr ablation_stn_sr vgg_fer_ferplus
+STEPS=(sr_pretrain sr_eval sr_export ablation_base_seed1 ablation_stn_seed1 ablation_sr ablation_stn_sr vgg_fer_ferplus
     teachers vgg_fer_ba mini_xception_fm
     converged_row_lstm converged_se_sepconv converged_dcnn converged_dcnn5 converged_stn_resnet10_triplet
     converged_sgan)
@@ -108,10 +109,15 @@ for card in sorted([*models.glob("*.card.json"), *models.glob("seeds/*.card.json
 PY
 }
 
-finished() {  # finished <step>: its .done mark, or its product in the repository (SR pre-training: both SR arms')
+SR_FRONT_END=models/frontends/edsr_x2.onnx  # the exported EDSR the SR arms' recipes name (sr_init)
+
+finished() {  # finished <step>: its .done mark, or its product in the repository (SR pre-training: the exported
+    # front end's card, or both SR arms')
     [ -e "$RUNS/$1.done" ] && return 0
     case $1 in
-    sr_pretrain | sr_eval) [ -n "$(exported ablation_sr)" ] && [ -n "$(exported ablation_stn_sr)" ] ;;
+    sr_pretrain | sr_eval | sr_export)
+        [ -e "$MODELS/frontends/edsr_x2.card.json" ] ||
+            { [ -n "$(exported ablation_sr)" ] && [ -n "$(exported ablation_stn_sr)" ]; } ;;
     *) [ -n "$(exported "$1")" ] ;;
     esac
 }
@@ -127,6 +133,8 @@ step() {
         "$PY" -c 'import json, sys; m = json.load(open(sys.argv[1]))["psnr_margin_db"]
 sys.exit(0 if m["ci95"][0] > 0 else f"SR does not beat bicubic on val: {m}")' "$RUNS/sr_pretrain/sr.val.eval.json"
         mien sr-eval "$RUNS/sr_pretrain/sr.pt" --data "$DATA" --split public_test --threads 2 ;;
+    sr_export)  # into the checkout, for review and a commit: the file the SR arms start from, with its card
+        mien export "$RUNS/sr_pretrain/sr.pt" --out "$SR_FRONT_END" --data "$DATA" ;;
     ablation_sr | ablation_stn_sr)  # exported over the bundled arm; its fine-tuned SR front end scored as above
         train "$1"
         publish "$1" "$([ "$1" = ablation_sr ] && echo sr_cnn || echo stn_sr_cnn)"

@@ -535,6 +535,44 @@ def test_sr_eval_scores_the_front_end_an_sr_arm_trained_as_its_pretrained_start_
         evaluate_sr(base, small_npz, "val")
 
 
+def test_an_exported_sr_front_end_is_what_training_and_sr_eval_read_back_and_its_card_scores_it(tmp_path, small_npz):
+    """`mien export sr.pt`: the EDSR as ONNX (dynamic size) in the repository's form; --sr-init and sr-eval read the
+    file back to the checkpoint's exact weights, and the card holds the same PSNR/SSIM as scoring the checkpoint."""
+    import onnxruntime as ort
+
+    start = tmp_path / "sr.pt"
+    pretrain_sr(SRPretrainConfig(data=str(small_npz), out=str(start), sr_kwargs={"num_blocks": 1, "features": 8},
+                                 epochs=1, batch_size=16, threads=1))  # fmt: skip
+    out = tmp_path / "frontends" / "edsr_x2.onnx"
+    assert main(["export", str(start), "--out", str(out), "--data", str(small_npz)]) == 0
+    card = json.loads(out.with_name("edsr_x2.card.json").read_text())
+    assert card["kind"] == "sr_front_end" and card["sr_kwargs"]["num_blocks"] == 1
+    assert card["parity"]["weights_read_back_equal"] and card["parity"]["max_abs_diff"] <= 1e-4
+    assert card["training"]["run"]["epochs"] == 1 and card["training"]["val_split"] == "val"
+    assert card["training"]["command"].startswith("mien pretrain-sr ")
+    for split in ("val", "public_test"):
+        direct = evaluate_sr(start, small_npz, split)
+        assert card["evaluation"][split]["psnr_db"] == direct["psnr_db"], split
+        assert card["evaluation"][split]["ssim"] == direct["ssim"], split
+    assert evaluate_sr(out, small_npz, "val")["source"] == "exported pretrain-sr"
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # any size, doubled
+    assert session.run(None, {"low_res": np.zeros((3, 1, 10, 14), np.float32)})[0].shape == (3, 1, 20, 28)
+
+    pretrained = torch.load(start, weights_only=False)["state_dict"]
+    cfg = TrainConfig(data=str(small_npz), model="sr_cnn", model_kwargs={"widths": [4, 8, 8, 8], "hidden": 8},
+                      sr_init=str(out), freeze_sr=True)  # fmt: skip
+    model, *_ = build_model(cfg, FER2013_LABELS, torch.device("cpu"))
+    for key, tensor in model.sr.state_dict().items():
+        torch.testing.assert_close(tensor, pretrained[key], rtol=0, atol=0, msg=key)
+    assert resolve_sr_kwargs({}, str(out))["sr_kwargs"]["features"] == 8
+
+    classifier = tmp_path / "classifier.onnx"  # any other ONNX file is refused, and says what it is not
+    torch.onnx.export(nn.Conv2d(1, 1, 3), (torch.zeros(1, 1, 8, 8),), str(classifier), dynamo=False)
+    with pytest.raises(ValueError, match="not an exported SR front end"):
+        resolve_sr_kwargs({}, str(classifier))
+
+
 def test_sr_finetune_epochs_keeps_the_pretrained_front_end_fixed_until_the_last_epochs_and_resumes_exactly(
     tmp_path, small_npz, monkeypatch
 ):
@@ -669,7 +707,7 @@ def test_the_ablation_recipes_differ_only_in_the_front_end_and_build_ablation_ar
         assert (cfg.model, cfg.stn_reg, cfg.freeze_sr) == (arm, 0.01 if stn else 0.0, False)
         assert (cfg.stn_lr_scale, cfg.sr_lr_scale) == (STN_LR_SCALE if stn else 1.0, 1.0)
         assert cfg.sr_finetune_epochs == (SR_FINETUNE_EPOCHS if sr else 0)
-        assert cfg.sr_init == ("~/mien-runs/sr_pretrain/sr.pt" if sr else "")
+        assert cfg.sr_init == ("models/frontends/edsr_x2.onnx" if sr else "")  # the exported, committed front end
     cfg = configs["base_cnn"]
     assert (cfg.epochs, cfg.early_stop, cfg.optimizer, cfg.schedule, cfg.amp, cfg.channels_last) == (
         50, 0, "sgd", "cosine", "auto", True
@@ -679,7 +717,7 @@ def test_the_ablation_recipes_differ_only_in_the_front_end_and_build_ablation_ar
     )  # fmt: skip
     assert cfg.model_kwargs == {**ablation_model_kwargs()["base_cnn"], "widths": [32, 64, 128, 256]}
 
-    sr_init = tmp_path / "sr.pt"  # stands in for ~/mien-runs/sr_pretrain/sr.pt: the default EDSR, B=4, F=32
+    sr_init = tmp_path / "sr.pt"  # stands in for models/frontends/edsr_x2.onnx: the default EDSR, B=4, F=32
     torch.save({"kind": "sr_pretrain", "sr_kwargs": EDSR(1).kwargs, "state_dict": EDSR(1).state_dict()}, sr_init)
     torch.manual_seed(cfg.seed)
     arms = ablation_arms()

@@ -62,9 +62,9 @@ def plan(tmp_path):
 
 def test_every_training_step_names_a_recipe_of_configs_experiments():
     names = steps()
-    assert names[:2] == ["sr_pretrain", "sr_eval"]  # SR is checked before any SR arm trains
+    assert names[:3] == ["sr_pretrain", "sr_eval", "sr_export"]  # SR is checked and kept before any SR arm trains
     assert names.index("teachers") < names.index("vgg_fer_ba") < names.index("mini_xception_fm")
-    for name in set(names[2:]) - {"teachers"}:
+    for name in set(names[3:]) - {"teachers"}:
         assert (ROOT / "configs" / "experiments" / f"{name}.toml").is_file(), name
     # issue 17: the ablation's four arms first; issue 14's FER+ network before issue 17's seed models
     first_seed_model = min(i for i, n in enumerate(names) if n.startswith("converged_"))
@@ -123,7 +123,28 @@ def test_a_step_whose_exported_card_is_in_the_repository_is_done_after_its_run_f
     assert "skip ablation_sr: its exported card is in" in done.stdout
     _card(models / "stn_sr_cnn.card.json", "/root/mien-runs/ablation_stn_sr")
     listed = run("--list").stdout.splitlines()
-    assert listed[:2] == [f"done  {s}  (its exported card is in {models})" for s in ("sr_pretrain", "sr_eval")]
+    assert listed[:3] == [f"done  {s}  (its exported card is in {models})"
+                          for s in ("sr_pretrain", "sr_eval", "sr_export")]  # fmt: skip
+
+
+def test_an_exported_sr_front_end_in_the_repository_spares_the_pre_training(plan, tmp_path):
+    """The SR arms start from models/frontends/edsr_x2.onnx (their recipes' sr_init): once it is exported, a machine
+    that lost its run folders goes straight to the arms; before that, the export is the step after the check."""
+    run, calls, runs = plan
+    assert run("sr_export").returncode == 0
+    assert calls() == [f"export {runs}/sr_pretrain/sr.pt --out models/frontends/edsr_x2.onnx --data /data/fer2013.npz"]
+    for recipe in ("ablation_sr", "ablation_stn_sr"):
+        text = (ROOT / "configs" / "experiments" / f"{recipe}.toml").read_text()
+        assert 'sr_init = "models/frontends/edsr_x2.onnx"' in text, recipe
+    card = tmp_path / "models" / "frontends" / "edsr_x2.card.json"
+    card.parent.mkdir(parents=True)
+    card.write_text(json.dumps({"model_id": "edsr_x2", "kind": "sr_front_end"}))
+    for step in ("sr_pretrain", "sr_eval", "sr_export"):
+        (runs / f"{step}.done").unlink(missing_ok=True)
+    listed = run("--list").stdout.splitlines()
+    assert listed[:3] == [f"done  {s}  (its exported card is in {tmp_path / 'models'})"
+                          for s in ("sr_pretrain", "sr_eval", "sr_export")]  # fmt: skip
+    assert "todo  ablation_sr" in listed
 
 
 def test_the_list_shows_how_far_a_run_under_way_is_and_how_long_it_has_left(plan):

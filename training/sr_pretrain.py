@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -167,7 +169,8 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
                  row["train_l1"], cfg.val_split, val_l1, bicubic_l1, row["seconds"])  # fmt: skip
     metrics = {**history[-1], "split": cfg.val_split}
     ckpt = {"kind": "sr_pretrain", "sr_kwargs": sr.kwargs, "state_dict": sr.state_dict(), "history": history,
-            "metrics": metrics, "config": asdict(cfg), "spec": spec.to_dict()}  # fmt: skip
+            "metrics": metrics, "config": asdict(cfg), "spec": spec.to_dict(), "train_faces": len(train_x),
+            "command": "mien pretrain-sr " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else ""}  # fmt: skip
     save(ckpt, out)  # atomic, as last.pt
     return metrics
 
@@ -208,11 +211,41 @@ def _write_history(out: Path, cfg: SRPretrainConfig, sr: EDSR, history: list[dic
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
 
 
+#: ``mien.kind`` of an exported SR front end (``mien export`` of a :func:`pretrain_sr` checkpoint), and the key of its
+#: EDSR options; the file's initializers keep the EDSR's parameter names (it has no batch norm to fold).
+SR_FRONT_END_KIND = "sr_front_end"
+SR_KWARGS_KEY = "mien.sr_kwargs"
+KIND_KEY = "mien.kind"
+
+
+def sr_checkpoint_from_onnx(path: Path) -> dict:
+    """The :func:`pretrain_sr` checkpoint an exported SR front end holds: its EDSR options and weights, by name.
+    Any weight the network has and the file does not give (or gives in another shape) is refused."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get(KIND_KEY) != SR_FRONT_END_KIND or SR_KWARGS_KEY not in meta:
+        raise ValueError(f"{path}: not an exported SR front end (`mien export` of a `mien pretrain-sr` checkpoint)")
+    sr_kwargs = json.loads(meta[SR_KWARGS_KEY])
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    state = EDSR(default_spec("sr_cnn").channels, **sr_kwargs).state_dict()
+    wrong = sorted(k for k, v in state.items() if k not in weights or tuple(weights[k].shape) != tuple(v.shape))
+    if wrong:
+        raise ValueError(f"{path}: the file does not give these EDSR weights in their shapes: {wrong}")
+    return {"kind": "sr_pretrain", "sr_kwargs": sr_kwargs, "from_file": str(path),
+            "state_dict": {k: torch.from_numpy(weights[k].copy()) for k in state}}  # fmt: skip
+
+
 def load_sr_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by :func:`pretrain_sr`, or an error that says what the file is instead."""
+    """A checkpoint written by :func:`pretrain_sr`, or the same read back from its exported ONNX file (the form
+    the repository keeps, which survives a lost run folder), or an error that says what the file is instead."""
     path = Path(path).expanduser()  # recipes name it as ~/mien-runs/..., outside the checkout
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such SR checkpoint; `mien pretrain-sr --out {path}` writes one")
+    if path.suffix == ".onnx":
+        return sr_checkpoint_from_onnx(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "sr_pretrain":
         raise ValueError(f"{path}: not an SR pre-training checkpoint (written by `mien pretrain-sr`)")
@@ -287,17 +320,18 @@ def _margin(sr: np.ndarray, bicubic: np.ndarray) -> dict[str, float]:
 
 
 def sr_front_end(checkpoint: str | Path) -> tuple[EDSR, dict, str]:
-    """(the EDSR in eval mode, its kwargs, where it came from) of a ``mien pretrain-sr`` checkpoint, or of a
-    ``mien train`` checkpoint of an SR model (sr_cnn, stn_sr_cnn): its front end as training left it, so the
-    arms' fine-tuned SR can be scored the way its pre-trained start was."""
+    """(the EDSR in eval mode, its kwargs, where it came from) of a ``mien pretrain-sr`` checkpoint or its exported
+    ONNX file, or of a ``mien train`` checkpoint of an SR model (sr_cnn, stn_sr_cnn): its front end as training
+    left it, so the arms' fine-tuned SR can be scored the way its pre-trained start was."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (a `mien pretrain-sr` sr.pt or a `mien train` best.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    onnx_file = path.suffix == ".onnx"
+    ckpt = load_sr_checkpoint(path) if onnx_file else torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(ckpt, dict) and ckpt.get("kind") == "sr_pretrain":
         sr = EDSR(default_spec("sr_cnn").channels, **ckpt["sr_kwargs"])
         sr.load_state_dict(ckpt["state_dict"])
-        return sr.eval(), dict(ckpt["sr_kwargs"]), "pretrain-sr"
+        return sr.eval(), dict(ckpt["sr_kwargs"]), "exported pretrain-sr" if onnx_file else "pretrain-sr"
     from mien.training.checkpoint import load_model
 
     model, _, trained = load_model(path)
