@@ -156,9 +156,14 @@ def export_sr_front_end(checkpoint: str | Path, out: str | Path = DEFAULT_OUT, d
     faces = load_with_validation(data).subset("val")[0][:64]
     real = downscale(normalize(torch.from_numpy(faces), spec))
     parity = _parity(sr, sr.state_dict(), out, real, atol)
-    log.log(logging.INFO if parity.passed else logging.ERROR,
-            "SR front end parity %s: max |torch - onnx| = %.2e (atol %.0e), weights read back equal: %s",
-            "passed" if parity.passed else "FAILED", parity.max_abs_diff, atol, parity.weights_read_back_equal)
+    log.log(
+        logging.INFO if parity.passed else logging.ERROR,
+        "SR front end parity %s: max |torch - onnx| = %.2e (atol %.0e), weights read back equal: %s",
+        "passed" if parity.passed else "FAILED",
+        parity.max_abs_diff,
+        atol,
+        parity.weights_read_back_equal,
+    )
     if not parity.passed:
         return parity
     evaluation = {}
