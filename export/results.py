@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mien.card import Card, CardError, card_for
+from mien.card import FRONT_ENDS_DIR, SR_FRONT_END_KIND, Card, CardError, card_for
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
 from mien.export.calibration import DRAWS, plot_coverage, plot_reliability
 from mien.export.evaluate import plot_confusion, score_classifier
@@ -302,6 +302,7 @@ def render(rows: list[dict], cfg: ResultsConfig, command: str, seeds: list[dict]
     if all(m in by_id for m in ABLATION_ROWS):
         lines += _ablation(by_id, cfg.split)
         lines += _ablation_seeds(by_id, list(seeds), cfg.split)
+    lines += _sr_front_ends(sr_front_end_cards(Path(cfg.model_dir)))
     lines += _targets(rows)
     lines += ["", "## How each model was trained", ""]
     for r in rows:
@@ -561,6 +562,51 @@ def _ablation_seeds(by_id: dict[str, dict], seeds: list[dict], split: str) -> li
               "|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {c['arm']} | {c['seeds']} | {c['mean_accuracy']} | {c['mean_delta']} | {c['verdict']} |"
               for c in summary]  # fmt: skip
+    return lines
+
+
+def sr_front_end_cards(model_dir: Path) -> list[dict]:
+    """The cards of the exported SR front ends in ``model_dir``/frontends (``mien export`` of a pretrain-sr run)."""
+    cards = []
+    for path in sorted((model_dir / FRONT_ENDS_DIR).glob("*.card.json")):
+        card = json.loads(path.read_text())
+        if card.get("kind") == SR_FRONT_END_KIND:
+            cards.append(card)
+    return cards
+
+
+def _sr_front_ends(cards: list[dict]) -> list[str]:
+    """The pre-trained SR front ends against bicubic upsampling, as their export scored them (their cards)."""
+    if not cards:
+        return []
+    lines = [
+        "",
+        "### The SR front end against bicubic upsampling",
+        "",
+        "The pre-trained EDSR the SR arms start from (`models/frontends/`, not served), scored when it was exported "
+        "(`mien export` of its `mien pretrain-sr` checkpoint; `mien sr-eval FILE --split SPLIT` scores it again): "
+        "each 48×48 face is the truth, its ×2 area downscale the input, and the network's output and bicubic "
+        "upsampling are scored against the truth (PSNR on the 0–255 scale, SSIM; each face alone, then averaged). "
+        "Margin: SR − bicubic, with its 95% interval over the faces. val: the faces carved from Training, which the "
+        "pre-training held out; public_test: the test set.",
+        "",
+        "| front end | split | faces | PSNR dB (bicubic) | PSNR margin dB [95% CI] | SSIM (bicubic) "
+        "| SSIM margin [95% CI] | pre-training |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for card in cards:
+        kwargs, run = card["sr_kwargs"], card.get("training", {}).get("run", {})
+        name = f"`{card['file']}`: EDSR B={kwargs['num_blocks']}, F={kwargs['features']}, {card['parameters']:,} params"
+        epochs = run.get("epochs", 0)
+        trained = f"{epochs} epoch{'s' * (epochs != 1)}, {run.get('cpu_hours', 0):.2f} CPU-h" if run else ""
+        for split, e in card.get("evaluation", {}).items():
+            p, q, pm, qm = e["psnr_db"], e["ssim"], e["psnr_margin_db"], e["ssim_margin"]
+            lines.append(
+                f"| {name} | {split} | {e['faces']:,} | {p['sr']['mean']:.2f} ({p['bicubic']['mean']:.2f}) "
+                f"| {pm['mean']:+.2f} [{pm['ci95'][0]:+.2f}, {pm['ci95'][1]:+.2f}] "
+                f"| {q['sr']['mean']:.4f} ({q['bicubic']['mean']:.4f}) "
+                f"| {qm['mean']:+.4f} [{qm['ci95'][0]:+.4f}, {qm['ci95'][1]:+.4f}] | {trained} |"
+            )
     return lines
 
 

@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from mien.card import card_path
+from mien.card import FRONT_ENDS_DIR, SR_FRONT_END_KIND, card_path
 from mien.paths import DEFAULT_DATA
 from mien.training.config import SRPretrainConfig
 from mien.training.data import load_with_validation
@@ -38,7 +38,6 @@ from mien.training.layers import EDSR
 from mien.training.models import default_spec
 from mien.training.sr_pretrain import (
     KIND_KEY,
-    SR_FRONT_END_KIND,
     SR_KWARGS_KEY,
     downscale,
     evaluate_sr,
@@ -50,7 +49,7 @@ log = logging.getLogger("mien.export")
 
 INPUT_NAME, OUTPUT_NAME = "low_res", "high_res"
 #: Where the repository keeps exported SR front ends, and the file the SR recipes name.
-DEFAULT_OUT = "models/frontends/edsr_x2.onnx"
+DEFAULT_OUT = f"models/{FRONT_ENDS_DIR}/edsr_x2.onnx"
 #: The splits the card scores: val (what gates the SR arms) and PublicTest (the test set, what issue 17 reports).
 SPLITS = ("val", "public_test")
 

@@ -23,6 +23,10 @@ from mien.ensemble import ENSEMBLE_SUFFIX
 from mien.spec import PreprocessSpec, SpecError
 
 CARD_SUFFIX = ".card.json"
+#: A card that describes no classifier but a pre-trained SR front end (``mien export`` of a ``mien pretrain-sr``
+#: checkpoint), and the folder of the model directory that keeps them, which the service does not serve.
+SR_FRONT_END_KIND = "sr_front_end"
+FRONT_ENDS_DIR = "frontends"
 
 
 class CardError(ValueError):

@@ -169,7 +169,10 @@ def ablation(tiny_npz, tmp_path_factory) -> tuple[Path, list[dict], str]:
     by the project's export into one folder, and the results written from it."""
     import math
 
+    from mien.export.sr_export import export_sr_front_end
+    from mien.training.config import SRPretrainConfig
     from mien.training.models.base_cnn import ablation_model_kwargs
+    from mien.training.sr_pretrain import pretrain_sr
     from mien.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("ablation")
@@ -189,6 +192,10 @@ def ablation(tiny_npz, tmp_path_factory) -> tuple[Path, list[dict], str]:
             torch.save(ckpt, run / "best.pt")
         export_checkpoint(ExportConfig(checkpoint=str(run / "best.pt"), out=str(folder / f"{model_id}.onnx"),
                                        data=str(tiny_npz), parity_faces=256))  # fmt: skip
+    # the SR arms' pre-trained front end, exported where the repository keeps it
+    pretrain_sr(SRPretrainConfig(data=str(tiny_npz), out=str(root / "runs" / "sr.pt"), epochs=1, batch_size=16,
+                                 sr_kwargs={"num_blocks": 1, "features": 8}, threads=1))  # fmt: skip
+    assert export_sr_front_end(root / "runs" / "sr.pt", folder / "frontends" / "edsr_x2.onnx", tiny_npz).passed
     cfg = ResultsConfig(model_dir=str(folder), data=str(tiny_npz), out=str(root / "docs" / "results.md"),
                         figures=str(root / "docs" / "figures" / "results"), repeats=3)  # fmt: skip
     rows = write_results(cfg)
@@ -228,6 +235,19 @@ def test_the_ablation_table_has_intervals_paired_tests_stn_warps_and_verdicts(ab
         assert f"| {100 * difference:+.2f} [{100 * d_low:+.2f}, {100 * d_high:+.2f}] |" in line
         assert f"| {test['b10']} / {test['b01']}, p = " in line
         assert line.endswith(f"| {verdict(difference, test['p_value'])} |")
+
+
+def test_the_sr_front_end_is_reported_against_bicubic_as_its_card_scored_it_and_is_not_served(ablation):
+    root, rows, md = ablation
+    card = json.loads((root / "models" / "frontends" / "edsr_x2.card.json").read_text())
+    assert "edsr_x2" not in {r["model_id"] for r in rows}  # models/frontends/ holds no classifier
+    section = md.split("### The SR front end against bicubic upsampling")[1].split("\n## ")[0]
+    for split in ("val", "public_test"):
+        e = card["evaluation"][split]
+        (line,) = [row for row in section.splitlines() if f"| {split} |" in row]
+        assert f"| {e['psnr_db']['sr']['mean']:.2f} ({e['psnr_db']['bicubic']['mean']:.2f}) |" in line
+        assert f"{e['ssim_margin']['mean']:+.4f} [{e['ssim_margin']['ci95'][0]:+.4f}," in line
+        assert "EDSR B=1, F=8" in line and "| 1 epoch, " in line
 
 
 def test_an_arm_trained_with_another_recipe_than_base_is_not_called_an_ablation(ablation):

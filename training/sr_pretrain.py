@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mien.card import SR_FRONT_END_KIND
 from mien.training.config import SRPretrainConfig
 from mien.training.data import CARVED_SPLIT, USAGE_TO_SPLIT, load_dataset, load_with_validation
 from mien.training.hardware import precision_name, resolve_amp
@@ -213,7 +214,6 @@ def _write_history(out: Path, cfg: SRPretrainConfig, sr: EDSR, history: list[dic
 
 #: ``mien.kind`` of an exported SR front end (``mien export`` of a :func:`pretrain_sr` checkpoint), and the key of its
 #: EDSR options; the file's initializers keep the EDSR's parameter names (it has no batch norm to fold).
-SR_FRONT_END_KIND = "sr_front_end"
 SR_KWARGS_KEY = "mien.sr_kwargs"
 KIND_KEY = "mien.kind"
 
