@@ -17,8 +17,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from mien.export.onnx_export import toolchain
 from mien.paths import DETECTOR_FOLDER
 
 log = logging.getLogger(__name__)
@@ -224,11 +223,7 @@ def export_detector(out: str | Path = DEFAULT_OUT, opset: int = 20, atol: float 
         "export": {
             "command": f"mien export detector --out {out}",
             "opset": opset,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"),
+            **toolchain(),
         },
         # Written by `benchmarks/bench_detect.py --card`; kept across re-exports.
         "benchmark": previous.get("benchmark"),

@@ -160,13 +160,17 @@ def weights_version(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, metadata: dict[str, str]) -> None:
-    """Write ``model`` to ``path`` with a dynamic batch axis and ``metadata`` in metadata_props; check it."""
+def to_onnx(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, metadata: dict[str, str],
+    names: tuple[str, str] = (INPUT_NAME, OUTPUT_NAME), axes: dict[int, str] | None = None,
+) -> None:  # fmt: skip
+    """Write ``model`` to ``path`` with ``metadata`` in metadata_props and dynamic ``axes`` of its input and output
+    (default: the batch axis), named ``names``; check it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    axes = axes or {0: "batch"}
     torch.onnx.export(
         model, (example,), str(path), dynamo=False, opset_version=opset,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        input_names=[names[0]], output_names=[names[1]], dynamic_axes={names[0]: axes, names[1]: axes},
     )  # fmt: skip
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
@@ -175,6 +179,12 @@ def to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: in
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
+
+
+def toolchain() -> dict[str, str]:
+    """What made an exported file, for its card's ``export`` block: the versions of the tools, and the date."""
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
 def check_parity(
@@ -308,11 +318,7 @@ def model_card(
             "flip_tta": cfg.flip_tta,
             **({"ten_crop": cfg.ten_crop} if cfg.ten_crop else {}),
             **({"shift_tta": cfg.shift_tta, "shift_pattern": cfg.shift_pattern} if cfg.shift_tta else {}),
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"),
+            **toolchain(),
         },  # fmt: skip
     )
 

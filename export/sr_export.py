@@ -19,18 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import shlex
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
 from mien.card import FRONT_ENDS_DIR, SR_FRONT_END_KIND, card_path
+from mien.export.onnx_export import to_onnx, toolchain
 from mien.paths import DEFAULT_DATA
 from mien.training.config import SRPretrainConfig
 from mien.training.data import load_with_validation
@@ -93,22 +91,6 @@ def pretrain_command(ckpt: dict) -> str:
     return "mien pretrain-sr " + shlex.join(words)
 
 
-def _to_onnx(sr: EDSR, path: Path, opset: int, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    axes = {0: "batch", 2: "height", 3: "width"}
-    torch.onnx.export(
-        sr, (torch.zeros(1, 1, 24, 24),), str(path), dynamo=False, opset_version=opset,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-    )  # fmt: skip
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
-
-
 def _parity(sr: EDSR, state: dict, path: Path, real: torch.Tensor, atol: float) -> SRParity:
     """onnxruntime against PyTorch on ``real`` low-resolution faces and random input at two sizes, and the weights
     as training reads them back from the file."""
@@ -151,7 +133,8 @@ def export_sr_front_end(checkpoint: str | Path, out: str | Path = DEFAULT_OUT, d
     out = Path(out)
     metadata = {**spec.to_metadata(), KIND_KEY: SR_FRONT_END_KIND, SR_KWARGS_KEY: json.dumps(sr.kwargs),
                 "mien.model_id": out.name.removesuffix(".onnx")}  # fmt: skip
-    _to_onnx(sr, out, opset, metadata)
+    to_onnx(sr, torch.zeros(1, 1, 24, 24), out, opset, metadata, names=(INPUT_NAME, OUTPUT_NAME),
+            axes={0: "batch", 2: "height", 3: "width"})  # any size: the arms feed it 48x48 faces  # fmt: skip
     faces = load_with_validation(data).subset("val")[0][:64]
     real = downscale(normalize(torch.from_numpy(faces), spec))
     parity = _parity(sr, sr.state_dict(), out, real, atol)
@@ -198,11 +181,7 @@ def export_sr_front_end(checkpoint: str | Path, out: str | Path = DEFAULT_OUT, d
         "export": {
             "command": f"mien export {checkpoint} --out {out} --data {data}",
             "opset": opset,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"),
+            **toolchain(),
         },
     }
     card_path(out).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")

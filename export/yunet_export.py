@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from torch import nn
 
 from mien.export import yunet_weights as wheel_file
 from mien.export.detector_export import worst_output_diff
+from mien.export.onnx_export import toolchain
 from mien.export.yunet_weights import TABLE, YunetWeights
 from mien.paths import DETECTOR_FOLDER
 
@@ -288,11 +287,7 @@ def _card(net: YuNet, path: Path, weights: YunetWeights, parity: dict, opset: in
         "export": {
             "command": f"mien export detector --kind yunet --out {out}",
             "opset": opset,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"),
+            **toolchain(),
         },
         "benchmark": previous.get("benchmark"),  # kept across re-exports, like the MTCNN card's
     }
