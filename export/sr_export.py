@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -115,7 +116,7 @@ def _run(ckpt: dict) -> dict:
     0, torch's default, counts this machine's cores)."""
     history = ckpt.get("history", [])
     seconds = sum(float(h.get("seconds", 0.0)) for h in history)
-    threads = int(ckpt.get("config", {}).get("threads") or 0) or (torch.get_num_threads() or 1)
+    threads = int(ckpt.get("config", {}).get("threads") or 0) or (os.cpu_count() or 1)
     return {"epochs": len(history), "seconds": round(seconds, 1), "threads": threads,
             "cpu_hours": round(seconds * threads / 3600, 3), "cpu_hours_from": "seconds x threads",
             "precision": sorted({h.get("precision", "fp32") for h in history})}  # fmt: skip
