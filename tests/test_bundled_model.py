@@ -154,3 +154,31 @@ def test_every_bundled_model_is_served_by_its_id(client, model_id):
     probabilities = body["faces"][0]["probabilities"]
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-3)
     assert client.get("/ready").json()["refused"] == {}
+
+
+FRONT_ENDS = sorted((MODELS / "frontends").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("path", FRONT_ENDS, ids=[p.stem for p in FRONT_ENDS])
+def test_every_sr_front_end_card_matches_its_file_and_is_never_served(client, path):
+    card = json.loads(path.with_name(path.stem + ".card.json").read_text())
+    assert card["kind"] == "sr_front_end" and card["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert card["training"]["command"].startswith("mien pretrain-sr ") and card["training"]["train_split"] == "train"
+    assert card["training"]["val_split"] == "val"  # PublicTest never taught it
+    assert card["parity"]["weights_read_back_equal"] and card["parity"]["max_abs_diff"] <= 1e-4
+    served = {m["id"] for m in client.get("/models").json()["models"]}
+    assert served and card["model_id"] not in served
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="FER2013 (../shared/data) is not beside this checkout")
+@pytest.mark.parametrize("path", FRONT_ENDS, ids=[p.stem for p in FRONT_ENDS])
+def test_every_sr_front_end_card_psnr_and_ssim_is_what_sr_eval_measures(path):
+    from mien.training.sr_pretrain import evaluate_sr
+
+    card = json.loads(path.with_name(path.stem + ".card.json").read_text())
+    report = evaluate_sr(path, SHARED_DATA, "public_test")
+    assert report["faces"] == card["evaluation"]["public_test"]["faces"] > 3500
+    for key in ("psnr_db", "ssim"):
+        for method in ("sr", "bicubic"):
+            assert report[key][method]["mean"] == pytest.approx(card["evaluation"]["public_test"][key][method]["mean"])
+    assert report["psnr_margin_db"]["ci95"][0] > 0  # it does super-resolve: better than bicubic
