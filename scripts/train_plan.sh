@@ -55,10 +55,11 @@ train() {  # train <recipe stem> [more mien train options]: the recipe of config
 
 TEACHERS=$RUNS/vgg_fer/best.pt,$RUNS/vgg_fer_seed1/best.pt  # the two seeds, as the distillation recipes name them
 
-publish() {  # publish <run> <model id>: export over the bundled id with flip averaging, score val, calibrate, sync
-    local run=$1 id=$2
+publish() {  # publish <run> <model id> [labels]: export over the bundled id with flip averaging, score val on the labels
+    # it learnt (fer2013, or ferplus for a FER+ model), calibrate (on the labels its card names), sync its recipe
+    local run=$1 id=$2 labels=${3:-fer2013}
     mien export "$RUNS/$run/best.pt" --out "models/$id.onnx" --data "$DATA" --split public_test --flip-tta --model-id "$id"
-    mien eval "models/$id.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
+    mien eval "models/$id.onnx" --data "$DATA" --split val --label-source "$labels" --out "$RUNS/$run/eval-val"
     mien calibrate "models/$id.onnx" --data "$DATA" --method top-label --fit-split val --test-split public_test
     mien recipe sync "models/$id.card.json"
 }
@@ -143,7 +144,9 @@ sys.exit(0 if m["ci95"][0] > 0 else f"SR does not beat bicubic on val: {m}")' "$
     ablation_base_seed1) train "$1" && score_seed "$1" base_cnn_seed1 ;;
     ablation_stn_seed1) train "$1" && score_seed "$1" stn_cnn_seed1 ;;
     converged_*) train "$1" ;;
-    vgg_fer_ferplus) train vgg_fer_ferplus ;;  # exported by hand as vgg_ferplus (8 labels; docs/training.md)
+    vgg_fer_ferplus)  # issue 14's FER+ network, bundled as its own 8-label id (contempt included)
+        train vgg_fer_ferplus
+        publish vgg_fer_ferplus vgg_ferplus ferplus ;;
     teachers)  # best.pt of both seeds, rebuilt from the bundled files and checked against them (their run folders
         # were lost with a machine; docs/training.md)
         for id in vgg_fer vgg_fer_seed1; do

@@ -189,6 +189,18 @@ def test_an_sr_arm_is_published_over_its_bundled_id(plan):
     assert "--split val" in recorded[2] and "--fit-split val" in recorded[3]
 
 
+def test_the_ferplus_network_is_published_as_its_own_id_and_scored_on_the_ferplus_labels(plan):
+    run, calls, runs = plan
+    assert run("vgg_fer_ferplus").returncode == 0
+    recorded = calls()
+    assert recorded[0].startswith("train --config configs/experiments/vgg_fer_ferplus.toml")
+    export = recorded[1].split()
+    assert export[export.index("--model-id") + 1] == "vgg_ferplus" and "models/vgg_ferplus.onnx" in export
+    assert recorded[2].startswith("eval models/vgg_ferplus.onnx") and "--label-source ferplus" in recorded[2]
+    assert [c.split()[0] for c in recorded[3:]] == ["calibrate", "recipe"]
+    assert not any("models/vgg_fer.onnx" in c for c in recorded)  # the FER2013 network stays as it is
+
+
 def test_an_unknown_step_starts_nothing(plan):
     run, calls, runs = plan
     result = run("sr_pretrain", "no_such_step")
