@@ -9,7 +9,7 @@ The file: input ``low_res`` (N×1×H×W, normalised as ``sr_cnn``'s spec says), 
 axis dynamic; metadata ``mien.kind = sr_front_end``, ``mien.sr_kwargs`` and the spec. It is checked three ways
 before the card is written: onnxruntime against PyTorch on real low-resolution faces and random input at two sizes,
 the weights read back from the file equal to the checkpoint's bit for bit, and PSNR/SSIM against bicubic upsampling
-(:func:`~mien.training.sr_pretrain.evaluate_sr`) scored on the val faces and on PublicTest through the weights read
+(:func:`~mien.training.sr_eval.evaluate_sr`) scored on the val faces and on PublicTest through the weights read
 back, the form training uses. The card (``<stem>.card.json``) records the pre-training command, its history and
 CPU time, the parity and both evaluations. It is not a classifier: the service does not serve models/frontends/.
 """
@@ -35,13 +35,8 @@ from mien.training.config import SRPretrainConfig
 from mien.training.data import load_with_validation
 from mien.training.layers import EDSR
 from mien.training.models import default_spec
-from mien.training.sr_pretrain import (
-    KIND_KEY,
-    SR_KWARGS_KEY,
-    downscale,
-    evaluate_sr,
-    load_sr_checkpoint,
-)
+from mien.training.sr_eval import evaluate_sr
+from mien.training.sr_pretrain import KIND_KEY, SR_KWARGS_KEY, downscale, load_sr_checkpoint
 from mien.training.transforms import normalize
 
 log = logging.getLogger("mien.export")

@@ -175,7 +175,7 @@ def test_every_sr_front_end_card_matches_its_file_and_is_never_served(client, pa
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="FER2013 (../shared/data) is not beside this checkout")
 @pytest.mark.parametrize("path", FRONT_ENDS, ids=[p.stem for p in FRONT_ENDS])
 def test_every_sr_front_end_card_psnr_and_ssim_is_what_sr_eval_measures(path):
-    from mien.training.sr_pretrain import evaluate_sr
+    from mien.training.sr_eval import evaluate_sr
 
     card = json.loads(path.with_name(path.stem + ".card.json").read_text())
     report = evaluate_sr(path, SHARED_DATA, "public_test")

@@ -184,7 +184,7 @@ def ablation(tiny_npz, tmp_path_factory) -> tuple[Path, list[dict], str]:
         run = root / "runs" / model_id
         train(TrainConfig(data=str(tiny_npz), out=str(run), model=model_id, epochs=2, batch_size=32, lr=5e-3,
                           warmup_epochs=0, threads=1, limit=256, model_kwargs=kwargs,
-                          stn_reg=0.01))  # the ablation's weight (no effect on the arms without an STN)  # fmt: skip
+                          stn_reg=0.01, stn_lr_scale=0.01))  # the ablation's (no effect without an STN)  # fmt: skip
         if model_id == "stn_cnn":
             ckpt = torch.load(run / "best.pt", weights_only=False)
             ckpt["state_dict"]["stn.fc.weight"].zero_()

@@ -27,19 +27,8 @@ from mien.training.models.base_cnn import ABLATION_ARMS, ablation_arms, ablation
 from mien.training.objectives import CrossEntropy, build_objective, param_groups
 from mien.training.recipe import config_from_dict, load_recipe
 from mien.training.schedule import get_lr
-from mien.training.sr_pretrain import (
-    evaluate_sr,
-    format_sr_evaluation,
-    l1_step,
-    pretrain_sr,
-    psnr,
-    resolve_sr_kwargs,
-    resume_path,
-    sr_faces,
-    sr_l1,
-    ssim,
-    to_grey_levels,
-)
+from mien.training.sr_eval import evaluate_sr, format_sr_evaluation, psnr, ssim, to_grey_levels
+from mien.training.sr_pretrain import l1_step, pretrain_sr, resolve_sr_kwargs, resume_path, sr_faces, sr_l1
 from mien.training.support import check_supported
 from mien.training.train import build_model, load_splits, seed_everything, train
 from mien.training.transforms import normalize

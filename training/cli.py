@@ -243,7 +243,7 @@ def _add_sr_eval(sub: argparse._SubParsersAction) -> None:
 def _run_sr_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from mien.training.sr_pretrain import evaluate_sr, format_sr_evaluation, write_sr_evaluation
+    from mien.training.sr_eval import evaluate_sr, format_sr_evaluation, write_sr_evaluation
 
     if args.threads:
         torch.set_num_threads(args.threads)
