@@ -87,8 +87,8 @@ def headline_reference(reference: dict | None, faces: int | None) -> dict:
 
 
 def ablation(cells: list[dict], seeds: list[dict], split: str) -> list[str]:
-    """The ablation table from ``results.ablation_cells`` and, when further seeds exist, the verdict over seeds
-    from ``results.over_seeds``."""
+    """The ablation table from ``ablation.ablation_cells`` and, when further seeds exist, the verdict over seeds
+    from ``ablation.over_seeds``."""
     lines = [f"| arm | {split} accuracy % [95% CI] | Δ vs Base, points [95% CI] | McNemar vs Base "
              "| verdict | epochs, kept | paper % |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in cells:

@@ -256,7 +256,7 @@ def test_an_arm_trained_with_another_recipe_than_base_is_not_called_an_ablation(
     the Δ and McNemar cells stay, since the faces are the same."""
     import copy
 
-    from mien.export.results import _ablation, recipe_differences
+    from mien.export.ablation import ablation_table, recipe_differences
 
     _, rows, text = ablation
     by_id = {r["model_id"]: r for r in rows}
@@ -283,13 +283,13 @@ def test_an_arm_trained_with_another_recipe_than_base_is_not_called_an_ablation(
     assert recipe_differences(base, {**base, "init": ""}) == ""  # an empty value means what an absent key means
     assert recipe_differences(None, arm).startswith("unknown")
 
-    lines = _ablation(changed, "public_test")
+    lines = ablation_table(changed, "public_test")
     sr_line = next(line for line in lines if line.startswith("| +SR | `sr_cnn` |"))
     assert sr_line.endswith(f"| not comparable, trained differently: {found} |")
     assert "p = " in sr_line  # the paired test is still shown
     stn_line = next(line for line in lines if line.startswith("| +STN | `stn_cnn` |"))
     assert "not comparable" not in stn_line and stn_line == next(
-        line for line in _ablation(by_id, "public_test") if line.startswith("| +STN | `stn_cnn` |")
+        line for line in ablation_table(by_id, "public_test") if line.startswith("| +STN | `stn_cnn` |")
     )
 
 
@@ -424,7 +424,7 @@ def test_further_seeds_are_scored_beside_their_arm_against_base_of_the_same_seed
 
 
 def test_an_effect_over_seeds_needs_every_seed_to_show_it():
-    from mien.export.results import _ablation_seeds
+    from mien.export.ablation import ablation_seeds_table
 
     n = 400
     right = np.ones(n, dtype=bool)
@@ -440,12 +440,12 @@ def test_an_effect_over_seeds_needs_every_seed_to_show_it():
     further = [{**row("base_cnn_seed1", 1, right), "arm": "base_cnn", "seed": 1},
                {**row("stn_cnn_seed1", 1, worse), "arm": "stn_cnn", "seed": 1}]  # fmt: skip
     summary = lambda lines: next(line for line in lines if line.startswith("| +STN | 2 |"))  # noqa: E731
-    assert summary(_ablation_seeds(by_id, further, "public_test")) == "| +STN | 2 | 75.00 | -25.00 | hurts |"
+    assert summary(ablation_seeds_table(by_id, further, "public_test")) == "| +STN | 2 | 75.00 | -25.00 | hurts |"
     further[1] = {**row("stn_cnn_seed1", 1, right), "arm": "stn_cnn", "seed": 1}  # seed 1 shows nothing
-    assert summary(_ablation_seeds(by_id, further, "public_test")).endswith(
+    assert summary(ablation_seeds_table(by_id, further, "public_test")).endswith(
         "| -12.50 | no measurable effect (seeds disagree: hurts, no measurable effect) |"
     )
-    assert _ablation_seeds(by_id, [], "public_test") == []  # no further seed: no table
+    assert ablation_seeds_table(by_id, [], "public_test") == []  # no further seed: no table
     by_id["sr_cnn"]["train_config"]["epochs"] = 2  # an arm trained with another recipe than Base gets no verdict
-    sr = next(line for line in _ablation_seeds(by_id, further, "public_test") if line.startswith("| +SR | 1 |"))
+    sr = next(line for line in ablation_seeds_table(by_id, further, "public_test") if line.startswith("| +SR | 1 |"))
     assert sr.endswith("| not comparable (trained differently from Base, see above) |")
