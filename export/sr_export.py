@@ -31,6 +31,7 @@ import torch
 from mien.card import FRONT_ENDS_DIR, SR_FRONT_END_KIND, card_path
 from mien.export.onnx_export import to_onnx, toolchain
 from mien.paths import DEFAULT_DATA
+from mien.runtime import MODEL_ID_KEY
 from mien.training.config import SRPretrainConfig
 from mien.training.data import load_with_validation
 from mien.training.layers import EDSR
@@ -65,7 +66,7 @@ def is_sr_checkpoint(path: str | Path) -> bool:
     path = Path(path).expanduser()
     if path.suffix != ".pt" or not path.is_file():
         return False
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # a look at its kind, not its weights
     return isinstance(ckpt, dict) and ckpt.get("kind") == "sr_pretrain"
 
 
@@ -87,7 +88,7 @@ def pretrain_command(ckpt: dict) -> str:
     return "mien pretrain-sr " + shlex.join(words)
 
 
-def _parity(sr: EDSR, state: dict, path: Path, real: torch.Tensor, atol: float) -> SRParity:
+def _parity(sr: EDSR, path: Path, real: torch.Tensor, atol: float) -> SRParity:
     """onnxruntime against PyTorch on ``real`` low-resolution faces and random input at two sizes, and the weights
     as training reads them back from the file."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -100,7 +101,7 @@ def _parity(sr: EDSR, state: dict, path: Path, real: torch.Tensor, atol: float) 
             expected = sr(torch.from_numpy(batch)).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         worst = max(worst, float(np.abs(expected - got).max()))
-    read_back = load_sr_checkpoint(path)["state_dict"]
+    read_back, state = load_sr_checkpoint(path)["state_dict"], sr.state_dict()
     equal = read_back.keys() == state.keys() and all(torch.equal(read_back[k], state[k]) for k in state)
     return SRParity(max_abs_diff=worst, atol=atol, shapes=[list(b.shape) for b in batches],
                     weights_read_back_equal=equal)  # fmt: skip
@@ -128,12 +129,12 @@ def export_sr_front_end(checkpoint: str | Path, out: str | Path = DEFAULT_OUT, d
     sr.eval()
     out = Path(out)
     metadata = {**spec.to_metadata(), KIND_KEY: SR_FRONT_END_KIND, SR_KWARGS_KEY: json.dumps(sr.kwargs),
-                "mien.model_id": out.name.removesuffix(".onnx")}  # fmt: skip
+                MODEL_ID_KEY: out.name.removesuffix(".onnx")}  # fmt: skip
     to_onnx(sr, torch.zeros(1, 1, 24, 24), out, opset, metadata, names=(INPUT_NAME, OUTPUT_NAME),
             axes={0: "batch", 2: "height", 3: "width"})  # any size: the arms feed it 48x48 faces  # fmt: skip
     faces = load_with_validation(data).subset("val")[0][:64]
     real = downscale(normalize(torch.from_numpy(faces), spec))
-    parity = _parity(sr, sr.state_dict(), out, real, atol)
+    parity = _parity(sr, out, real, atol)
     log.log(
         logging.INFO if parity.passed else logging.ERROR,
         "SR front end parity %s: max |torch - onnx| = %.2e (atol %.0e), weights read back equal: %s",

@@ -117,7 +117,8 @@ finished() {  # finished <step>: its .done mark, or its product in the repositor
     [ -e "$RUNS/$1.done" ] && return 0
     case $1 in
     sr_pretrain | sr_eval | sr_export)
-        [ -e "$MODELS/frontends/edsr_x2.card.json" ] ||
+        local front_end=${SR_FRONT_END#models/}
+        [ -e "$MODELS/${front_end%.onnx}.card.json" ] ||
             { [ -n "$(exported ablation_sr)" ] && [ -n "$(exported ablation_stn_sr)" ]; } ;;
     *) [ -n "$(exported "$1")" ] ;;
     esac

@@ -32,6 +32,12 @@ from mien.training.objectives import CrossEntropy
 log = logging.getLogger("mien.train")
 
 
+def command_line(subcommand: str) -> str:
+    """``mien <subcommand>`` with the options this process was given, for a checkpoint to record ("" without any
+    argument: not run from a command line)."""
+    return f"mien {subcommand} " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else ""
+
+
 @contextmanager
 def run_log(out: Path, is_main: bool) -> Iterator[None]:
     """Log the run's progress to ``<out>/train.log``, from rank 0 only (the others log warnings alone)."""
@@ -151,7 +157,7 @@ class RunFolder:
             "train_config": asdict(self.cfg),
             "objective": self.objective.name,
             "notes": self.objective.notes,
-            "command": "mien train " + shlex.join(sys.argv[2:]) if len(sys.argv) > 1 else "",
+            "command": command_line("train"),
             "history": progress.history,
             "metrics": progress.best,
             **extra,

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,7 +51,7 @@ from mien.training.data import CARVED_SPLIT, USAGE_TO_SPLIT, load_dataset, load_
 from mien.training.hardware import precision_name, resolve_amp
 from mien.training.layers import EDSR, EDSR_SMALL
 from mien.training.models import default_spec
-from mien.training.run_folder import save
+from mien.training.run_folder import command_line, save
 from mien.training.transforms import normalize
 
 log = logging.getLogger("mien.sr_pretrain")
@@ -171,7 +169,7 @@ def pretrain_sr(cfg: SRPretrainConfig) -> dict:
     metrics = {**history[-1], "split": cfg.val_split}
     ckpt = {"kind": "sr_pretrain", "sr_kwargs": sr.kwargs, "state_dict": sr.state_dict(), "history": history,
             "metrics": metrics, "config": asdict(cfg), "spec": spec.to_dict(), "train_faces": len(train_x),
-            "command": "mien pretrain-sr " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else ""}  # fmt: skip
+            "command": command_line("pretrain-sr")}  # fmt: skip
     save(ckpt, out)  # atomic, as last.pt
     return metrics
 
