@@ -9,32 +9,55 @@ the writers stream (parquet in bounded row groups), the summary keeps a few numb
 
 Faces of consecutive video or camera frames get a track id (:mod:`mien.service.tracking`); still images
 are not a sequence and get none. ``smooth`` averages each track's probabilities over time (EMA).
+
+This module analyses; the rows, their writers and the summary per track are in :mod:`mien.service.rows`, the
+timeline plot and the annotated video in :mod:`mien.service.drawing`. Their public names are importable from
+here too, the engine's one entry point.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import cv2
 import numpy as np
 
 from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier, load_classifier
 from mien.runtime import DEFAULT_PROVIDERS, OnnxClassifier, SessionConfig
 from mien.service.config import Settings
 from mien.service.detectors import DETECTORS, DetectorOptions, FaceDetector, detector_dir, resolve
-from mien.service.exceptions import MienError
+from mien.service.drawing import (
+    TimelineBuilder,
+    VideoAnnotator,
+    annotate,
+    check_annotate,
+    check_plot,
+    draw_faces,
+    plot_timeline,
+    timeline,
+)
 from mien.service.frames import DEFAULT_MAX_PIXELS, Frame, open_frames, probe
 from mien.service.pipeline import StageTimer, predict_faces
 from mien.service.registry import ModelRegistry
+from mien.service.rows import (
+    OUTPUT_SUFFIXES,
+    AnalyzeError,
+    FaceRow,
+    RowWriter,
+    SummaryBuilder,
+    TrackSummary,
+    check_output,
+    columns,
+    format_summary,
+    open_writer,
+    record_schema,
+    summarize,
+)
 from mien.service.tracking import Smoother, Tracker
 
 __all__ = [
@@ -43,16 +66,21 @@ __all__ = [
     "Analyzer",
     "FaceRow",
     "OUTPUT_SUFFIXES",
+    "RowWriter",
     "SummaryBuilder",
     "TimelineBuilder",
     "TrackSummary",
     "VideoAnnotator",
     "annotate",
+    "check_annotate",
     "check_output",
+    "check_plot",
+    "columns",
     "draw_faces",
     "format_summary",
     "open_writer",
     "plot_timeline",
+    "record_schema",
     "summarize",
     "timeline",
 ]
@@ -63,10 +91,6 @@ log = logging.getLogger(__name__)
 def _setting(name: str) -> Any:
     """The default of a service setting (not the environment's value: options are explicit)."""
     return Settings.model_fields[name].default
-
-
-class AnalyzeError(MienError):
-    """An option, an output or a model ``mien analyze`` cannot work with; the message says what to do."""
 
 
 @dataclass
@@ -119,42 +143,6 @@ class AnalyzeOptions:
             problems.append(f"threads must be >= 0, got {self.threads}")
         if problems:
             raise AnalyzeError("; ".join(problems))
-
-
-@dataclass
-class FaceRow:
-    """One face in one frame. ``box`` is x, y, width, height in the frame's pixels; ``landmarks`` five (x, y)
-    points or None; ``track`` None for a still image; ``probabilities`` one per label (smoothed over the
-    track when ``smoothed``), ``label``/``score`` their top one."""
-
-    source: str
-    frame: int
-    timestamp: float | None
-    track: int | None
-    box: tuple[int, int, int, int]
-    landmarks: list[list[float]] | None
-    label: str
-    score: float
-    probabilities: dict[str, float]
-    detection_score: float | None = None
-    smoothed: bool = False
-
-    def record(self, labels: Iterable[str]) -> dict[str, Any]:
-        """Flat columns for jsonl, csv and parquet (:func:`columns` names them in order)."""
-        x, y, width, height = self.box
-        return {
-            "source": self.source, "frame": self.frame, "timestamp": self.timestamp, "track": self.track,
-            "x": x, "y": y, "width": width, "height": height, "landmarks": self.landmarks,
-            "label": self.label, "score": self.score, "detection_score": self.detection_score,
-            "smoothed": self.smoothed, **{f"p_{label}": self.probabilities[label] for label in labels},
-        }  # fmt: skip
-
-
-def columns(labels: Iterable[str]) -> list[str]:
-    """The output columns in order: the row's fields, then ``p_<label>`` per label."""
-    fixed = ["source", "frame", "timestamp", "track", "x", "y", "width", "height", "landmarks", "label", "score",
-             "detection_score", "smoothed"]  # fmt: skip
-    return fixed + [f"p_{label}" for label in labels]
 
 
 class _DeferredClassifier:
@@ -353,463 +341,3 @@ def _progress_bar(total: int | None):
         log.warning("no progress bar: tqdm is not installed (pip install 'mien[analyze]')")
         return None
     return tqdm(total=total, unit="frame", dynamic_ncols=True, file=sys.stderr)
-
-
-# --- writing rows -----------------------------------------------------------------------------------------
-
-OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
-
-
-def check_output(path: str | Path) -> str:
-    """The format of an output path by its extension ('-' is jsonl on stdout); AnalyzeError for another, or
-    for parquet without pyarrow."""
-    if str(path) == "-":
-        return ".jsonl"
-    suffix = Path(path).suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        raise AnalyzeError(f"{path}: unknown output format {suffix or '(no extension)'!r}; "
-                           f"use {', '.join(OUTPUT_SUFFIXES)}")  # fmt: skip
-    if suffix == ".parquet":
-        _pyarrow()
-    return suffix
-
-
-def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise AnalyzeError("writing .parquet needs pyarrow: pip install 'mien[analyze]'") from None
-    return pa, pq
-
-
-class RowWriter:
-    """Rows to a file as they come; a context manager."""
-
-    def __init__(self, labels: Iterable[str]) -> None:
-        self.labels = tuple(labels)
-        self.rows = 0
-
-    def write(self, rows: Iterable[FaceRow]) -> None:
-        for row in rows:
-            self._write(row.record(self.labels))
-            self.rows += 1
-
-    def _write(self, record: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> RowWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class JsonlWriter(RowWriter):
-    """One JSON object per line."""
-
-    def __init__(self, path: str | Path, labels: Iterable[str]) -> None:
-        super().__init__(labels)
-        self.stream: IO[str] = sys.stdout if str(path) == "-" else open(path, "w", encoding="utf-8")  # noqa: SIM115
-
-    def _write(self, record: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        if self.stream is sys.stdout:
-            self.stream.flush()
-        else:
-            self.stream.close()
-
-
-class CsvWriter(RowWriter):
-    """A header, then one line per face; landmarks as a JSON list, a missing value empty."""
-
-    def __init__(self, path: str | Path, labels: Iterable[str]) -> None:
-        super().__init__(labels)
-        self.stream = open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115
-        self.writer = csv.DictWriter(self.stream, fieldnames=columns(self.labels))
-        self.writer.writeheader()
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if record["landmarks"] is not None:
-            record["landmarks"] = json.dumps(record["landmarks"])
-        self.writer.writerow(record)
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-def record_schema(labels: Iterable[str]):
-    """The Arrow schema of :meth:`FaceRow.record` (parquet files, and the Ray actors' output batches)."""
-    pa, _ = _pyarrow()
-    fields = [("source", pa.string()), ("frame", pa.int64()), ("timestamp", pa.float64()), ("track", pa.int64()),
-              ("x", pa.int64()), ("y", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
-              ("landmarks", pa.list_(pa.list_(pa.float64()))), ("label", pa.string()), ("score", pa.float64()),
-              ("detection_score", pa.float64()), ("smoothed", pa.bool_())]  # fmt: skip
-    fields += [(f"p_{label}", pa.float64()) for label in labels]
-    return pa.schema(fields)
-
-
-class ParquetRowWriter(RowWriter):
-    """Parquet through ``pyarrow.parquet.ParquetWriter``, a row group every ``group_rows`` rows (and at the
-    end): memory holds at most one row group."""
-
-    def __init__(self, path: str | Path, labels: Iterable[str], group_rows: int = 4096) -> None:
-        super().__init__(labels)
-        pa, pq = _pyarrow()
-        self.pa = pa
-        self.schema = record_schema(self.labels)
-        self.writer = pq.ParquetWriter(str(path), self.schema)
-        self.group_rows = group_rows
-        self.buffer: list[dict[str, Any]] = []
-
-    def _write(self, record: dict[str, Any]) -> None:
-        self.buffer.append(record)
-        if len(self.buffer) >= self.group_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.writer.write_table(self.pa.Table.from_pylist(self.buffer, schema=self.schema))
-            self.buffer = []
-
-    def close(self) -> None:
-        self.flush()
-        self.writer.close()
-
-
-def open_writer(path: str | Path, labels: Iterable[str]) -> RowWriter:
-    """The writer for ``path``'s extension (:data:`OUTPUT_SUFFIXES`; '-' is jsonl on stdout)."""
-    suffix = check_output(path)
-    if suffix == ".csv":
-        return CsvWriter(path, labels)
-    if suffix == ".parquet":
-        return ParquetRowWriter(path, labels)
-    return JsonlWriter(path, labels)
-
-
-# --- the summary per track --------------------------------------------------------------------------------
-
-
-@dataclass
-class TrackSummary:
-    """One tracked face over the source: seen from ``first`` to ``last`` (timestamps, seconds), in ``frames``
-    frames worth ``seconds`` of video; ``shares`` the fraction of those frames each expression was the top one
-    (they sum to 1), ``dominant`` the most frequent. ``track`` None gathers the faces of still images."""
-
-    source: str
-    track: int | None
-    first: float | None
-    last: float | None
-    seconds: float | None
-    frames: int
-    dominant: str
-    shares: dict[str, float]
-    mean_probabilities: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class SummaryBuilder:
-    """:func:`summarize` a row at a time: a few numbers per track, whatever the length of the video."""
-
-    def __init__(self, labels: Iterable[str], frame_interval: float | None = None) -> None:
-        self.labels = tuple(labels)
-        self.frame_interval = frame_interval
-        self.tracks: dict[tuple[str | None, int | None], dict[str, Any]] = {}
-        self.last_time: dict[str, float] = {}
-        self.gap: float | None = None  # the shortest step between two frames seen, when no interval is given
-        self.still_sources: set[str] = set()
-
-    def add(self, row: FaceRow) -> None:
-        if row.track is None:
-            key: tuple[str | None, int | None] = (None, None)
-            self.still_sources.add(row.source)
-        else:
-            key = (row.source, row.track)
-        if row.timestamp is not None:
-            previous = self.last_time.get(row.source)
-            if previous is not None and row.timestamp > previous:
-                step = row.timestamp - previous
-                self.gap = step if self.gap is None else min(self.gap, step)
-            self.last_time[row.source] = row.timestamp
-        state = self.tracks.get(key)
-        if state is None:
-            zeros = np.zeros(len(self.labels))
-            state = self.tracks[key] = {"first": row.timestamp, "last": row.timestamp, "frames": 0,
-                                        "top": zeros.copy(), "sum": zeros.copy()}  # fmt: skip
-        state["last"] = row.timestamp
-        state["frames"] += 1
-        state["top"][self.labels.index(row.label)] += 1
-        state["sum"] += [row.probabilities[label] for label in self.labels]
-
-    def add_all(self, rows: Iterable[FaceRow]) -> None:
-        for row in rows:
-            self.add(row)
-
-    def result(self) -> list[TrackSummary]:
-        """One summary per track, in the order tracks first appeared (still images last)."""
-        interval = self.frame_interval if self.frame_interval is not None else self.gap
-        out = []
-        for (source, track), state in sorted(self.tracks.items(), key=lambda item: item[0][1] is None):
-            if track is None:
-                sources = sorted(self.still_sources)
-                source = sources[0] if len(sources) == 1 else os.path.commonpath(sources)
-                seconds = None
-            else:
-                seconds = state["frames"] * interval if interval is not None else 0.0
-            shares = state["top"] / state["frames"]
-            out.append(TrackSummary(
-                source, track, state["first"], state["last"], seconds, state["frames"],
-                self.labels[int(np.argmax(shares))], dict(zip(self.labels, shares.tolist(), strict=True)),
-                dict(zip(self.labels, (state["sum"] / state["frames"]).tolist(), strict=True)),
-            ))  # fmt: skip
-        return out
-
-
-def summarize(
-    rows: Iterable[FaceRow], labels: Iterable[str], frame_interval: float | None = None
-) -> list[TrackSummary]:
-    """Per track: first and last timestamp, frames, seconds seen (frames × ``frame_interval``, by default the
-    shortest step between two frames of the rows), the dominant expression and the share of frames per
-    expression. The faces of still images are gathered in one summary with track None."""
-    builder = SummaryBuilder(labels, frame_interval)
-    builder.add_all(rows)
-    return builder.result()
-
-
-def format_summary(summaries: list[TrackSummary], labels: Iterable[str]) -> str:
-    """A plain-text table: one line per track, the share of each expression in percent."""
-    labels = tuple(labels)
-    head = ["track", "seconds", "frames", "from", "to", "dominant", *labels]
-    lines = [head]
-    for s in summaries:
-        lines.append([
-            "-" if s.track is None else str(s.track),
-            "-" if s.seconds is None else f"{s.seconds:.2f}",
-            str(s.frames),
-            "-" if s.first is None else f"{s.first:.2f}",
-            "-" if s.last is None else f"{s.last:.2f}",
-            s.dominant,
-            *(f"{100 * s.shares[label]:.0f}%" for label in labels),
-        ])  # fmt: skip
-    if not summaries:
-        return "no face found"
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
-
-
-# --- the timeline plot ------------------------------------------------------------------------------------
-
-
-class TimelineBuilder:
-    """:func:`timeline` a row at a time: the timestamps and probabilities of each tracked face (8 bytes per
-    label per face per frame: the plot needs them all)."""
-
-    def __init__(self, labels: Iterable[str]) -> None:
-        self.labels = tuple(labels)
-        self.times: dict[tuple[str, int], list[float]] = {}
-        self.probs: dict[tuple[str, int], list[np.ndarray]] = {}
-
-    def add(self, row: FaceRow) -> None:
-        if row.track is None or row.timestamp is None:
-            return
-        key = (row.source, row.track)
-        self.times.setdefault(key, []).append(row.timestamp)
-        self.probs.setdefault(key, []).append(np.array([row.probabilities[label] for label in self.labels]))
-
-    def add_all(self, rows: Iterable[FaceRow]) -> None:
-        for row in rows:
-            self.add(row)
-
-    def series(self) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
-        width = len(self.labels)
-        return {key: (np.array(times), np.array(self.probs[key]).reshape(-1, width))
-                for key, times in self.times.items()}  # fmt: skip
-
-
-def timeline(rows: Iterable[FaceRow], labels: Iterable[str]) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
-    """Per tracked face (source, track): its timestamps (T) and probabilities (T × labels)."""
-    builder = TimelineBuilder(labels)
-    builder.add_all(rows)
-    return builder.series()
-
-
-def plot_timeline(
-    rows: Iterable[FaceRow] | TimelineBuilder, path: str | Path, labels: Iterable[str], max_tracks: int = 12
-) -> Path:
-    """Each tracked face's probabilities over time, one panel per track (the ``max_tracks`` seen longest),
-    saved by matplotlib (Agg canvas, no display) to ``path`` (.png, .svg, .pdf). ``rows`` may be a
-    :class:`TimelineBuilder` already fed."""
-    labels = tuple(labels)
-    Figure = _matplotlib_figure()
-    series = rows.series() if isinstance(rows, TimelineBuilder) else timeline(rows, labels)
-    chosen = sorted(series, key=lambda key: -len(series[key][0]))[:max_tracks]
-    chosen.sort(key=lambda key: (key[0], key[1]))
-    figure = Figure(figsize=(10, 2.2 * max(1, len(chosen)) + 0.6), layout="constrained")
-    axes = figure.subplots(max(1, len(chosen)), 1, squeeze=False)[:, 0]
-    if not chosen:
-        axes[0].text(0.5, 0.5, "no tracked face", ha="center", va="center", transform=axes[0].transAxes)
-        axes[0].set_axis_off()
-    for ax, key in zip(axes, chosen, strict=False):
-        times, probs = _broken_at_gaps(*series[key])
-        for i, label in enumerate(labels):
-            ax.plot(times, probs[:, i], label=label, linewidth=1.2, marker="." if len(times) < 50 else None)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_ylabel("probability")
-        ax.set_title(f"track {key[1]} ({Path(key[0]).name})", fontsize=10, loc="left")
-        ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("seconds")
-    if chosen:
-        handles, names = axes[0].get_legend_handles_labels()
-        figure.legend(handles, names, loc="outside upper center", ncol=min(len(labels), 7), fontsize=8)
-    if len(series) > len(chosen):
-        figure.suptitle(f"the {len(chosen)} longest of {len(series)} tracks", fontsize=10)
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    return path
-
-
-def _broken_at_gaps(times: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A NaN point inserted where the face was missed (a step over 1.5 × the usual one), so that the plotted
-    lines stop there instead of joining across the gap."""
-    if len(times) < 3:
-        return times, probs
-    steps = np.diff(times)
-    gaps = np.flatnonzero(steps > 1.5 * np.median(steps))
-    if not len(gaps):
-        return times, probs
-    times = np.insert(times, gaps + 1, times[gaps] + steps[gaps] / 2)
-    probs = np.insert(probs, gaps + 1, np.nan, axis=0)
-    return times, probs
-
-
-def _matplotlib_figure():
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise AnalyzeError("--plot needs matplotlib: pip install 'mien[analyze]'") from None
-    return Figure
-
-
-def check_plot(path: str | Path) -> None:
-    """AnalyzeError now, before any work, for a plot that could not be written."""
-    if Path(path).suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise AnalyzeError(f"{path}: the timeline plot is written as .png, .svg or .pdf")
-    _matplotlib_figure()
-
-
-# --- the annotated video ----------------------------------------------------------------------------------
-
-#: Track colours (BGR), by track id; faces of still images are drawn in the first.
-_COLOURS = ((80, 200, 60), (60, 120, 255), (255, 160, 40), (40, 220, 230), (220, 80, 220), (255, 255, 90),
-            (90, 90, 255), (160, 255, 160), (200, 140, 255), (30, 170, 255))  # fmt: skip
-VIDEO_SUFFIXES_OUT = (".mp4", ".avi", ".mov", ".mkv")
-
-
-def _colour(track: int | None) -> tuple[int, int, int]:
-    return _COLOURS[0 if track is None else track % len(_COLOURS)]
-
-
-def draw_faces(image: np.ndarray, rows: Iterable[FaceRow], labels: Iterable[str]) -> np.ndarray:
-    """A copy of the frame with each face's box, landmarks, track id, top label and a bar per label."""
-    labels = tuple(labels)
-    out = image.copy()
-    height, width = out.shape[:2]
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    scale = max(0.35, min(width, height) / 1000)
-    thick = max(1, round(min(width, height) / 400))
-    line = int(22 * scale) + 2
-    name_width = max(cv2.getTextSize(label, font, scale, 1)[0][0] for label in labels) + 4
-    bar_width = int(80 * scale / 0.35 * 0.6)
-    for row in rows:
-        colour = _colour(row.track)
-        x, y, w, h = row.box
-        cv2.rectangle(out, (x, y), (x + w, y + h), colour, thick)
-        for px, py in row.landmarks or []:
-            cv2.circle(out, (round(px), round(py)), thick + 1, colour, -1)
-        caption = ("" if row.track is None else f"#{row.track} ") + f"{row.label} {row.score:.2f}"
-        (tw, th), _ = cv2.getTextSize(caption, font, scale * 1.2, thick)
-        ty = y - 4 if y - th - 6 >= 0 else y + h + th + 4
-        cv2.rectangle(out, (x, ty - th - 3), (x + tw + 2, ty + 3), colour, -1)
-        cv2.putText(out, caption, (x + 1, ty), font, scale * 1.2, (0, 0, 0), thick, cv2.LINE_AA)
-        panel = name_width + bar_width + 6
-        left = x + w + 4 if x + w + 4 + panel <= width else max(0, x - panel - 4)
-        for i, label in enumerate(labels):
-            top = y + i * line
-            if top + line > height:
-                break
-            p = row.probabilities[label]
-            cv2.rectangle(out, (left, top), (left + panel, top + line), (30, 30, 30), -1)
-            cv2.putText(out, label, (left + 2, top + line - 4), font, scale, (235, 235, 235), 1, cv2.LINE_AA)
-            bar_left = left + name_width + 2
-            cv2.rectangle(out, (bar_left, top + 3), (bar_left + bar_width, top + line - 3), (80, 80, 80), -1)
-            fill = colour if label == row.label else (200, 200, 200)
-            cv2.rectangle(out, (bar_left, top + 3), (bar_left + round(p * bar_width), top + line - 3), fill, -1)
-    return out
-
-
-def _fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``image`` letterboxed into ``size`` (width, height) when its size differs (still images of a folder)."""
-    width, height = size
-    if image.shape[1] == width and image.shape[0] == height:
-        return image
-    factor = min(width / image.shape[1], height / image.shape[0])
-    scaled = cv2.resize(image, (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor))))
-    canvas = np.zeros((height, width, 3), np.uint8)
-    top, left = (height - scaled.shape[0]) // 2, (width - scaled.shape[1]) // 2
-    canvas[top : top + scaled.shape[0], left : left + scaled.shape[1]] = scaled
-    return canvas
-
-
-def check_annotate(path: str | Path) -> None:
-    if Path(path).suffix.lower() not in VIDEO_SUFFIXES_OUT:
-        raise AnalyzeError(f"{path}: the annotated video is written as {', '.join(VIDEO_SUFFIXES_OUT)} (mp4v)")
-
-
-class VideoAnnotator:
-    """Frames with their faces drawn, written one at a time by ``cv2.VideoWriter`` (mp4v), opened at the first
-    frame's size (later frames of another size are letterboxed into it)."""
-
-    def __init__(self, path: str | Path, fps: float, labels: Iterable[str]) -> None:
-        check_annotate(path)
-        self.path = Path(path)
-        self.fps = fps
-        self.labels = tuple(labels)
-        self.writer: cv2.VideoWriter | None = None
-        self.size: tuple[int, int] | None = None
-        self.frames = 0
-
-    def write(self, frame: Frame, rows: Iterable[FaceRow]) -> None:
-        image = draw_faces(frame.image, rows, self.labels)
-        if self.writer is None:
-            self.size = (image.shape[1], image.shape[0])
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
-            if not self.writer.isOpened():
-                raise AnalyzeError(f"{self.path}: OpenCV cannot write an mp4v video here")
-        self.writer.write(_fit(image, self.size))  # type: ignore[arg-type]
-        self.frames += 1
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
-
-    def __enter__(self) -> VideoAnnotator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def annotate(frames: Iterable[tuple[Frame, list[FaceRow]]], path: str | Path, labels: Iterable[str], fps: float) -> int:
-    """Write each (frame, rows) pair, e.g. from :meth:`Analyzer.analyze_frames`, drawn, to the video at ``path``;
-    the number of frames written. Streams: one frame in memory at a time."""
-    with VideoAnnotator(path, fps, labels) as annotator:
-        for frame, rows in frames:
-            annotator.write(frame, rows)
-        return annotator.frames

@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mien.schemas import ErrorDetail
-from mien.service.analysis import AnalyzeError
 from mien.service.exceptions import (
     BadImage,
     BadInferRequest,
@@ -44,6 +43,7 @@ from mien.service.exceptions import (
     VersionNotFound,
     VideoTooLong,
 )
+from mien.service.rows import AnalyzeError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ STATUS: dict[type[MienError], tuple[int, str]] = {
 }
 
 #: Errors of mien's own defined outside :mod:`mien.service.exceptions`: the in-process engine of ``mien analyze``
-#: (service/analysis.py), which POST /analyze/video runs. Its frames' BadSource is a BadImage (``bad_image``);
-#: the route turns the ones an upload can cause into ``bad_video`` and ``empty_video``.
+#: (service/analysis.py; AnalyzeError is in service/rows.py), which POST /analyze/video runs. Its frames'
+#: BadSource is a BadImage (``bad_image``); the route turns the ones an upload can cause into ``bad_video`` and
+#: ``empty_video``.
 ENGINE_STATUS: dict[type[MienError], tuple[int, str]] = {
     AnalyzeError: (400, "invalid_analysis"),
 }
