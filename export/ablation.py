@@ -21,7 +21,7 @@ ABLATION_ROWS = {"base_cnn": "Base", "stn_cnn": "+STN", "sr_cnn": "+SR", "stn_sr
 #: between an arm's training configuration and Base's makes the pair something other than an ablation.
 FRONT_END_KEYS = frozenset({"model", "stn_reg", "stn_lr_scale", "sr_init", "sr_lr_scale", "freeze_sr",
                             "model_kwargs.sr_kwargs"})  # fmt: skip
-RUN_KEYS = frozenset({"data", "out", "threads", "device"})
+RUN_KEYS = frozenset({"data", "out", "threads", "device", "checkpoint_minutes"})
 #: The level of the ablation's tests and the confidence of its intervals.
 ALPHA = 0.05
 

@@ -110,6 +110,66 @@ def test_two_half_runs_equal_one_full_run_with_the_whole_recipe(tmp_path, tiny_n
     assert history[-1]["val_acc"] > 0.5  # chance is 1/7 on the tiny data
 
 
+def test_a_run_stopped_in_the_middle_of_an_epoch_resumes_from_its_last_mid_epoch_checkpoint_exactly(
+    tmp_path, tiny_npz, monkeypatch
+):
+    """last.pt written every checkpoint_minutes inside an epoch: a run killed two steps after such a write loses
+    only those two steps, and the rerun command ends bit for bit where an uninterrupted run (which writes no
+    mid-epoch checkpoint) ends, with the same history, EMA, optimiser and RNG states."""
+    from mien.training.run_folder import RunFolder
+
+    straight = tmp_path / "straight"
+    train(_strong_cfg(tiny_npz, straight, checkpoint_minutes=0.0))
+
+    stopped = tmp_path / "stopped"
+    real_write = RunFolder.write_position
+    written = []
+
+    def write_then_die(self, progress, step, position):  # asked after every step; writes in epoch 2 after batch 3
+        if position.epoch == 2 and position.done == 3:
+            real_write(self, progress, step, position)
+            written.append(step)
+        if position.epoch == 2 and position.done == 5:
+            raise KeyboardInterrupt  # a lost session: steps 4 and 5 of epoch 2 are gone
+
+    monkeypatch.setattr(RunFolder, "write_position", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(_strong_cfg(tiny_npz, stopped, checkpoint_minutes=1e-9))
+    monkeypatch.setattr(RunFolder, "write_position", real_write)
+    saved = torch.load(stopped / "last.pt", weights_only=False)
+    assert saved["epoch_position"]["epoch"] == 2 and saved["epoch_position"]["done"] == 3
+    assert saved["step"] == written[0] and [h["epoch"] for h in saved["history"]] == [1]
+
+    train(_strong_cfg(tiny_npz, stopped, checkpoint_minutes=1e-9))
+    assert "resuming from" in (log := (stopped / "train.log").read_text()) and "after 3 of its batches" in log
+    a, b = (torch.load(run / "last.pt", weights_only=False) for run in (straight, stopped))
+    assert "epoch_position" not in b  # the last write was the end of the last epoch
+    for part in ("state_dict", "ema"):
+        for key, tensor in a[part].items():
+            torch.testing.assert_close(tensor, b[part][key], rtol=0, atol=0, msg=f"{part} {key}")
+    assert a["step"] == b["step"]
+    assert torch.equal(a["generator"], b["generator"]) and torch.equal(a["torch_rng"], b["torch_rng"])
+    for key, tensor in a["optimizer"]["state"][0].items():
+        torch.testing.assert_close(tensor, b["optimizer"]["state"][0][key], rtol=0, atol=0, msg=key)
+    rows = [
+        [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()] for run in (straight, stopped)
+    ]
+    figures = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    assert [[r[k] for k in figures] for r in rows[0]] == [[r[k] for k in figures] for r in rows[1]]
+    assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in rows[1])
+
+
+def test_without_checkpoint_minutes_last_pt_is_written_only_at_the_end_of_an_epoch(tmp_path, tiny_npz, monkeypatch):
+    from mien.training.run_folder import RunFolder
+
+    def never(*args):
+        raise AssertionError("a mid-epoch last.pt with checkpoint_minutes = 0")
+
+    monkeypatch.setattr(RunFolder, "write_position", never)
+    train(_strong_cfg(tiny_npz, tmp_path / "run", checkpoint_minutes=0.0, epochs=1))
+    assert "epoch_position" not in torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+
+
 def test_distillation_with_zero_weight_is_cross_entropy():
     logits, targets = torch.randn(8, 7), torch.softmax(torch.randn(8, 7), 1)
     hard = F.cross_entropy(logits, torch.arange(8) % 7)

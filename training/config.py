@@ -111,6 +111,10 @@ class TrainConfig:
         "torch 2.13 CPU would crash"
     )  # fmt: skip
     limit: int = option(0, "use only the first N training images, for smoke tests; 0 = all")
+    checkpoint_minutes: float = option(
+        10.0, "also write last.pt every this many minutes inside an epoch, so that a run stopped mid-epoch "
+        "resumes from its last such step, exactly as if it had not stopped; 0 = at the end of each epoch only"
+    )  # fmt: skip
     augment: AugmentConfig = option(help="augmentation (training/transforms.py)", factory=AugmentConfig)
     objective: ObjectiveConfig = option(help="objective options (see training/objectives.py)", factory=ObjectiveConfig)
     labels: tuple[str, ...] | None = option(

@@ -272,11 +272,15 @@ class CrossEntropy:
 
     def state_dict(self) -> dict:
         """Trained state outside the served model and its optimiser (saved in last.pt for resume)."""
-        return {"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+        state = {"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+        if self._stn_penalties:  # written in the middle of an epoch: the epoch's penalties so far
+            state["stn_penalties"] = list(self._stn_penalties)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "grad_scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
+        self._stn_penalties = list(state.get("stn_penalties", []))
 
 
 class TripletObjective(CrossEntropy):

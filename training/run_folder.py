@@ -2,11 +2,12 @@
 
 ``last.pt`` holds what an interrupted run needs to continue exactly as if it had not stopped (weights,
 optimiser, the batch/augmentation generator, torch's RNG, the objective's own state, the EMA, the
-history); ``best.pt`` the served weights and what export needs to rebuild the model. Both also hold the
-model id and kwargs, spec, train config, objective, notes, command, history, best metrics and recipe.
-The key names are a file format: runs started by older code resume from their ``last.pt``, so a key is
-never renamed or dropped. ``history.jsonl`` gets one line per epoch, ``train.log`` the log, ``curves.png``
-the curves.
+history), written at the end of every epoch and, every ``checkpoint_minutes``, in the middle of one (with
+``epoch_position``: how far into the epoch, so a resume draws the same batches and goes on from the next);
+``best.pt`` the served weights and what export needs to rebuild the model. Both also hold the model id and
+kwargs, spec, train config, objective, notes, command, history, best metrics and recipe. The key names are
+a file format: runs started by older code resume from their ``last.pt``, so a key is never renamed or
+dropped. ``history.jsonl`` gets one line per epoch, ``train.log`` the log, ``curves.png`` the curves.
 """
 
 from __future__ import annotations
@@ -57,12 +58,33 @@ def run_log(out: Path, is_main: bool) -> Iterator[None]:
 
 
 @dataclass
+class EpochPosition:
+    """How far an epoch under way has got: ``last.pt`` written in the middle of epoch ``epoch`` holds it, so that
+    a resume draws the epoch's batches again from the generator's state before they were drawn
+    (``batches_rng``), skips the ``done`` ones and goes on with the saved weights, optimiser, EMA and RNG
+    states, as if it had not stopped. The running sums of the epoch's training loss and accuracy and the
+    seconds it has taken come along, so its history line is the whole epoch's. (Under torchrun they are rank
+    0's, which writes the file; the weights are every rank's.)"""
+
+    epoch: int
+    batches_rng: torch.Tensor | None = None
+    done: int = 0
+    total_loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+@dataclass
 class Progress:
-    """Where a run stands: every epoch's figures, the best epoch's metrics, the optimiser step."""
+    """Where a run stands: every epoch's figures, the best epoch's metrics, the optimiser step, and how far
+    into the next epoch ``last.pt`` was written (None: at its start)."""
 
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"val_acc": -1.0})
     step: int = 0
+    position: EpochPosition | None = None
 
     @property
     def start_epoch(self) -> int:
@@ -128,7 +150,11 @@ class RunFolder:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         progress = Progress(state["history"], state["metrics"], state["step"])
-        log.info("resuming from %s at epoch %d", last, progress.start_epoch)
+        position = state.get("epoch_position")  # absent: written at the end of an epoch (or by older code)
+        if position is not None and position["epoch"] == progress.start_epoch:
+            progress.position = EpochPosition(**position)
+        log.info("resuming from %s at epoch %d%s", last, progress.start_epoch,
+                 f", after {progress.position.done} of its batches" if progress.position else "")  # fmt: skip
         return progress
 
     def write_epoch(self, row: dict, improved: bool, progress: Progress) -> None:
@@ -138,14 +164,24 @@ class RunFolder:
         recipe_note = {"recipe": self.recipe} if self.recipe else {}
         if improved:
             save(self.checkpoint(self.served, progress, recipe_note), self.out / "best.pt")
-        # read the RNG states now, after the epoch's last draw, so a resume continues from exactly here
-        resume_state = {
-            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "step": progress.step,
-            "torch_rng": torch.get_rng_state(), "objective_state": self.objective.state_dict(),
-            **({"ema": self.ema.state_dict()} if self.ema is not None else {}), **recipe_note,
-        }  # fmt: skip
-        save(self.checkpoint(self.model, progress, resume_state), self.out / "last.pt")
+        save(self.checkpoint(self.model, progress, self.resume_state(progress.step)), self.out / "last.pt")
         plot_curves(progress.history, self.out / "curves.png")
+
+    def write_position(self, progress: Progress, step: int, position: EpochPosition) -> None:
+        """``last.pt`` in the middle of an epoch, after optimiser step ``step``: the weights and states of now,
+        ``position`` saying how far into the epoch they are."""
+        extra = {**self.resume_state(step), "epoch_position": asdict(position)}
+        save(self.checkpoint(self.model, progress, extra), self.out / "last.pt")
+
+    def resume_state(self, step: int) -> dict:
+        """What ``last.pt`` holds beyond the weights. The RNG states are read now, after the last draw, so that
+        a resume continues from exactly here."""
+        return {
+            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "step": step,
+            "torch_rng": torch.get_rng_state(), "objective_state": self.objective.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"recipe": self.recipe} if self.recipe else {}),
+        }  # fmt: skip
 
     def checkpoint(self, model: nn.Module, progress: Progress, extra: dict) -> dict:
         """``model``'s weights with everything needed to rebuild it, and ``extra`` keys."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from mien.training.hardware import (
 from mien.training.layers import as_served
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext, build_objective, predict_logits
-from mien.training.run_folder import Progress, RunFolder, run_log
+from mien.training.run_folder import EpochPosition, Progress, RunFolder, run_log
 from mien.training.schedule import apply_lr, epochs_without_improvement, get_lr
 from mien.training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
 from mien.training.support import check_supported
@@ -102,16 +103,18 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
             if _stop_early(cfg, progress, epoch):
                 break
             sr_trains = _sr_phase(cfg, model, epoch)
-            started, cpu_started = time.perf_counter(), time.process_time()
+            position, progress.position = progress.position or EpochPosition(epoch), None
+            clock = MidEpochCheckpoint(run, progress, position, cfg.checkpoint_minutes, process.is_main)
             train_loss, train_acc, progress.step = train_one_epoch(
                 stepped, optimizer, objective, data.train_x, data.train_y, cfg, progress.step,
-                f"epoch {epoch}/{cfg.epochs}", data.train_targets, progress.val_accs, process, ema,
+                f"epoch {epoch}/{cfg.epochs}", data.train_targets, progress.val_accs, process, ema, position, clock,
             )  # fmt: skip
             metrics = validate(objective, as_served(run.served, asdict(cfg)), data.val_x, data.val_y, process)
+            seconds, cpu_seconds = clock.elapsed()
             row = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, **metrics,
-                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
-                "cpu_seconds": time.process_time() - cpu_started,  # every thread of this process; not paused time
+                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                "cpu_seconds": cpu_seconds,  # every thread of this process; not paused time
                 "precision": precision_name(amp),  # what --amp (auto included) trained this epoch in, on this machine
                 **({"sr_trains": sr_trains} if cfg.sr_finetune_epochs else {}),
             }  # fmt: skip
@@ -133,6 +136,31 @@ def _sr_phase(cfg: TrainConfig, model: nn.Module, epoch: int) -> bool:
                  f"stays fixed until epoch {cfg.epochs - cfg.sr_finetune_epochs + 1}")  # fmt: skip
     model.sr.requires_grad_(trains)  # the optimiser holds its parameters: without gradients they are not stepped
     return trains
+
+
+class MidEpochCheckpoint:
+    """Writes ``last.pt`` every ``minutes`` in the middle of an epoch (:meth:`RunFolder.write_position`; rank 0
+    only, never when ``minutes`` is 0), called by :func:`train_one_epoch` after each step; and times the epoch,
+    adding the seconds it had taken before a resume in its middle."""
+
+    def __init__(self, run: RunFolder, progress: Progress, position: EpochPosition, minutes: float, writes: bool):
+        self.run, self.progress, self.position = run, progress, position
+        self.every = minutes * 60 if writes and minutes > 0 else None
+        self.earlier = (position.seconds, position.cpu_seconds)
+        self.started = self.written = time.perf_counter()
+        self.cpu_started = time.process_time()
+
+    def elapsed(self) -> tuple[float, float]:
+        """(wall, CPU) seconds of the epoch so far, its part before a resume included."""
+        return (self.earlier[0] + time.perf_counter() - self.started,
+                self.earlier[1] + time.process_time() - self.cpu_started)  # fmt: skip
+
+    def __call__(self, step: int) -> None:
+        if self.every is None or time.perf_counter() - self.written < self.every:
+            return
+        self.position.seconds, self.position.cpu_seconds = self.elapsed()
+        self.run.write_position(self.progress, step, self.position)
+        self.written = time.perf_counter()
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -249,19 +277,24 @@ def train_one_epoch(
     val_accs: list[float] = (),
     process: Process | None = None,
     ema: AveragedModel | None = None,
+    position: EpochPosition | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the objective's batches; returns (mean loss, training accuracy, optimiser step).
 
     ``targets`` (one probability row per image) replace the hard labels in the loss when given (FER+ soft
     targets); accuracy is always against the hard labels. Under torchrun each rank steps on its share of
-    every global batch and the loss and accuracy are summed over all ranks.
+    every global batch and the loss and accuracy are summed over all ranks. ``position`` keeps how far the
+    epoch has got (a resumed one goes on from its ``done`` batches); ``after_step(step)`` runs after each
+    optimiser step (:class:`MidEpochCheckpoint`).
     """
     process = process or Process()
     model.train()
-    batches = objective.batches(labels)
+    position = position if position is not None else EpochPosition(0)
+    batches = epoch_batches(objective, labels, position)
     steps_per_epoch = len(images) // cfg.batch_size  # the lr schedule's unit, whatever the batch composition
-    total_loss = correct = seen = 0
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, mininterval=2, disable=not process.is_main)
+    bar = tqdm(batches[position.done :], desc=desc, leave=False, dynamic_ncols=True, mininterval=2,
+               initial=position.done, total=len(batches), disable=not process.is_main)  # fmt: skip
     for idx in bar:
         y = labels[idx]
         apply_lr(optimizer.param_groups, get_lr(cfg, step, steps_per_epoch, val_accs))
@@ -270,12 +303,31 @@ def train_one_epoch(
             ema.update_parameters(model.module if isinstance(model, DDP) else model)
         step += 1
         y = objective.context.shard(y)  # the faces this rank stepped on
-        total_loss += loss * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-    total_loss, correct, seen = all_reduce_sum([total_loss, correct, seen], process)
+        position.total_loss += loss * len(y)
+        position.correct += (logits.argmax(1) == y).sum().item()
+        position.seen += len(y)
+        position.done += 1
+        bar.set_postfix(loss=f"{position.total_loss / position.seen:.3f}",
+                        acc=f"{position.correct / position.seen:.3f}", refresh=False)  # fmt: skip
+        if after_step is not None:
+            after_step(step)
+    total_loss, correct, seen = all_reduce_sum([position.total_loss, position.correct, position.seen], process)
     return total_loss / seen, correct / seen, step
+
+
+def epoch_batches(objective: CrossEntropy, labels: torch.Tensor, position: EpochPosition) -> list[torch.Tensor]:
+    """The epoch's batches, drawn now (the generator's state before the draw kept in ``position``), or, for an
+    epoch resumed in its middle, the same batches drawn again from that state, the generator then set back to
+    the state it was saved in."""
+    generator = objective.generator
+    if position.batches_rng is None:
+        position.batches_rng = generator.get_state()
+        return objective.batches(labels)
+    saved = generator.get_state()
+    generator.set_state(position.batches_rng)
+    batches = objective.batches(labels)
+    generator.set_state(saved)
+    return batches
 
 
 def validate(objective: CrossEntropy, model: nn.Module, images, labels, process: Process) -> dict[str, float]:
