@@ -170,6 +170,13 @@ def test_without_checkpoint_minutes_last_pt_is_written_only_at_the_end_of_an_epo
     assert "epoch_position" not in torch.load(tmp_path / "run" / "last.pt", weights_only=False)
 
 
+@pytest.mark.parametrize("minutes", [-1.0, float("nan")])
+def test_a_negative_or_nan_checkpoint_interval_is_refused_before_training(tmp_path, tiny_npz, minutes):
+    with pytest.raises(ValueError, match="--checkpoint-minutes"):
+        train(_strong_cfg(tiny_npz, tmp_path / "run", checkpoint_minutes=minutes))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_distillation_with_zero_weight_is_cross_entropy():
     logits, targets = torch.randn(8, 7), torch.softmax(torch.randn(8, 7), 1)
     hard = F.cross_entropy(logits, torch.arange(8) % 7)

@@ -50,6 +50,9 @@ def check_supported(cfg: TrainConfig, objective: CrossEntropy, process: Process,
         if process.distributed:
             raise ValueError("--sr-finetune-epochs changes which parameters train during the run, which "
                              "DistributedDataParallel does not follow; train it in one process")  # fmt: skip
+    if not cfg.checkpoint_minutes >= 0:  # NaN too
+        raise ValueError(f"--checkpoint-minutes is how often last.pt is written inside an epoch: >= 0 minutes "
+                         f"(0: at the end of each epoch only), got {cfg.checkpoint_minutes}")  # fmt: skip
     if process.distributed and cfg.batch_size % process.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must divide evenly over "
                          f"{process.world_size} processes")  # fmt: skip
