@@ -2,8 +2,9 @@
 
 The session's providers are asked for in order (CUDA first by default) and the one that really
 runs is read back from the session: onnxruntime-gpu lists CUDA as available on machines where it
-cannot load, and then silently runs on CPU. Session options are chosen in :class:`SessionConfig`;
-sessions on CUDA run through IO binding (:func:`run_io_bound`).
+cannot load, and then silently runs on CPU; a provider that failed to load once is not asked for again in
+the same process (onnxruntime prints its loading errors each time it tries). Session options are chosen in
+:class:`SessionConfig`; sessions on CUDA run through IO binding (:func:`run_io_bound`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # + layout optimisations (NCHWc blocking on CPU)
 }
 IO_BINDING_DEVICES = {"CUDAExecutionProvider": "cuda"}  # providers whose sessions run through IO binding
+#: Providers onnxruntime offered but could not load in this process (see :func:`make_session`).
+_UNLOADABLE: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -88,13 +91,16 @@ def make_session(
     ``threads`` is the intra-op thread count (0 = onnxruntime's choice) or a whole :class:`SessionConfig`.
     """
     config = threads if isinstance(threads, SessionConfig) else SessionConfig(intra_op_threads=threads)
-    available = set(ort.get_available_providers())
+    available = set(ort.get_available_providers()) - _UNLOADABLE
     chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), sess_options=config.session_options(), providers=chosen)
     if chosen[0] != session.get_providers()[0]:
-        # onnxruntime-gpu offers CUDA wherever it is installed and falls back silently when it cannot load.
+        # onnxruntime-gpu offers CUDA wherever it is installed and falls back silently when it cannot load,
+        # printing its loading errors every time: try once per process, then ask for what does load.
+        _UNLOADABLE.add(chosen[0])
         log.warning("%s: %s was requested but could not load (driver, CUDA or cuDNN libraries missing); "
-                    "running on %s", Path(path).name, chosen[0], session.get_providers()[0])  # fmt: skip
+                    "running on %s, and every later session of this process too",
+                    Path(path).name, chosen[0], session.get_providers()[0])  # fmt: skip
     return session
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from mien import runtime
 from mien.runtime import OnnxClassifier, SessionConfig, make_session, run_io_bound
 from mien.service.config import Settings
 from mien.service.detectors.mtcnn import MtcnnDetector
@@ -31,6 +32,47 @@ def test_session_options_are_the_ones_asked_for():
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert options.enable_mem_pattern and options.enable_cpu_mem_arena
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_a_provider_that_does_not_load_is_tried_once_per_process(monkeypatch, caplog):
+    """onnxruntime-gpu offers CUDA where its libraries are missing, falls back to CPU and prints its loading
+    errors on every try: the first session tries and warns, later ones ask for CPU directly."""
+    asked = []
+
+    class FallingBack:  # an InferenceSession that cannot load CUDA, as on this CPU-only machine
+        def __init__(self, path, sess_options=None, providers=()):
+            asked.append(list(providers))
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(runtime, "_UNLOADABLE", set())
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FallingBack)
+    with caplog.at_level("WARNING", logger="mien.runtime"):
+        for _ in range(3):
+            assert make_session(MINI).get_providers() == ["CPUExecutionProvider"]
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"], *[["CPUExecutionProvider"]] * 2]
+    (warning,) = [r.getMessage() for r in caplog.records if "could not load" in r.getMessage()]
+    assert "CUDAExecutionProvider" in warning and "every later session" in warning
+
+
+def test_a_provider_that_loads_is_asked_for_every_time(monkeypatch):
+    asked = []
+
+    class Loading:
+        def __init__(self, path, sess_options=None, providers=()):
+            asked.append(list(providers))
+
+        def get_providers(self):
+            return asked[-1]
+
+    monkeypatch.setattr(runtime, "_UNLOADABLE", set())
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Loading)
+    for _ in range(2):
+        make_session(MINI)
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]] * 2 and not runtime._UNLOADABLE
 
 
 def test_a_thread_count_alone_still_works_and_means_intra_op_threads():
