@@ -10,7 +10,9 @@ the other, a model would look better (and a calibration fitted there would be mo
 for a reason that is not the model. Printed and written per split: the share of faces with an exact copy
 (same pixels) and with a near copy (cosine similarity of the mean-removed 16×16 thumbnails above
 ``--near``) among the fitting faces; and, per bundled model held out from the validation split (by its card),
-accuracy and mean top probability on the faces with and without a copy.
+accuracy and mean top probability on the faces with and without a copy, and how far accuracy falls from val to
+PublicTest (all faces, and the faces without a copy) with its 95% bootstrap interval, each split resampled on its
+own: whether the drop is more than two samples of these sizes differ by chance.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from mien.ensemble import load_classifier
 from mien.export.ensemble_search import not_held_out
+from mien.export.stats import independent_bootstrap_diff
 from mien.paths import DEFAULT_DATA
 from mien.training.data import CARVED_SPLIT, load_with_validation
 
@@ -67,6 +70,14 @@ def subset_scores(probs: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dic
     }
 
 
+def accuracy_drop(correct: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> dict:
+    """Val accuracy less PublicTest accuracy, in points, on the faces under each split's mask, with the 95%
+    bootstrap interval of that drop (the two splits are different faces: each is resampled on its own)."""
+    val, test = (correct[split][masks[split]] for split in SPLITS)
+    low, high = independent_bootstrap_diff(test, val)
+    return {"points": 100 * float(val.mean() - test.mean()), "ci95": [100 * low, 100 * high]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA)
@@ -90,18 +101,24 @@ def main() -> None:
         names.remove(name)
     for name in names:
         classifier = load_classifier(Path(args.model_dir) / f"{name}.onnx", threads=args.threads)
-        rows = {}
+        rows, correct = {}, {}
         for split in SPLITS:
             faces = data.images[data.split == split]
             truth = data.labels[data.split == split]
             probs = classifier.predict_crops(list(faces))
             near = masks[split]["near"]
+            correct[split] = probs.argmax(1) == truth
             rows[split] = {"all": subset_scores(probs, truth, np.ones_like(near)),
                            "near_copy": subset_scores(probs, truth, near),
                            "no_copy": subset_scores(probs, truth, ~near)}  # fmt: skip
             print(f"{name:<18} {split:<12} " + "  ".join(
                 f"{part} {100 * r['accuracy']:.1f}% (conf {100 * r['mean_confidence']:.1f}%)"
                 for part, r in rows[split].items() if r["faces"]))  # fmt: skip
+        for part, pick in (("all", lambda m: np.ones_like(m)), ("no_copy", lambda m: ~m)):
+            drop = accuracy_drop(correct, {split: pick(masks[split]["near"]) for split in SPLITS})
+            rows[f"drop_{part}"] = drop
+            print(f"{name:<18} val - public_test, {part}: {drop['points']:+.2f} points "
+                  f"[{drop['ci95'][0]:+.2f}, {drop['ci95'][1]:+.2f}]")  # fmt: skip
         result["models"][name] = rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

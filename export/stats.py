@@ -3,6 +3,8 @@
 * :func:`bootstrap_ci`: the percentile bootstrap interval of one model's accuracy.
 * :func:`paired_bootstrap_diff`: the interval of the accuracy difference of two models scored on the same
   faces (the faces are resampled together, so what both get right or wrong cancels).
+* :func:`independent_bootstrap_diff`: the interval of the accuracy difference of one model (or two) on two
+  different sets of faces (each set resampled on its own), e.g. a validation split against the test set.
 * :func:`mcnemar`: McNemar's test of two models on the same faces, from the faces where they disagree.
 * :func:`verdict`: "helps", "hurts" or "no measurable effect", from a difference and its p-value.
 
@@ -62,6 +64,19 @@ def paired_bootstrap_diff(
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, [b_only, a_only, max(0.0, 1.0 - b_only - a_only)], size=n_boot)
     return _percentiles((counts[:, 0] - counts[:, 1]) / n, confidence)
+
+
+def independent_bootstrap_diff(
+    a_correct, b_correct, n_boot: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of accuracy(b) − accuracy(a) on two different sets of faces, each resampled
+    on its own (no pairing: the sets may differ in size). Its half-width is about 1.96 · √(p(1−p)/n_a +
+    p(1−p)/n_b): two samples of a few thousand faces differ by a point or two by chance alone."""
+    a, b = _bools(a_correct, "a_correct"), _bools(b_correct, "b_correct")
+    rng = np.random.default_rng(seed)
+    acc_a = rng.binomial(len(a), a.mean(), size=n_boot) / len(a)
+    acc_b = rng.binomial(len(b), b.mean(), size=n_boot) / len(b)
+    return _percentiles(acc_b - acc_a, confidence)
 
 
 def mcnemar(a_correct, b_correct, exact: bool | None = None) -> dict:
