@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from mien.preprocess import to_model_input
 from mien.runtime import MODEL_ID_KEY, MODEL_VERSION_KEY, OnnxClassifier, make_session
 from mien.spec import PreprocessSpec
 from mien.training.checkpoint import load_model
-from mien.training.tencrop import NUM_VIEWS, ten_crop
+from mien.training.tencrop import FACE_SIZE, NUM_VIEWS, ten_crop
 
 log = logging.getLogger("mien.export")
 
@@ -127,6 +127,23 @@ def test_time_augmentation(cfg: ExportConfig) -> str:
     return "+".join(parts) or "none"
 
 
+def graph_spec(spec: PreprocessSpec, ten_crop_size: int = 0) -> PreprocessSpec:
+    """The preprocessing of the exported graph's input, from the network's. Ten-crop cuts its views out of a face
+    larger than them: a network whose input is larger than the crop (vgg_fer: 48×48, trained on 40×40 crops)
+    keeps its spec; one whose input is the crop itself (dcnn: 42×42 views of the 48×48 FER2013 face) gets the
+    face the views were cut from, 48×48, framed so that its central crop-sized part is the network's own framing
+    (the margin m of a crop-sized face → ((1 + 2m)·48/crop − 1)/2: dcnn's 0.025 → 0.1, FER2013's framing)."""
+    height, width = spec.input_size
+    if not ten_crop_size or ten_crop_size < min(height, width):
+        return spec
+    if (height, width) != (ten_crop_size, ten_crop_size) or ten_crop_size >= FACE_SIZE:
+        raise ValueError(f"--ten-crop {ten_crop_size}: the network's input is {height}×{width}; ten-crop needs a "
+                         f"crop smaller than it, or its own size when that is under the {FACE_SIZE}×{FACE_SIZE} face "
+                         "the views are cut from")  # fmt: skip
+    margin = ((1 + 2 * spec.crop_margin) * FACE_SIZE / ten_crop_size - 1) / 2
+    return replace(spec, input_size=(FACE_SIZE, FACE_SIZE), crop_margin=round(margin, 6))
+
+
 def with_test_time_augmentation(model: torch.nn.Module, tta: str) -> torch.nn.Module:
     """``model`` wrapped in the test-time augmentation named by ``tta`` (``test_time_augmentation``'s names)."""
     for part in tta.split("+"):
@@ -221,10 +238,11 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
     """Run the whole export; write the ONNX file and its card; return the parity verdict."""
     if cfg.parity_faces < 256:
         raise ValueError(f"--parity-faces must be at least 256 real faces, got {cfg.parity_faces}")
-    model, spec, ckpt = load_model(cfg.checkpoint)
+    model, network_spec, ckpt = load_model(cfg.checkpoint)
     model_id = cfg.model_id or ckpt["model_id"]
     tta = test_time_augmentation(cfg)
     model = with_test_time_augmentation(model, tta)
+    spec = graph_spec(network_spec, cfg.ten_crop)  # what the file's input is: the network's, or the face ten-crop cuts
     out = Path(cfg.out or f"models/{model_id}.onnx")
 
     trained = ckpt.get("train_config", {})  # a FER+ model is scored on the FER+ labels it learnt
@@ -248,7 +266,7 @@ def export_checkpoint(cfg: ExportConfig) -> ParityResult:
     report = score_faces(OnnxClassifier.from_path(out, providers=("CPUExecutionProvider",)), faces)
     macs = count_macs(model, torch.from_numpy(real[:1]))
     card = model_card(cfg, out, ckpt, spec, version, sum(p.numel() for p in model.parameters()), macs, parity, report,
-                      model_id)  # fmt: skip
+                      model_id, network_spec)  # fmt: skip
     write_card(card_path(out), card)
     log.info("%s accuracy of the ONNX file: %.4f; card %s", cfg.split, report["accuracy"], card_path(out))
     return parity
@@ -265,8 +283,11 @@ def model_card(
     parity: Parity,
     report: dict,
     model_id: str | None = None,
+    network_spec: PreprocessSpec | None = None,
 ) -> Card:
-    """The card of an exported file: its identity, what it was scored and selected on, how it was trained."""
+    """The card of an exported file: its identity, what it was scored and selected on, how it was trained.
+    ``network_spec``: the network's own input, recorded when the graph's differs (ten-crop around a network whose
+    input is the crop: :func:`graph_spec`), so the network can be rebuilt from the file (`mien recover`)."""
     label_source = ckpt.get("train_config", {}).get("label_source", "fer2013")
     history = ckpt.get("history", [])
     return Card(
@@ -318,6 +339,7 @@ def model_card(
             "flip_tta": cfg.flip_tta,
             **({"ten_crop": cfg.ten_crop} if cfg.ten_crop else {}),
             **({"shift_tta": cfg.shift_tta, "shift_pattern": cfg.shift_pattern} if cfg.shift_tta else {}),
+            **({"network_spec": network_spec.to_dict()} if network_spec is not None and network_spec != spec else {}),
             **toolchain(),
         },  # fmt: skip
     )

@@ -157,10 +157,12 @@ def recover_checkpoint(onnx_path: str | Path, data: str | Path, split: str = "va
     config = (card.get("training") or {}).get("config")
     if not config:
         raise RecoveryError(f"{card_path(onnx_path)}: no training config to rebuild the network from")
-    spec = PreprocessSpec.from_dict(card["spec"])
+    spec = PreprocessSpec.from_dict(card["spec"])  # the file's input
+    # the network's own input: the file's, unless ten-crop cuts the network's input out of it (onnx_export.graph_spec)
+    network_spec = (card.get("export") or {}).get("network_spec", card["spec"])
     network = create_model(config["model"], **config.get("model_kwargs", {}))
     proto = onnx.load(onnx_path)
-    example = torch.zeros(1, spec.channels, *spec.input_size)
+    example = torch.zeros(1, spec.channels, *PreprocessSpec.from_dict(network_spec).input_size)
     network.load_state_dict(rebuild_state_dict(network, proto, example))
     served = as_served(network, config).eval()
     tta = {p.key: p.value for p in proto.metadata_props}.get("mien.test_time_augmentation", "none")
@@ -174,7 +176,7 @@ def recover_checkpoint(onnx_path: str | Path, data: str | Path, split: str = "va
     ckpt = {
         "model_id": config["model"],
         "model_kwargs": config.get("model_kwargs", {}),
-        "spec": card["spec"],
+        "spec": network_spec,
         "state_dict": network.state_dict(),
         "train_config": config,
         # the run's record as the card kept it, so a file exported again from here says how its weights were trained

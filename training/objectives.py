@@ -40,7 +40,7 @@ from mien.training.layers import EDSR, SpatialTransformer
 from mien.training.layers.stn import affine_stats, has_spatial_transformer, identity_penalty, recorded_thetas
 from mien.training.losses import batch_hard_triplet_loss
 from mien.training.occlusion import random_occlusion
-from mien.training.tencrop import random_ten_crop, ten_crop_logits
+from mien.training.tencrop import FACE_SIZE, random_ten_crop, ten_crop_logits
 from mien.training.transforms import build_transforms, mix_batch
 
 
@@ -317,7 +317,8 @@ class TenCropObjective(CrossEntropy):
     best.pt is selected on the figure that is served; ``val_acc_tencrop`` averages the logits of the
     ten views, the paper's test protocol, which a one-view ONNX graph does not run. A gap between the
     two is the price of serving one view (the crops are at the face's native scale, the resize shrinks
-    it by 42/48); export may close it by putting ten-crop into the graph — the lead's call.
+    it by 42/48); ``mien export --ten-crop 42`` closes it by putting the ten views into the graph, which then
+    takes the 48×48 face and scores ``val_acc_tencrop`` (the bundled dcnn, scripts/train_plan.sh).
     """
 
     name = "ten_crop"
@@ -329,7 +330,7 @@ class TenCropObjective(CrossEntropy):
     def __init__(self, cfg, spec: PreprocessSpec, model: nn.Module, generator: torch.Generator) -> None:
         super().__init__(cfg, spec, model, generator)
         self.crop = spec.input_size[0]
-        full = replace(spec, input_size=(48, 48))  # the FER2013 face the crops are cut from
+        full = replace(spec, input_size=(FACE_SIZE, FACE_SIZE))  # the FER2013 face the crops are cut from
         self.train_tf = build_transforms(full, train=True, augment=cfg.augment, generator=generator)
         self.full_tf = build_transforms(full, train=False)
 

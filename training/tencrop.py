@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 
 NUM_VIEWS = 10
+#: The side of the FER2013 face the views are cut from, for a network whose input is the crop (dcnn: 42×42).
+FACE_SIZE = 48
 
 
 def _nchw(images: torch.Tensor) -> torch.Tensor:
