@@ -24,7 +24,9 @@ MODELS=${MIEN_MODELS:-$REPO/models}  # where the cards of exported runs are (the
 # arms' recipes name, so a lost run folder costs no second pre-training) first, then the second seed of Base and
 # +STN (two 1-hour runs that finish inside one session), then the ablation's two SR arms (across sessions), then issue
 # 14's runs (FER+ ≈ 5 h; the two teachers' checkpoints rebuilt from the bundled files by `mien recover`, then the
-# born-again vgg_fer ≈ 8 h and the second distillation into mini_xception ≈ 5.8 h), then issue 17's seed models.
+# born-again vgg_fer ≈ 8 h and the second distillation into mini_xception ≈ 5.8 h), then issue 17's seed models, each
+# exported over its bundled id as it finishes (dcnn with its ten-crop averaging in the graph; its 5-class variant,
+# not served, to models/variants/), so a machine lost after a run costs nothing of it.
 STEPS=(sr_pretrain sr_eval sr_export ablation_base_seed1 ablation_stn_seed1 ablation_sr ablation_stn_sr vgg_fer_ferplus
     teachers vgg_fer_ba mini_xception_fm
     converged_row_lstm converged_se_sepconv converged_dcnn converged_dcnn5 converged_stn_resnet10_triplet
@@ -55,10 +57,13 @@ train() {  # train <recipe stem> [more mien train options]: the recipe of config
 
 TEACHERS=$RUNS/vgg_fer/best.pt,$RUNS/vgg_fer_seed1/best.pt  # the two seeds, as the distillation recipes name them
 
-publish() {  # publish <run> <model id> [labels]: export over the bundled id with flip averaging, score val on the labels
-    # it learnt (fer2013, or ferplus for a FER+ model), calibrate (on the labels its card names), sync its recipe
+publish() {  # publish <run> <model id> [labels [export options]]: export over the bundled id (with flip averaging
+    # unless other test-time options are given), score val on the labels it learnt (fer2013, or ferplus for a FER+
+    # model), calibrate (on the labels its card names), sync its recipe
     local run=$1 id=$2 labels=${3:-fer2013}
-    mien export "$RUNS/$run/best.pt" --out "models/$id.onnx" --data "$DATA" --split public_test --flip-tta --model-id "$id"
+    shift $(($# < 3 ? $# : 3))
+    [ $# -gt 0 ] || set -- --flip-tta
+    mien export "$RUNS/$run/best.pt" --out "models/$id.onnx" --data "$DATA" --split public_test "$@" --model-id "$id"
     mien eval "models/$id.onnx" --data "$DATA" --split val --label-source "$labels" --out "$RUNS/$run/eval-val"
     mien calibrate "models/$id.onnx" --data "$DATA" --method top-label --fit-split val --test-split public_test
     mien recipe sync "models/$id.card.json"
@@ -71,6 +76,16 @@ score_seed() {  # score_seed <run> <id>: a further seed, not served: exported to
         --model-id "$id"
     mien eval "models/seeds/$id.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
     mien eval "models/seeds/$id.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
+}
+
+score_variant() {  # score_variant <run> <id> [export options]: a variant on other labels, not served (dcnn's 5 classes):
+    # exported to models/variants/ with its card, scored on val and PublicTest (on the classes it has)
+    local run=$1 id=$2
+    shift 2
+    mien export "$RUNS/$run/best.pt" --out "models/variants/$id.onnx" --data "$DATA" --split public_test "$@" \
+        --model-id "$id"
+    mien eval "models/variants/$id.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
+    mien eval "models/variants/$id.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
 }
 
 progress() {  # progress <step>: "  (n/N epochs, ≈ h left at s an epoch)" for a run under way, else nothing; the
@@ -99,7 +114,7 @@ exported() {  # exported <step>: the card in the repository that the step's run 
 import json, sys
 from pathlib import Path
 step, models = sys.argv[1], Path(sys.argv[2])
-for card in sorted([*models.glob("*.card.json"), *models.glob("seeds/*.card.json")]):
+for card in sorted(card for folder in ("", "seeds/", "variants/") for card in models.glob(f"{folder}*.card.json")):
     try:
         words = json.loads(card.read_text()).get("training", {}).get("command", "").split()
     except (OSError, ValueError):
@@ -144,7 +159,15 @@ sys.exit(0 if m["ci95"][0] > 0 else f"SR does not beat bicubic on val: {m}")' "$
             --out "$RUNS/$1/sr.public_test.eval.json" ;;
     ablation_base_seed1) train "$1" && score_seed "$1" base_cnn_seed1 ;;
     ablation_stn_seed1) train "$1" && score_seed "$1" stn_cnn_seed1 ;;
-    converged_*) train "$1" ;;
+    converged_dcnn)  # the seed paper's test protocol: the logits of the ten 42×42 views averaged inside the graph
+        train "$1"
+        publish "$1" dcnn fer2013 --ten-crop 42 ;;
+    converged_dcnn5)
+        train "$1"
+        score_variant "$1" dcnn5 --ten-crop 42 ;;
+    converged_*)  # exported over the bundled seed model (converged_<id>), scored on val, calibrated
+        train "$1"
+        publish "$1" "${1#converged_}" ;;
     vgg_fer_ferplus)  # issue 14's FER+ network, bundled as its own 8-label id (contempt included)
         train vgg_fer_ferplus
         publish vgg_fer_ferplus vgg_ferplus ferplus ;;

@@ -220,3 +220,34 @@ def test_the_teachers_are_rebuilt_once_then_both_distillations_learn_from_them(p
     for call, recipe in zip(recorded[1:], ("vgg_fer_ba", "mini_xception_fm"), strict=True):
         assert call == f"train --config configs/experiments/{recipe}.toml {data} --out {runs}/{recipe} {teachers}"
     assert len(recorded) == 3
+
+
+def test_the_seed_models_are_published_over_their_bundled_ids_dcnn_with_ten_crop_averaging(plan, tmp_path):
+    """Issue 17's converged seed models replace the budget-trained bundled ones as each finishes (a lost machine then
+    costs nothing of a finished run); dcnn keeps the seed paper's ten-crop test protocol inside its graph; the 5-class
+    variant is scored, not served."""
+    run, calls, runs = plan
+    seed_models = [s for s in steps() if s.startswith("converged_")]
+    assert run(*seed_models).returncode == 0
+    exports = {c.split()[c.split().index("--model-id") + 1]: c.split() for c in calls() if c.startswith("export")}
+    assert sorted(exports) == ["dcnn", "dcnn5", "row_lstm", "se_sepconv", "sgan", "stn_resnet10_triplet"]
+    for model_id, export in exports.items():
+        run_folder = "converged_dcnn5" if model_id == "dcnn5" else f"converged_{model_id}"
+        assert export[1] == f"{runs}/{run_folder}/best.pt", model_id
+        if model_id.startswith("dcnn"):
+            assert export[export.index("--ten-crop") + 1] == "42" and "--flip-tta" not in export
+        else:
+            assert "--flip-tta" in export and "--ten-crop" not in export
+    assert "models/dcnn.onnx" in exports["dcnn"] and "models/variants/dcnn5.onnx" in exports["dcnn5"]
+    recorded = calls()
+    assert any(c.startswith("calibrate models/dcnn.onnx") for c in recorded)
+    assert not any(c.startswith("calibrate models/variants") for c in recorded)
+    assert [c.split()[:2] for c in recorded if "variants/dcnn5.onnx" in c and c.startswith("eval")] == [
+        ["eval", "models/variants/dcnn5.onnx"]] * 2  # fmt: skip
+    # committed, a variant's card marks its step done like a bundled model's
+    _card(tmp_path / "models" / "variants" / "dcnn5.card.json", "/root/mien-runs/converged_dcnn5")
+    for step in seed_models:
+        (runs / f"{step}.done").unlink()
+    listed = run("--list").stdout.splitlines()
+    assert f"done  converged_dcnn5  (its exported card is in {tmp_path / 'models'})" in listed
+    assert "todo  converged_dcnn" in listed
