@@ -264,6 +264,9 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
                    help="the model the service serves by default: its reliability diagram is shown")  # fmt: skip
     p.add_argument("--seed-dir", default=None,
                    help="further seeds of the ablation arms, put beside them (default: MODEL_DIR/seeds)")  # fmt: skip
+    p.add_argument("--variant-dir", default=None,
+                   help="models trained on a subset of the classes, in a table of their own "
+                   "(default: MODEL_DIR/variants)")  # fmt: skip
     p.add_argument("--readme", default="README.md",
                    help="the README whose tables between '<!-- mien results: NAME -->' markers are rewritten "
                    "('' for none)")  # fmt: skip
@@ -276,7 +279,8 @@ def _run_results(args: argparse.Namespace) -> int:
     cfg = ResultsConfig(model_dir=args.model_dir, data=args.data, split=args.split, out=args.out,
                         figures=args.figures, threads=args.threads, repeats=args.repeats,
                         reference=args.reference, default_model=args.default_model,
-                        seed_dir=args.seed_dir, readme=args.readme or None)  # fmt: skip
+                        seed_dir=args.seed_dir, variant_dir=args.variant_dir,
+                        readme=args.readme or None)  # fmt: skip
     rows = write_results(cfg, "mien " + shlex.join(sys.argv[1:]))
     for row in sorted(rows, key=lambda r: -r["accuracy"]):
         print(f"{row['model_id']:24s} accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "

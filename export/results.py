@@ -11,7 +11,9 @@ read from the ONNX graph, with the mean scale and rotation it learnt), and a t-S
 embeddings. Also the STN/SR ablation in the form of the paper's Table 2, with a bootstrap interval of each
 arm's accuracy and McNemar's test of each arm against Base on the same faces, each arm again for every further
 seed of it in ``models/seeds/`` (files measured, never served), and the SR front end against bicubic upsampling
-(compared and rendered by :mod:`mien.export.ablation`), and the targets of the issue next to the measured figures.
+(compared and rendered by :mod:`mien.export.ablation`), the variants in ``models/variants/`` trained on a subset of
+the classes (dcnn's 5-class setup; measured on the faces of their classes, never served), and the targets of the
+issue next to the measured figures.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class ResultsConfig:
     # further seeds of the ablation's arms (`<arm>_seed<N>.onnx` with cards): in the ablation's table, not served;
     # None: the folder `seeds` in model_dir
     seed_dir: str | None = None
+    # models trained on a subset of the classes (``models/variants/*.onnx`` with cards): measured on the faces of their
+    # classes, in a table of their own, never served; None: the folder `variants` in model_dir
+    variant_dir: str | None = None
     # the README whose generated tables (between `<!-- mien results: NAME -->` markers) are rewritten; None: none
     readme: str | None = None
 
@@ -208,6 +213,42 @@ def measure_seeds(cfg: ResultsConfig) -> list[dict]:
     return rows
 
 
+def measure_variants(cfg: ResultsConfig) -> list[dict]:
+    """One row per ONNX file in ``cfg.variant_dir`` (none when it is absent): a model trained on a subset of the
+    classes, scored on the split's faces of those classes (:func:`score_classifier` leaves the others out), with
+    its accuracy interval and the card's training figures."""
+    rows = []
+    for path in sorted(Path(cfg.variant_dir or Path(cfg.model_dir) / "variants").glob("*.onnx")):
+        classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.score_threads)
+        card = card_figures(_card(path))
+        report, _, correct = _scored(classifier, cfg)
+        rows.append({"model_id": classifier.model_id, "file": path.name, "labels": list(report["labels"]),
+                     "num_images": report["num_images"], "accuracy": report["accuracy"],
+                     "macro_f1": report["macro_f1"], "ece": report["calibration"]["ece"],
+                     "accuracy_ci95": list(bootstrap_ci(correct, confidence=1 - ALPHA, seed=cfg.seed)),
+                     "epochs": card["epochs"], "train_command": card["train_command"]})  # fmt: skip
+        log.info("%s (variant on %s): accuracy %.4f", rows[-1]["model_id"], ", ".join(rows[-1]["labels"]),
+                 report["accuracy"])  # fmt: skip
+    return rows
+
+
+def _variants(variants: list[dict], split: str) -> list[str]:
+    """The table of the variants trained on a subset of the classes; nothing when there are none."""
+    if not variants:
+        return []
+    lines = ["", f"## Variants on a subset of the classes ({split}, not served)", "",
+             "Each is scored on the faces of its own classes only (a 5-class model is not comparable with the "
+             "7-class figures above: fewer and easier choices), with a 95% bootstrap interval.",
+             "", "| model | classes | faces | accuracy % [95% CI] | macro-F1 % | ECE % | epochs | trained by |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for v in variants:
+        low, high = v["accuracy_ci95"]
+        lines.append(f"| `{v['model_id']}` | {', '.join(v['labels'])} | {v['num_images']:,} | {pct(v['accuracy'])} "
+                     f"[{pct(low)}, {pct(high)}] | {pct(v['macro_f1'])} | {pct(v['ece'])} | {v['epochs'] or ''} "
+                     f"| `{v['train_command'] or 'see its card'}` |")  # fmt: skip
+    return lines
+
+
 def _scored(classifier, cfg: ResultsConfig):
     """``score_classifier``'s report and faces on ``cfg.split``, and which faces it got right (what the report's
     accuracy counts), from one pass of the model."""
@@ -287,14 +328,18 @@ def machine() -> str:
     return f"{describe_cpu()}, onnxruntime {ort.__version__} CPU provider, Python {python}"
 
 
-def render(rows: list[dict], cfg: ResultsConfig, command: str, seeds: list[dict] = ()) -> str:
-    """docs/results.md from the measured rows (and the rows of the ablation arms' further seeds)."""
+def render(
+    rows: list[dict], cfg: ResultsConfig, command: str, seeds: list[dict] = (), variants: list[dict] = ()
+) -> str:
+    """docs/results.md from the measured rows (and the rows of the ablation arms' further seeds and of the variants
+    on a subset of the classes)."""
     figures_rel = Path(os.path.relpath(cfg.figures, Path(cfg.out).parent)).as_posix()
     by_id = {r["model_id"]: r for r in rows}
     lines = _summary(rows, cfg, command)
     lines += ["", f"![accuracy against speed]({figures_rel}/{SPEED_FIGURE})"]
     lines += _per_class(rows, cfg.split)
     lines += _other_labels(rows, cfg.split)
+    lines += _variants(list(variants), cfg.split)
     lines += _calibration(rows, cfg, figures_rel)
     if all(m in by_id for m in ABLATION_ROWS):
         lines += ablation_table(by_id, cfg.split)
@@ -500,15 +545,15 @@ def write_results(cfg: ResultsConfig, command: str = "mien results") -> list[dic
     rows = measure(cfg)
     if not rows:
         raise FileNotFoundError(f"no .onnx or {ENSEMBLE_SUFFIX} file in {cfg.model_dir}")
-    seeds = measure_seeds(cfg)
+    seeds, variants = measure_seeds(cfg), measure_variants(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     reference = Path(cfg.reference) if cfg.reference else None
     reference_figures = json.loads(reference.read_text()) if reference and reference.is_file() else None
     plotted = headline_reference(reference_figures, rows[0]["num_images"]) if reference_figures else None
     plot_speed_accuracy(rows, Path(cfg.figures) / SPEED_FIGURE, cfg.split, plotted)
-    out.write_text(render(rows, cfg, command, seeds))
-    for name, measured in (("results.json", rows), ("seeds.json", seeds)):
+    out.write_text(render(rows, cfg, command, seeds, variants))
+    for name, measured in (("results.json", rows), ("seeds.json", seeds), ("variants.json", variants)):
         if measured:
             saved = [{k: v for k, v in r.items() if k not in IN_MEMORY} for r in measured]
             (Path(cfg.figures) / name).write_text(json.dumps(saved, indent=1) + "\n")

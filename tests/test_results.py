@@ -21,6 +21,7 @@ from mien.training.models import create_model, default_spec
 from tests.conftest import CPU
 
 TRIPLET_KWARGS = {"num_classes": 7, "widths": [8, 16, 16, 32]}
+FIVE = ("angry", "sad", "happy", "fear", "neutral")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,13 @@ def results(model_dir, tiny_npz, tmp_path_factory) -> tuple[Path, list[dict], st
     export_checkpoint(ExportConfig(checkpoint=str(root / "triplet.pt"), out=str(folder / "stn_resnet10_triplet.onnx"),
                                    data=str(tiny_npz), parity_faces=256))  # fmt: skip
     write_ensemble(["mini_xception", "stn_resnet10_triplet"], folder, data=str(tiny_npz))
+    # a variant on five of the classes (dcnn's 5-class setup), in models/variants/: measured, never served
+    five = create_model("mini_xception", num_classes=len(FIVE))
+    torch.save({"model_id": "mini_xception", "model_kwargs": {"num_classes": 5},
+                "spec": default_spec("mini_xception", FIVE).to_dict(),
+                "state_dict": five.state_dict()}, root / "five.pt")  # fmt: skip
+    export_checkpoint(ExportConfig(checkpoint=str(root / "five.pt"), out=str(folder / "variants" / "five.onnx"),
+                                   data=str(tiny_npz), split="train", parity_faces=256, model_id="five"))  # fmt: skip
     cfg = ResultsConfig(model_dir=str(folder), data=str(tiny_npz), out=str(root / "docs" / "results.md"),
                         figures=str(root / "docs" / "figures" / "results"), repeats=3, tsne_faces=120)  # fmt: skip
     rows = write_results(cfg)
@@ -62,6 +70,19 @@ def test_a_row_per_servable_model_with_the_evaluated_accuracy(results, tiny_npz,
     assert by_id["ensemble"]["members"] == ["mini_xception", "stn_resnet10_triplet"]
     saved = json.loads((root / "docs" / "figures" / "results" / "results.json").read_text())
     assert [r["model_id"] for r in saved] == [r["model_id"] for r in rows]
+
+
+def test_a_variant_on_a_subset_of_the_classes_is_scored_on_its_faces_in_a_table_of_its_own(results, tiny_npz, tmp_path):
+    root, rows, text = results
+    assert "five" not in {r["model_id"] for r in rows}  # never among the served models' rows
+    (variant,) = json.loads((root / "docs" / "figures" / "results" / "variants.json").read_text())
+    report = evaluate_path(str(root / "models" / "variants" / "five.onnx"), str(tiny_npz), "public_test", str(tmp_path))
+    assert variant["labels"] == list(FIVE) and variant["num_images"] == report["num_images"] == 5 * 40
+    assert variant["accuracy"] == pytest.approx(report["accuracy"])
+    low, high = variant["accuracy_ci95"]
+    assert low <= variant["accuracy"] <= high
+    assert "## Variants on a subset of the classes (public_test, not served)" in text
+    assert f"| `five` | {', '.join(FIVE)} | 200 | {100 * variant['accuracy']:.2f} [" in text
 
 
 def test_the_markdown_has_the_table_targets_and_figure_links(results):
