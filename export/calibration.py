@@ -172,7 +172,13 @@ def ece_consistency(probs: np.ndarray, ece: float | None = None, bins: int = BIN
     }
 
 
-def fit_temperature(probs: np.ndarray, truth: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+#: The temperatures a fit may give, for the one temperature and for the per-face one of the entropy methods.
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+#: The most |slope| or |curve| the entropy methods may fit (the bundled models': 0.05 to 2.0).
+SHAPE_BOUND = 20.0
+
+
+def fit_temperature(probs: np.ndarray, truth: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The temperature minimising the NLL of :func:`rescale` on (held-out) ``probs`` and their ``truth``.
 
     One parameter, a smooth and (in log T) well-behaved objective: a bounded scalar search on log T.
@@ -216,17 +222,34 @@ def fit_calibration(probs: np.ndarray, truth: np.ndarray, method: str = "top-lab
 
 
 def _refine(probs: np.ndarray, truth: np.ndarray, objective, start: np.ndarray) -> tuple[float, float, float]:
-    """Nelder-Mead on (log T, slope[, curve]) from ``start``; ``start`` itself unless the search beats it."""
+    """Nelder-Mead on (log T, slope[, curve]) from ``start``, inside :data:`TEMPERATURE_BOUNDS` and
+    :data:`SHAPE_BOUND`; ``start`` itself unless the search beats it with a per-face temperature
+    T·e^(slope·h + curve·h²) inside the bounds at every entropy h. Where the faces cannot tell the parameters apart
+    (all of them near one entropy: only T·e^(slope·h + curve·h²) at that h matters), an unbounded search drifts off
+    to T ≈ 0 with a huge slope."""
     from scipy.optimize import minimize
 
     def loss(x: np.ndarray) -> float:
         shape = (*x[1:], 0.0, 0.0)[:2]
         return objective(rescale(probs, float(np.exp(x[0])), float(shape[0]), float(shape[1])), truth)
 
-    found = minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-9, "maxiter": 4000})
-    best = found.x if found.fun < loss(start) else start
+    low, high = np.log(TEMPERATURE_BOUNDS)
+    bounds = [(low, high)] + [(-SHAPE_BOUND, SHAPE_BOUND)] * (len(start) - 1)
+    start = np.clip(start, [b[0] for b in bounds], [b[1] for b in bounds])
+    found = minimize(loss, start, method="Nelder-Mead", bounds=bounds,
+                     options={"xatol": 1e-5, "fatol": 1e-9, "maxiter": 4000})  # fmt: skip
+    best = found.x if found.fun < loss(start) and _within_bounds(found.x) else start
     slope, curve = (*best[1:], 0.0, 0.0)[:2]
     return float(np.exp(best[0])), float(slope), float(curve)
+
+
+def _within_bounds(x: np.ndarray) -> bool:
+    """Whether (log T, slope[, curve]) keeps the per-face temperature in :data:`TEMPERATURE_BOUNDS` for h in [0, 1]."""
+    h = np.linspace(0.0, 1.0, 101)
+    slope, curve = (*x[1:], 0.0, 0.0)[:2]
+    log_t = x[0] + slope * h + curve * h * h
+    low, high = np.log(TEMPERATURE_BOUNDS)
+    return bool(np.all(np.isfinite(log_t)) and log_t.min() >= low - 1e-9 and log_t.max() <= high + 1e-9)
 
 
 def plot_reliability(report: dict, path: str | Path, title: str) -> None:

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from mien.export.calibration import (
+    TEMPERATURE_BOUNDS,
     brier_score,
     calibration_report,
     coverage_curve,
     ece_consistency,
     expected_calibration_error,
+    fit_calibration,
     fit_temperature,
     negative_log_likelihood,
     plot_coverage,
@@ -83,6 +85,23 @@ def test_the_temperature_fit_recovers_the_known_temperature(scale):
     assert expected_calibration_error(fixed, truth) < expected_calibration_error(probs, truth)
     assert expected_calibration_error(fixed, truth) < 0.02
     assert negative_log_likelihood(fixed, truth) < negative_log_likelihood(probs, truth)
+
+
+@pytest.mark.parametrize("method", ["entropy", "top-label"])
+def test_a_fit_on_faces_of_one_entropy_stays_inside_its_bounds(method):
+    """An untrained network answers every face almost uniformly: every face has entropy ≈ 1, so only the per-face
+    temperature at h = 1 is determined, and an unbounded search drifted to T ≈ 1e-312 with slope 247 (which
+    `mien calibrate` then refused). The fit keeps the per-face temperature inside the bounds at every entropy."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 0.05, (28, 7))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    truth = rng.integers(0, 7, 28)
+    temperature, slope, curve = fit_calibration(probs, truth, method)
+    h = np.linspace(0, 1, 11)
+    per_face = temperature * np.exp(slope * h + curve * h * h)
+    low, high = TEMPERATURE_BOUNDS
+    assert np.all((per_face >= low * (1 - 1e-6)) & (per_face <= high * (1 + 1e-6))), (temperature, slope, curve)
+    assert np.isfinite(rescale(probs, temperature, slope, curve)).all()
 
 
 def test_rescaling_never_changes_the_argmax_and_keeps_probabilities():
