@@ -7,7 +7,8 @@
 #   scripts/train_plan.sh --list                                      # the steps and which are done
 #
 # Each step resumes from its run folder (`mien train` and `mien pretrain-sr` continue from last.pt) and, once it
-# has finished, leaves <step>.done in the runs folder and is skipped from then on. Runs live outside the checkout
+# has finished, leaves <step>.done in the runs folder and is skipped from then on (a step that exports a model into
+# the checkout: while the exported card is there, committed or not). Runs live outside the checkout
 # (MIEN_RUNS, default ~/mien-runs); the code they run is a snapshot of the checkout's HEAD taken when the plan
 # starts (runs folder, src-<commit>), so editing the checkout never changes a run under way. Steps that export a
 # bundled model write models/ and configs/ in this checkout and leave them for review and a commit.
@@ -127,8 +128,16 @@ PY
 
 SR_FRONT_END=models/frontends/edsr_x2.onnx  # the exported EDSR the SR arms' recipes name (sr_init)
 
+PUBLISHING=" ablation_base_seed1 ablation_stn_seed1 ablation_sr ablation_stn_sr vgg_fer_ferplus "  # and converged_*
+
 finished() {  # finished <step>: its .done mark, or its product in the repository (SR pre-training: the exported
-    # front end's card, or both SR arms')
+    # front end's card, or both SR arms'). A step that exports into the checkout is done only while its card is
+    # there: its .done mark without the card (a work tree laid anew before the export was committed) exports again,
+    # from the finished run (which resumes at its end), instead of leaving the bundled model as it was.
+    if [[ $PUBLISHING == *" $1 "* || $1 == converged_* ]]; then
+        [ -n "$(exported "$1")" ]
+        return
+    fi
     [ -e "$RUNS/$1.done" ] && return 0
     case $1 in
     sr_pretrain | sr_eval | sr_export)

@@ -15,8 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "scripts" / "train_plan.sh"
 
-# Records `python -m mien.cli ARGS` as one line; writes what sr-eval would (its margin from SR_MARGIN); fails the
-# step named in FAIL_STEP; runs `python -c` (the plan's own checks) with the real interpreter.
+# Records `python -m mien.cli ARGS` as one line; writes what sr-eval would (its margin from SR_MARGIN) and the card an
+# export into models/ would (in MIEN_MODELS, naming the run folder it came from); fails the step named in FAIL_ON;
+# runs `python -c` (the plan's own checks) with the real interpreter.
 STAND_IN = f"""#!{sys.executable}
 import json, os, sys
 from pathlib import Path
@@ -27,6 +28,12 @@ with open(os.environ["PLAN_LOG"], "a") as log:
     log.write(" ".join(args) + "\\n")
 if os.environ.get("FAIL_ON") and os.environ["FAIL_ON"] in " ".join(args):
     sys.exit(1)
+if args[0] == "export" and args[args.index("--out") + 1].startswith("models/"):  # the card mien export writes
+    card = Path(os.environ["MIEN_MODELS"]) / args[args.index("--out") + 1].removeprefix("models/")
+    card = card.with_name(card.name.removesuffix(".onnx") + ".card.json")
+    card.parent.mkdir(parents=True, exist_ok=True)
+    command = "mien train --config x.toml --out " + str(Path(args[1]).parent)
+    card.write_text(json.dumps({{"model_id": card.name.split(".")[0], "training": {{"command": command}}}}))
 if args[0] == "sr-eval" and "--out" in args:
     margin = float(os.environ.get("SR_MARGIN", "1.0"))
     out = Path(args[args.index("--out") + 1])
@@ -137,7 +144,7 @@ def test_an_exported_sr_front_end_in_the_repository_spares_the_pre_training(plan
         text = (ROOT / "configs" / "experiments" / f"{recipe}.toml").read_text()
         assert 'sr_init = "models/frontends/edsr_x2.onnx"' in text, recipe
     card = tmp_path / "models" / "frontends" / "edsr_x2.card.json"
-    card.parent.mkdir(parents=True)
+    assert card.is_file()  # the export wrote it (the stand-in writes what mien export would)
     card.write_text(json.dumps({"model_id": "edsr_x2", "kind": "sr_front_end"}))
     for step in ("sr_pretrain", "sr_eval", "sr_export"):
         (runs / f"{step}.done").unlink(missing_ok=True)
@@ -244,10 +251,28 @@ def test_the_seed_models_are_published_over_their_bundled_ids_dcnn_with_ten_crop
     assert not any(c.startswith("calibrate models/variants") for c in recorded)
     assert [c.split()[:2] for c in recorded if "variants/dcnn5.onnx" in c and c.startswith("eval")] == [
         ["eval", "models/variants/dcnn5.onnx"]] * 2  # fmt: skip
-    # committed, a variant's card marks its step done like a bundled model's
-    _card(tmp_path / "models" / "variants" / "dcnn5.card.json", "/root/mien-runs/converged_dcnn5")
+    # the cards mark the steps done, a variant's like a bundled model's, with or without the .done marks
     for step in seed_models:
         (runs / f"{step}.done").unlink()
     listed = run("--list").stdout.splitlines()
     assert f"done  converged_dcnn5  (its exported card is in {tmp_path / 'models'})" in listed
-    assert "todo  converged_dcnn" in listed
+
+
+def test_a_done_step_whose_exported_card_is_gone_exports_again(plan, tmp_path):
+    """A work tree laid anew before the export was committed keeps the run folder and its .done mark but not the
+    card: the step runs again (the finished run resumes at its end) and exports again, instead of counting as done
+    while the bundled model stays the old one."""
+    run, calls, runs = plan
+    assert run("ablation_sr").returncode == 0 and (runs / "ablation_sr.done").is_file()
+    listed = run("--list").stdout.splitlines()
+    assert "done  ablation_sr" in listed
+    (tmp_path / "models" / "sr_cnn.card.json").unlink()
+    assert "todo  ablation_sr" in run("--list").stdout.splitlines()
+    before = len(calls())
+    assert run("ablation_sr").returncode == 0
+    again = calls()[before:]
+    assert again[0].startswith("train --config configs/experiments/ablation_sr.toml")
+    assert again[1].startswith(f"export {runs}/ablation_sr/best.pt --out models/sr_cnn.onnx")
+    # a step that exports nothing stays done by its mark
+    (runs / "teachers.done").write_text("done")
+    assert "done  teachers" in run("--list").stdout.splitlines()
