@@ -12,7 +12,8 @@
 # (MIEN_RUNS, default ~/mien-runs); the code they run is a snapshot of the checkout's HEAD taken when the plan
 # starts (runs folder, src-<commit>), so editing the checkout never changes a run under way. Steps that export a
 # bundled model write models/ and configs/ in this checkout and leave them for review and a commit.
-# One step at a time: two trainings on two cores slow each other more than they gain.
+# One step at a time: two trainings on two cores slow each other more than they gain. A step that fails is left
+# unmarked and the plan goes on with the steps that do not need it (needs()); it exits non-zero at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -148,6 +149,16 @@ finished() {  # finished <step>: its .done mark, or its product in the repositor
     esac
 }
 
+needs() {  # needs <step>: the step that must have finished before it (SR: the pre-training, its check against
+    # bicubic, its export, then the arms; the distillations: their teachers); nothing for the others
+    case $1 in
+    sr_eval) echo sr_pretrain ;;
+    sr_export) echo sr_eval ;;
+    ablation_sr | ablation_stn_sr) echo sr_export ;;
+    vgg_fer_ba | mini_xception_fm) echo teachers ;;
+    esac
+}
+
 step() {
     case $1 in
     sr_pretrain)
@@ -215,18 +226,35 @@ main() {
         .venv/bin/pip install -q -e ".[train]" --config-settings editable_mode=lenient
     fi
     SRC=$(snapshot)
+    local failed=() need status
     for s in "${todo[@]}"; do
         if finished "$s"; then
             [ -e "$RUNS/$s.done" ] || log "skip $s: its exported card is in $MODELS"
             continue
         fi
+        need=$(needs "$s")
+        if [ -n "$need" ] && ! finished "$need"; then
+            log "skip $s: it needs $need, which has not finished"
+            failed+=("$s")
+            continue
+        fi
         # a run started by hand finishes first (MIEN_PLAN_WAIT=0: do not wait; the tests' stand-in trains nothing)
         while [ "${MIEN_PLAN_WAIT:-1}" != 0 ] && pgrep -f "mien.cli (train|pretrain-sr)" >/dev/null; do sleep 60; done
         log "start $s (code $SRC)"
-        step "$s"
-        date -u '+%F %T' > "$RUNS/$s.done"
-        log "done $s"
+        # a failed step is left unmarked and the steps that do not need it go on: the machine keeps training
+        set +e
+        (set -e; step "$s")  # not in a condition, where bash would ignore set -e inside the step
+        status=$?
+        set -e
+        if [ "$status" -eq 0 ]; then
+            date -u '+%F %T' > "$RUNS/$s.done"
+            log "done $s"
+        else
+            log "FAILED $s (exit $status): left unmarked, rerun the plan once it is fixed"
+            failed+=("$s")
+        fi
     done
+    [ ${#failed[@]} -eq 0 ] || { log "not finished: ${failed[*]}"; return 1; }
 }
 
 # Read to the end before anything runs: bash reads a script as it goes, so editing the checkout's copy under a

@@ -104,6 +104,13 @@ def test_the_plan_runs_each_step_once_in_order_and_a_rerun_skips_what_is_done(pl
     assert "done  ablation_base_seed1" in listed and "todo  ablation_sr" in listed
 
 
+def _front_end_exported(tmp_path: Path) -> None:
+    """The SR front end's card in the models folder: SR pre-training, its check and its export count as finished."""
+    card = tmp_path / "models" / "frontends" / "edsr_x2.card.json"
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(json.dumps({"model_id": "edsr_x2", "kind": "sr_front_end"}))
+
+
 def _card(path: Path, out: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     command = f"mien train --config configs/experiments/x.toml --data /data/fer2013.npz --out {out}"
@@ -138,6 +145,8 @@ def test_an_exported_sr_front_end_in_the_repository_spares_the_pre_training(plan
     """The SR arms start from models/frontends/edsr_x2.onnx (their recipes' sr_init): once it is exported, a machine
     that lost its run folders goes straight to the arms; before that, the export is the step after the check."""
     run, calls, runs = plan
+    assert run("sr_export").returncode != 0 and calls() == []  # it needs SR to have beaten bicubic first
+    (runs / "sr_eval.done").write_text("done")
     assert run("sr_export").returncode == 0
     assert calls() == [f"export {runs}/sr_pretrain/sr.pt --out models/frontends/edsr_x2.onnx --data /data/fer2013.npz"]
     for recipe in ("ablation_sr", "ablation_stn_sr"):
@@ -172,20 +181,36 @@ def test_the_list_shows_how_far_a_run_under_way_is_and_how_long_it_has_left(plan
     assert "todo  ablation_stn_sr" in listed  # not started: no progress shown
 
 
-def test_a_failed_step_stops_the_plan_unmarked_and_an_sr_arm_that_loses_to_bicubic_never_trains(plan):
+def test_a_failed_step_is_left_unmarked_and_what_needs_it_never_starts(plan):
     run, calls, runs = plan
     failed = run("sr_pretrain", "sr_eval", FAIL_ON="pretrain-sr")
-    assert failed.returncode != 0
+    assert failed.returncode != 0 and "FAILED sr_pretrain" in failed.stdout
     assert not (runs / "sr_pretrain.done").exists() and len(calls()) == 1  # sr_eval never started
+    assert "skip sr_eval: it needs sr_pretrain" in failed.stdout
 
-    gated = run("sr_eval", "ablation_sr", SR_MARGIN="-0.5")
+    (runs / "sr_pretrain.done").write_text("done")
+    gated = run("sr_eval", "sr_export", "ablation_sr", SR_MARGIN="-0.5")  # an SR arm that loses to bicubic never trains
     assert gated.returncode != 0 and "SR does not beat bicubic" in gated.stderr
     assert not (runs / "sr_eval.done").exists()
-    assert not any(c.startswith("train") for c in calls())
+    assert not any(c.startswith(("train", "export")) for c in calls())
+    assert "not finished: sr_eval sr_export ablation_sr" in gated.stdout
 
 
-def test_an_sr_arm_is_published_over_its_bundled_id(plan):
+def test_the_steps_that_do_not_need_a_failed_one_still_run(plan):
+    """A step that fails (a bug, a full disk) leaves the machine training on the steps after it that do not need it."""
     run, calls, runs = plan
+    result = run("converged_row_lstm", "converged_se_sepconv", FAIL_ON="converged_row_lstm.toml")
+    assert result.returncode != 0 and "FAILED converged_row_lstm" in result.stdout
+    trained = [c.split()[2] for c in calls() if c.startswith("train")]
+    assert trained == ["configs/experiments/converged_row_lstm.toml", "configs/experiments/converged_se_sepconv.toml"]
+    assert not (runs / "converged_row_lstm.done").exists() and (runs / "converged_se_sepconv.done").is_file()
+    # inside a failed step nothing runs after the failing command: the failed training is never exported
+    assert not any("models/row_lstm" in c for c in calls()) and any("models/se_sepconv" in c for c in calls())
+
+
+def test_an_sr_arm_is_published_over_its_bundled_id(plan, tmp_path):
+    run, calls, runs = plan
+    _front_end_exported(tmp_path)
     assert run("ablation_stn_sr").returncode == 0
     recorded = calls()
     assert recorded[0].startswith("train --config configs/experiments/ablation_stn_sr.toml")
@@ -263,6 +288,7 @@ def test_a_done_step_whose_exported_card_is_gone_exports_again(plan, tmp_path):
     card: the step runs again (the finished run resumes at its end) and exports again, instead of counting as done
     while the bundled model stays the old one."""
     run, calls, runs = plan
+    _front_end_exported(tmp_path)
     assert run("ablation_sr").returncode == 0 and (runs / "ablation_sr.done").is_file()
     listed = run("--list").stdout.splitlines()
     assert "done  ablation_sr" in listed
