@@ -71,23 +71,17 @@ publish() {  # publish <run> <model id> [labels [export options]]: export over t
     mien recipe sync "models/$id.card.json"
 }
 
-score_seed() {  # score_seed <run> <id>: a further seed, not served: exported to models/seeds/ (mien results puts it in
-    # the ablation's table beside its arm), scored on val and PublicTest
-    local run=$1 id=$2
-    mien export "$RUNS/$run/best.pt" --out "models/seeds/$id.onnx" --data "$DATA" --split public_test --flip-tta \
+score_seed() {  # score_seed <run> <id> [folder [export options]]: a model not served, exported to models/<folder>/
+    # (seeds: a further seed, which mien results puts in the ablation's table beside its arm; variants: a model on a
+    # subset of the classes, dcnn's 5-class setup), with flip averaging unless other options are given, then scored
+    # on val and PublicTest
+    local run=$1 id=$2 folder=${3:-seeds}
+    shift $(($# < 3 ? $# : 3))
+    [ $# -gt 0 ] || set -- --flip-tta
+    mien export "$RUNS/$run/best.pt" --out "models/$folder/$id.onnx" --data "$DATA" --split public_test "$@" \
         --model-id "$id"
-    mien eval "models/seeds/$id.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
-    mien eval "models/seeds/$id.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
-}
-
-score_variant() {  # score_variant <run> <id> [export options]: a variant on other labels, not served (dcnn's 5 classes):
-    # exported to models/variants/ with its card, scored on val and PublicTest (on the classes it has)
-    local run=$1 id=$2
-    shift 2
-    mien export "$RUNS/$run/best.pt" --out "models/variants/$id.onnx" --data "$DATA" --split public_test "$@" \
-        --model-id "$id"
-    mien eval "models/variants/$id.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
-    mien eval "models/variants/$id.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
+    mien eval "models/$folder/$id.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
+    mien eval "models/$folder/$id.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
 }
 
 progress() {  # progress <step>: "  (n/N epochs, ≈ h left at s an epoch)" for a run under way, else nothing; the
@@ -184,7 +178,7 @@ sys.exit(0 if m["ci95"][0] > 0 else f"SR does not beat bicubic on val: {m}")' "$
         publish "$1" dcnn fer2013 --ten-crop 42 ;;
     converged_dcnn5)
         train "$1"
-        score_variant "$1" dcnn5 --ten-crop 42 ;;
+        score_seed "$1" dcnn5 variants --ten-crop 42 ;;
     converged_*)  # exported over the bundled seed model (converged_<id>), scored on val, calibrated
         train "$1"
         publish "$1" "${1#converged_}" ;;
