@@ -195,14 +195,19 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     return row
 
 
+def _score_folder(cfg: ResultsConfig, folder: str | Path | None, default: str):
+    """(path, classifier, card figures, report, faces, which faces it got right) for each ONNX file in ``folder``
+    (``cfg.model_dir``/``default`` when not given; nothing when it is absent), scored on ``cfg.split``."""
+    for path in sorted(Path(folder or Path(cfg.model_dir) / default).glob("*.onnx")):
+        classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.score_threads)
+        yield path, classifier, card_figures(_card(path)), *_scored(classifier, cfg)
+
+
 def measure_seeds(cfg: ResultsConfig) -> list[dict]:
     """One row per ONNX file in ``cfg.seed_dir`` (none when it is absent): the arm it is a seed of (its card's
     training model), its seed, accuracy with interval, per-face correctness for the paired tests, the STN's warp."""
     rows = []
-    for path in sorted(Path(cfg.seed_dir or Path(cfg.model_dir) / "seeds").glob("*.onnx")):
-        classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.score_threads)
-        config = card_figures(_card(path))
-        report, faces, correct = _scored(classifier, cfg)
+    for path, classifier, config, report, faces, correct in _score_folder(cfg, cfg.seed_dir, "seeds"):
         train_config = config["train_config"] or {}
         rows.append({"model_id": classifier.model_id, "file": path.name, "arm": train_config.get("model"),
                      "seed": train_config.get("seed"), "accuracy": report["accuracy"], "epochs": config["epochs"],
@@ -218,10 +223,7 @@ def measure_variants(cfg: ResultsConfig) -> list[dict]:
     classes, scored on the split's faces of those classes (:func:`score_classifier` leaves the others out), with
     its accuracy interval and the card's training figures."""
     rows = []
-    for path in sorted(Path(cfg.variant_dir or Path(cfg.model_dir) / "variants").glob("*.onnx")):
-        classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.score_threads)
-        card = card_figures(_card(path))
-        report, _, correct = _scored(classifier, cfg)
+    for path, classifier, card, report, _, correct in _score_folder(cfg, cfg.variant_dir, "variants"):
         rows.append({"model_id": classifier.model_id, "file": path.name, "labels": list(report["labels"]),
                      "num_images": report["num_images"], "accuracy": report["accuracy"],
                      "macro_f1": report["macro_f1"], "ece": report["calibration"]["ece"],
