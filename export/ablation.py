@@ -20,8 +20,11 @@ ABLATION_ROWS = {"base_cnn": "Base", "stn_cnn": "+STN", "sr_cnn": "+SR", "stn_sr
 #: What the ablation's arms may differ in (their front end) and where a run happened to run; any other difference
 #: between an arm's training configuration and Base's makes the pair something other than an ablation.
 FRONT_END_KEYS = frozenset({"model", "stn_reg", "stn_lr_scale", "sr_init", "sr_lr_scale", "freeze_sr",
-                            "model_kwargs.sr_kwargs"})  # fmt: skip
-RUN_KEYS = frozenset({"data", "out", "threads", "device", "checkpoint_minutes"})
+                            "sr_finetune_epochs", "model_kwargs.sr_kwargs"})  # fmt: skip
+#: ``amp``: the precision follows the machine (``auto``: bf16 autocast where the CPU or GPU computes it natively,
+#: fp32 elsewhere; the first arms' cards say ``bf16``, what ``auto`` gave on their machine), so it is where a run
+#: ran, not its recipe; the table shows the precision each arm trained in (``precision`` of its card's history).
+RUN_KEYS = frozenset({"data", "out", "threads", "device", "checkpoint_minutes", "amp"})
 #: The level of the ablation's tests and the confidence of its intervals.
 ALPHA = 0.05
 
@@ -50,7 +53,9 @@ def ablation_table(by_id: dict[str, dict], split: str) -> list[str]:
         "scale (sqrt|det| of the warp's 2×2 part; below 1 the transformer zooms in) and rotation (degrees) it "
         f"applies to the {split} faces. An arm trained with another recipe than Base (other than its front end: "
         "epochs, learning rate, widths...) is no ablation of it: its verdict says so and names the differences. "
-        "Epochs: the run's schedule and the epoch whose weights were kept (the best on the validation split).",
+        "Epochs: the run's schedule, the epoch whose weights were kept (the best on the validation split) and the "
+        'precision it trained in: the recipes say `amp = "auto"`, bf16 autocast where the machine computes it '
+        "natively and fp32 elsewhere, so an arm's precision is the machine it ran on, not a recipe difference.",
         "",
         f"| | model | epochs, kept | {split} accuracy % [{confidence} CI] | Δ vs Base, points [{confidence} CI] "
         "| McNemar vs Base | paper, FER2013 test % | occluded % | STN scale / rotation | verdict |",
@@ -85,12 +90,13 @@ def ablation_cells(by_id: dict[str, dict]) -> list[dict]:
 
 
 def _arm_cells(r: dict) -> tuple[str, str, str]:
-    """An ablation row's accuracy with its interval, its epochs (the schedule, and the epoch kept) and its STN's
-    mean scale / rotation ("" without one)."""
+    """An ablation row's accuracy with its interval, its epochs (the schedule, the epoch kept and the precision it
+    trained in) and its STN's mean scale / rotation ("" without one)."""
     ci = r.get("accuracy_ci95")
     accuracy = pct(r["accuracy"]) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
     schedule = (r.get("train_config") or {}).get("epochs")
-    epochs = f"{schedule}, kept {r['epochs']}" if schedule and r.get("epochs") else (r.get("epochs") or "")
+    epochs = f"{schedule}, kept {r['epochs']}" if schedule and r.get("epochs") else str(r.get("epochs") or "")
+    epochs += f", {r['precision']}" if r.get("precision") and epochs else ""
     stn = r.get("stn_affine")
     return accuracy, epochs, f"{stn['scale']:.3f} / {stn['rotation_deg']:+.1f}°" if stn else ""
 

@@ -211,7 +211,7 @@ def measure_seeds(cfg: ResultsConfig) -> list[dict]:
         train_config = config["train_config"] or {}
         rows.append({"model_id": classifier.model_id, "file": path.name, "arm": train_config.get("model"),
                      "seed": train_config.get("seed"), "accuracy": report["accuracy"], "epochs": config["epochs"],
-                     "train_config": train_config,
+                     "train_config": train_config, "precision": config["precision"],
                      **_paired_fields(path, classifier, faces.images, correct, cfg)})  # fmt: skip
         log.info("%s (seed %s of %s): accuracy %.4f", rows[-1]["model_id"], rows[-1]["seed"], rows[-1]["arm"],
                  report["accuracy"])  # fmt: skip
@@ -316,7 +316,20 @@ def card_figures(card: Card | None) -> dict:
         "weights": card.weights if card else None,  # an ensemble's members' weights (None: equal, or not one)
         "weights_fitted_on": card.weights_fitted_on if card else None,
         "cpu_hours": training.run.get("cpu_hours") if training and training.run else None,  # the whole run's
+        "precision": trained_precision(training),
     }
+
+
+def trained_precision(training) -> str | None:
+    """What a run trained in: the ``precision`` its epochs recorded (in order, "bf16/fp32" for a run resumed on
+    another machine), else what its ``amp`` asked for (fp32 for none; None for ``auto`` without a history)."""
+    if training is None:
+        return None
+    seen = dict.fromkeys(e["precision"] for e in training.history or [] if e.get("precision"))
+    if seen:
+        return "/".join(seen)
+    amp = (training.config or {}).get("amp", "none")
+    return None if amp == "auto" else "fp32" if amp == "none" else amp
 
 
 def _count(value: int | None, unit: float, suffix: str) -> str:

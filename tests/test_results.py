@@ -286,9 +286,10 @@ def test_an_arm_trained_with_another_recipe_than_base_is_not_called_an_ablation(
     for model_id in ("stn_cnn", "sr_cnn", "stn_sr_cnn"):
         assert recipe_differences(base, by_id[model_id]["train_config"]) == ""
     section = text.split("## STN / SR ablation")[1].split("\n## ")[0]
-    for model_id, r in by_id.items():  # the epochs column: the schedule, and the epoch kept
+    for model_id, r in by_id.items():  # the epochs column: the schedule, the epoch kept, the precision trained in
         if model_id in ("base_cnn", "stn_cnn", "sr_cnn", "stn_sr_cnn"):
-            assert f"| `{model_id}` | 2, kept {r['epochs']} |" in section and 1 <= r["epochs"] <= 2
+            assert r["precision"] == "fp32"  # what every epoch of the fixture's runs recorded
+            assert f"| `{model_id}` | 2, kept {r['epochs']}, fp32 |" in section and 1 <= r["epochs"] <= 2
     assert "not comparable" not in section
 
     changed = copy.deepcopy(by_id)
@@ -301,6 +302,9 @@ def test_an_arm_trained_with_another_recipe_than_base_is_not_called_an_ablation(
     every = recipe_differences(base, arm, shown=10)
     assert every == found.replace(" and 1 more", ", init runs/base_cnn/best.pt vs —")  # base's init is ""
     assert "sr_init" not in every and "threads" not in every  # the front end and the machine may differ
+    # so may when the SR front end trains, and the precision (amp = "auto": the machine's; the first arms' cards
+    # say "bf16", what auto gave there): the +SR arm of issue 17 against the Base card it is compared with
+    assert recipe_differences({**base, "amp": "bf16"}, {**base, "amp": "auto", "sr_finetune_epochs": 10}) == ""
     assert recipe_differences(base, {**base, "init": ""}) == ""  # an empty value means what an absent key means
     assert recipe_differences(None, arm).startswith("unknown")
 
@@ -470,3 +474,24 @@ def test_an_effect_over_seeds_needs_every_seed_to_show_it():
     by_id["sr_cnn"]["train_config"]["epochs"] = 2  # an arm trained with another recipe than Base gets no verdict
     sr = next(line for line in ablation_seeds_table(by_id, further, "public_test") if line.startswith("| +SR | 1 |"))
     assert sr.endswith("| not comparable (trained differently from Base, see above) |")
+
+
+def test_the_precision_a_run_trained_in_comes_from_its_history_else_from_what_amp_asked():
+    """An arm trained in bf16 on one machine and another in fp32 on the next share a recipe (amp = "auto"): the
+    ablation table shows which precision each ran in, read from the epochs' history, in order when a run was
+    resumed on another machine; a card from before the history recorded it falls back to its amp."""
+    from types import SimpleNamespace
+
+    from mien.export.results import trained_precision
+
+    def training(history, amp):
+        return SimpleNamespace(history=history, config={"amp": amp} if amp else {})
+
+    assert trained_precision(training([{"precision": "fp32"}] * 3, "auto")) == "fp32"
+    resumed = [{"precision": "bf16"}, {"precision": "bf16"}, {"precision": "fp32"}, {"precision": "bf16"}]
+    assert trained_precision(training(resumed, "auto")) == "bf16/fp32"
+    assert trained_precision(training([{"epoch": 1}], "bf16")) == "bf16"  # an older card: what it asked for
+    assert trained_precision(training([], "none")) == "fp32"
+    assert trained_precision(training([], None)) == "fp32"  # amp's default then: none
+    assert trained_precision(training([], "auto")) is None  # auto says nothing without the epochs
+    assert trained_precision(None) is None
