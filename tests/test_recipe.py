@@ -34,12 +34,18 @@ def test_every_bundled_card_points_to_a_recipe_that_gives_its_config(card_path):
     assert recipe_differences(card["training"]["config"], load_recipe(ROOT / recipe)) == []
 
 
-def test_train_config_is_defaults_then_recipe_then_flags(monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_train_config_is_defaults_then_recipe_then_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("configs").mkdir()
+    Path("configs/sr_cnn.toml").write_text(
+        'model = "sr_cnn"\nlr = 0.0005\nfreeze_sr = true\nepochs = 2\namp = "auto"\n'
+        "[model_kwargs]\nwidths = [16, 32, 64, 128]\nhidden = 128\n"
+    )
     args = build_parser().parse_args(["train", "--config", "configs/sr_cnn.toml", "--epochs", "1", "--amp", "bf16"])
     cfg, recipe = train_config_from_args(args)
     assert recipe == "configs/sr_cnn.toml"
-    assert (cfg.model, cfg.lr, cfg.freeze_sr, cfg.out) == ("sr_cnn", 5e-4, True, "runs/sr_cnn")  # from the recipe
+    assert (cfg.model, cfg.lr, cfg.freeze_sr) == ("sr_cnn", 5e-4, True)  # from the recipe
+    assert cfg.out == "runs/sr_cnn"  # a recipe names no run folder: the default, runs/<model>
     assert (cfg.epochs, cfg.amp) == (1, "bf16")  # flags win
     assert cfg.model_kwargs == {"widths": [16, 32, 64, 128], "hidden": 128}
     args = build_parser().parse_args(["train", "--model", "dcnn", "--triplet-weight", "0.5"])
@@ -47,6 +53,15 @@ def test_train_config_is_defaults_then_recipe_then_flags(monkeypatch):
     assert (cfg.out, cfg.epochs, cfg.objective.triplet_weight, cfg.channels_last, recipe) == (
         "runs/dcnn", 100, 0.5, True, ""
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_a_bundled_recipe_names_neither_the_faces_nor_the_run_folder_of_the_machine_it_ran_on(recipe):
+    """`mien train --config configs/<model>.toml` on another machine reads its --data and writes runs/<model> (or
+    --out), never the training machine's paths (a run folder there would be resumed, not started)."""
+    values = load_recipe(recipe)
+    assert "data" not in values and "out" not in values
+    assert "--out " in recipe.read_text().splitlines()[2]  # the header's command keeps where it ran
 
 
 def test_a_recipe_with_an_unknown_option_is_refused(tmp_path):
@@ -89,7 +104,9 @@ def test_recipe_text_round_trips_a_card_config():
     values = tomllib.loads(text)
     assert "labels" not in values  # null in the card: left to the default
     assert recipe_differences(card["training"]["config"], values) == []
-    assert config_from_dict(values).init == "runs/stn_cnn/best.pt"
+    assert "data" not in values and "out" not in values  # where it ran: the header's command says
+    assert config_from_dict(values).init == card["training"]["config"]["init"]
+    assert config_from_dict(values).sr_init == card["training"]["config"]["sr_init"]
 
 
 def test_training_from_a_recipe_is_recorded_in_the_exported_card(tmp_path, tiny_npz, monkeypatch):
