@@ -328,7 +328,7 @@ def trained_precision(training) -> str | None:
     seen = dict.fromkeys(e["precision"] for e in training.history or [] if e.get("precision"))
     if seen:
         return "/".join(seen)
-    amp = (training.config or {}).get("amp", "none")
+    amp = (training.config or {}).get("amp", "none")  # training.hardware.precision_name's naming, without its torch
     return None if amp == "auto" else "fp32" if amp == "none" else amp
 
 

@@ -59,28 +59,31 @@ train() {  # train <recipe stem> [more mien train options]: the recipe of config
 
 TEACHERS=$RUNS/vgg_fer/best.pt,$RUNS/vgg_fer_seed1/best.pt  # the two seeds, as the distillation recipes name them
 
-publish() {  # publish <run> <model id> [labels [export options]]: export over the bundled id (with flip averaging
-    # unless other test-time options are given), score val on the labels it learnt (fer2013, or ferplus for a FER+
-    # model), calibrate (on the labels its card names), sync its recipe
+exported_and_scored() {  # exported_and_scored <run> <onnx file> <id> <labels> [export options]: the run's best.pt
+    # exported (with flip averaging unless other test-time options are given, scored on PublicTest by the export's
+    # card), then scored on val on the labels it learnt (fer2013, or ferplus for a FER+ model)
+    local run=$1 onnx=$2 id=$3 labels=$4
+    shift 4
+    [ $# -gt 0 ] || set -- --flip-tta
+    mien export "$RUNS/$run/best.pt" --out "$onnx" --data "$DATA" --split public_test "$@" --model-id "$id"
+    mien eval "$onnx" --data "$DATA" --split val --label-source "$labels" --out "$RUNS/$run/eval-val"
+}
+
+publish() {  # publish <run> <model id> [labels [export options]]: exported over the bundled id and scored on val
+    # (above), calibrated (on the labels its card names), its recipe synced
     local run=$1 id=$2 labels=${3:-fer2013}
     shift $(($# < 3 ? $# : 3))
-    [ $# -gt 0 ] || set -- --flip-tta
-    mien export "$RUNS/$run/best.pt" --out "models/$id.onnx" --data "$DATA" --split public_test "$@" --model-id "$id"
-    mien eval "models/$id.onnx" --data "$DATA" --split val --label-source "$labels" --out "$RUNS/$run/eval-val"
+    exported_and_scored "$run" "models/$id.onnx" "$id" "$labels" "$@"
     mien calibrate "models/$id.onnx" --data "$DATA" --method top-label --fit-split val --test-split public_test
     mien recipe sync "models/$id.card.json"
 }
 
 score_seed() {  # score_seed <run> <id> [folder [export options]]: a model not served, exported to models/<folder>/
     # (seeds: a further seed, which mien results puts in the ablation's table beside its arm; variants: a model on a
-    # subset of the classes, dcnn's 5-class setup), with flip averaging unless other options are given, then scored
-    # on val and PublicTest
+    # subset of the classes, dcnn's 5-class setup) and scored on val (above), then on PublicTest
     local run=$1 id=$2 folder=${3:-seeds}
     shift $(($# < 3 ? $# : 3))
-    [ $# -gt 0 ] || set -- --flip-tta
-    mien export "$RUNS/$run/best.pt" --out "models/$folder/$id.onnx" --data "$DATA" --split public_test "$@" \
-        --model-id "$id"
-    mien eval "models/$folder/$id.onnx" --data "$DATA" --split val --out "$RUNS/$run/eval-val"
+    exported_and_scored "$run" "models/$folder/$id.onnx" "$id" fer2013 "$@"
     mien eval "models/$folder/$id.onnx" --data "$DATA" --split public_test --out "$RUNS/$run/eval-public_test"
 }
 
