@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import mien.training.hardware as hardware
 import mien.training.train as train_module
+from mien.machine import allocator
 from mien.training.hardware import channels_last_hazards, use_channels_last
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext
@@ -111,6 +112,7 @@ def test_amp_auto_trains_in_bf16_only_where_the_cpu_computes_it_and_says_so_in_e
     assert set(seen) == {"bf16" if native else "none"} and len(seen) == 2 * 128 // 32
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [row["precision"] for row in rows] == ["bf16" if native else "fp32"] * 2
+    assert [row["allocator"] for row in rows] == [allocator()] * 2  # glibc's, or the one preloaded
     assert torch.load(out / "best.pt", weights_only=False)["train_config"]["amp"] == "auto"  # the request
 
 
@@ -152,3 +154,34 @@ def test_eta_follows_the_usual_epoch_not_one_slowed_by_a_pause():
     assert eta_seconds([100.0, 700.0, 105.0, 110.0, 95.0], 100) == 10_000 + 500
     assert eta_seconds([900.0, 100.0, 100.0, 100.0, 100.0, 100.0], 3) == 300.0  # only the last five count
     assert eta_seconds([], 5) == 0.0 and eta_seconds([100.0], 0) == 0.0
+
+
+MAPS = """\
+55c8bacbb000-55c8bacbd000 r--p 00000000 fe:00 260386                     /usr/bin/python3.11
+7f1c2a000000-7f1c2a021000 rw-p 00000000 00:00 0
+7f1c2b400000-7f1c2b428000 r--p 00000000 fe:00 263001                     /usr/lib/x86_64-linux-gnu/libc.so.6
+{extra}7ffd4e9f1000-7ffd4ea12000 rw-p 00000000 00:00 0                          [stack]
+"""
+
+
+@pytest.mark.parametrize(
+    ("library", "expected"),
+    [
+        ("", "glibc"),
+        ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10", "tcmalloc"),
+        ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "jemalloc"),
+        ("/opt/my libs/libtcmalloc.so", "tcmalloc"),  # a path with a space in it
+    ],
+)
+def test_the_allocator_is_read_from_the_libraries_the_process_has_mapped(tmp_path, monkeypatch, library, expected):
+    maps = tmp_path / "maps"
+    extra = f"7f1c2c000000-7f1c2c010000 r-xp 00000000 fe:00 263100                     {library}\n" if library else ""
+    maps.write_text(MAPS.format(extra=extra))
+    assert allocator(maps) == expected
+    assert allocator(tmp_path / "no-proc") == "unknown"  # no /proc: said, not guessed
+    monkeypatch.setattr(hardware, "allocator", lambda: expected)
+    note = hardware.allocator_note()  # what the run's first log line says
+    if expected == "glibc":
+        assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in note and "The memory allocator" in note
+    else:
+        assert note == f"memory allocator {expected}"

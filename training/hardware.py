@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mien.machine import allocator
 from mien.training.config import AMP_MODES, DEVICES
 
 log = logging.getLogger("mien.train")
@@ -114,6 +115,20 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 def precision_name(amp: str) -> str:
     """What a resolved ``amp`` trains in, as history rows and logs say it: fp32, bf16 or fp16."""
     return "fp32" if amp == "none" else amp
+
+
+def allocator_note() -> str:
+    """The memory allocator this process runs on, as a run's log says it; under glibc's, how to preload a faster one.
+    glibc returns each activation above 32 MB to the kernel when it is freed and maps it afresh on the next step, so
+    the models with large activations (the SR arms' 96×96 maps) spend a sixth of their CPU time in the kernel
+    (docs/training.md, "The memory allocator")."""
+    name = allocator()
+    if name != "glibc":
+        return f"memory allocator {name}"
+    return (
+        "memory allocator glibc; tcmalloc trains faster (LD_PRELOAD=libtcmalloc_minimal.so.4, which "
+        "scripts/train_plan.sh sets when the library is installed: docs/training.md, 'The memory allocator')"
+    )
 
 
 def check_amp(amp: str, device: torch.device) -> None:

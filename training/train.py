@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from mien.machine import allocator
 from mien.spec import PreprocessSpec
 from mien.training.config import TrainConfig
 from mien.training.curves import plot_curves
@@ -34,6 +35,7 @@ from mien.training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, fe
 from mien.training.hardware import (
     Process,
     all_reduce_sum,
+    allocator_note,
     close_distributed,
     init_distributed,
     precision_name,
@@ -91,9 +93,9 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         stepped = DDP(model, device_ids=[process.device.index] if process.device.type == "cuda" else None) \
             if process.distributed else model  # fmt: skip
         log.info(
-            "model %s (%s objective): %d parameters; %d process(es) on %s, %s, %s; config %s",
+            "model %s (%s objective): %d parameters; %d process(es) on %s, %s, %s, %s; config %s",
             cfg.model, objective.name, sum(p.numel() for p in model.parameters()), process.world_size, process.device,
-            "channels-last" if cfg.channels_last else "NCHW", precision_name(amp), asdict(cfg),
+            "channels-last" if cfg.channels_last else "NCHW", precision_name(amp), allocator_note(), asdict(cfg),
         )  # fmt: skip
 
         epochs = tqdm(range(progress.start_epoch, cfg.epochs + 1), desc=cfg.model, unit="epoch",
@@ -116,6 +118,7 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
                 "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                 "cpu_seconds": cpu_seconds,  # every thread of this process; not paused time
                 "precision": precision_name(amp),  # what --amp (auto included) trained this epoch in, on this machine
+                "allocator": allocator(),  # glibc or a preloaded one: a part of what `seconds` measured
                 **({"sr_trains": sr_trains} if cfg.sr_finetune_epochs else {}),
             }  # fmt: skip
             improved = progress.record(row, metrics, cfg.val_split)
