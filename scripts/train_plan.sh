@@ -49,7 +49,28 @@ snapshot() {  # the code the runs import: HEAD as committed, with the mien.<part
     echo "$src"
 }
 
-mien() { PYTHONPATH=$SRC "$PY" -m mien.cli "$@"; }
+mien() { PYTHONPATH=$SRC LD_PRELOAD=$PRELOAD "$PY" -m mien.cli "$@"; }
+
+PRELOAD=${LD_PRELOAD:-}  # what the mien commands preload: tcmalloc where it is installed (allocator below)
+
+allocator() {  # the memory allocator of the runs: tcmalloc where it is installed, since glibc's maps each activation
+    # above 32 MB afresh on every step and unmaps it after (docs/training.md, "The memory allocator"; the SR arms' 96×96
+    # maps spent a sixth of their CPU time in the kernel). MIEN_ALLOCATOR: glibc (keep glibc's), or a library's path.
+    local lib=${MIEN_ALLOCATOR:-}
+    if [ "$lib" = glibc ]; then
+        log "memory allocator: glibc (MIEN_ALLOCATOR)"
+        return
+    fi
+    [ -n "$lib" ] || lib=$({ ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null |
+        awk '$1 == "libtcmalloc_minimal.so.4" { print $NF; exit }')
+    if [ -n "$lib" ] && [ -e "$lib" ]; then
+        PRELOAD=$lib${PRELOAD:+:$PRELOAD}
+        log "memory allocator: $lib (LD_PRELOAD of the mien commands)"
+    else
+        log "memory allocator: glibc${lib:+ ($lib not found)}; tcmalloc trains faster (Debian: apt-get install" \
+            "libtcmalloc-minimal4; docs/training.md, \"The memory allocator\")"
+    fi
+}
 
 train() {  # train <recipe stem> [more mien train options]: the recipe of configs/experiments, resumed when rerun
     local recipe=$1
@@ -223,6 +244,7 @@ main() {
         .venv/bin/pip install -q -e ".[train]" --config-settings editable_mode=lenient
     fi
     SRC=$(snapshot)
+    allocator
     local failed=() need status
     for s in "${todo[@]}"; do
         if finished "$s"; then

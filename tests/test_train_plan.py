@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "scripts" / "train_plan.sh"
 
-# Records `python -m mien.cli ARGS` as one line; writes what sr-eval would (its margin from SR_MARGIN) and the card an
+# Records `python -m mien.cli ARGS` as one line (and its LD_PRELOAD in a file beside); writes what sr-eval would (its margin from SR_MARGIN) and the card an
 # export into models/ would (in MIEN_MODELS, naming the run folder it came from); fails the step named in FAIL_ON;
 # runs `python -c` (the plan's own checks) with the real interpreter.
 STAND_IN = f"""#!{sys.executable}
@@ -26,6 +26,8 @@ if sys.argv[1] == "-c":
 args = sys.argv[3:]
 with open(os.environ["PLAN_LOG"], "a") as log:
     log.write(" ".join(args) + "\\n")
+with open(os.environ["PLAN_LOG"] + ".preload", "a") as log:  # the library each mien command was started with
+    log.write(os.environ.get("LD_PRELOAD", "") + "\\n")
 if os.environ.get("FAIL_ON") and os.environ["FAIL_ON"] in " ".join(args):
     sys.exit(1)
 if args[0] == "export" and args[args.index("--out") + 1].startswith("models/"):  # the card mien export writes
@@ -302,3 +304,29 @@ def test_a_done_step_whose_exported_card_is_gone_exports_again(plan, tmp_path):
     # a step that exports nothing stays done by its mark
     (runs / "teachers.done").write_text("done")
     assert "done  teachers" in run("--list").stdout.splitlines()
+
+
+def test_the_runs_preload_the_allocator_the_plan_finds_and_glibc_stays_when_asked(plan, tmp_path):
+    """glibc's malloc maps and unmaps every large activation on each step; the plan preloads tcmalloc for its mien
+    commands where the library is (MIEN_ALLOCATOR names one here: an empty file, which the loader skips with a
+    warning), and leaves glibc's in place on MIEN_ALLOCATOR=glibc or where none is installed."""
+    run, calls, runs = plan
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_bytes(b"")
+    done = run("sr_pretrain", "sr_eval", MIEN_ALLOCATOR=str(library), LD_PRELOAD="")
+    assert done.returncode == 0, done.stderr
+    preloaded = (tmp_path / "calls.log.preload").read_text().splitlines()
+    assert len(preloaded) == len(calls()) == 3 and set(preloaded) == {str(library)}
+    assert f"memory allocator: {library}" in done.stdout
+
+    (tmp_path / "calls.log.preload").unlink()
+    done = run("ablation_base_seed1", MIEN_ALLOCATOR="glibc", LD_PRELOAD="")
+    assert done.returncode == 0, done.stderr
+    assert set((tmp_path / "calls.log.preload").read_text().splitlines()) == {""}
+    assert "memory allocator: glibc (MIEN_ALLOCATOR)" in done.stdout
+
+    missing = run("--list", MIEN_ALLOCATOR=str(tmp_path / "nowhere.so"))  # --list starts nothing and says nothing
+    assert missing.returncode == 0 and "allocator" not in missing.stdout
+    gone = run("ablation_stn_seed1", MIEN_ALLOCATOR=str(tmp_path / "nowhere.so"), LD_PRELOAD="")
+    assert gone.returncode == 0, gone.stderr  # a library that is not there: glibc's, said so, and the plan goes on
+    assert "nowhere.so not found" in gone.stdout
