@@ -53,16 +53,26 @@ mien() { PYTHONPATH=$SRC LD_PRELOAD=$PRELOAD "$PY" -m mien.cli "$@"; }
 
 PRELOAD=${LD_PRELOAD:-}  # what the mien commands preload: tcmalloc where it is installed (allocator below)
 
-allocator() {  # the memory allocator of the runs: tcmalloc where it is installed, since glibc's maps each activation
-    # above 32 MB afresh on every step and unmaps it after (docs/training.md, "The memory allocator"; the SR arms' 96×96
-    # maps spent a sixth of their CPU time in the kernel). MIEN_ALLOCATOR: glibc (keep glibc's), or a library's path.
+tcmalloc() { { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | awk '$1 == "libtcmalloc_minimal.so.4" { print $NF; exit }'; }
+
+allocator() {  # the memory allocator of the runs: tcmalloc, since glibc's maps each activation above 32 MB afresh on
+    # every step and unmaps it after (docs/training.md, "The memory allocator"; the SR arms' 96×96 maps spent a sixth of
+    # their CPU time in the kernel), installed from Debian on a new machine as the venv is above (as root, with apt-get).
+    # MIEN_ALLOCATOR: glibc (keep glibc's), or a library's path.
     local lib=${MIEN_ALLOCATOR:-}
     if [ "$lib" = glibc ]; then
         log "memory allocator: glibc (MIEN_ALLOCATOR)"
         return
     fi
-    [ -n "$lib" ] || lib=$({ ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null |
-        awk '$1 == "libtcmalloc_minimal.so.4" { print $NF; exit }')
+    if [ -z "$lib" ]; then
+        lib=$(tcmalloc)
+        if [ -z "$lib" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            log "installing Debian's libtcmalloc-minimal4 (apt-get)"
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                libtcmalloc-minimal4; } >/dev/null 2>&1 || log "apt-get could not install libtcmalloc-minimal4"
+            lib=$(tcmalloc)
+        fi
+    fi
     if [ -n "$lib" ] && [ -e "$lib" ]; then
         PRELOAD=$lib${PRELOAD:+:$PRELOAD}
         log "memory allocator: $lib (LD_PRELOAD of the mien commands)"

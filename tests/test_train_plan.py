@@ -15,9 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "scripts" / "train_plan.sh"
 
-# Records `python -m mien.cli ARGS` as one line (and its LD_PRELOAD in a file beside); writes what sr-eval would (its margin from SR_MARGIN) and the card an
-# export into models/ would (in MIEN_MODELS, naming the run folder it came from); fails the step named in FAIL_ON;
-# runs `python -c` (the plan's own checks) with the real interpreter.
+# Records `python -m mien.cli ARGS` as one line (and its LD_PRELOAD in a file beside); writes what sr-eval would (its
+# margin from SR_MARGIN) and the card an export into models/ would (in MIEN_MODELS, naming the run folder it came
+# from); fails the step named in FAIL_ON; runs `python -c` (the plan's own checks) with the real interpreter.
 STAND_IN = f"""#!{sys.executable}
 import json, os, sys
 from pathlib import Path
@@ -60,6 +60,7 @@ def plan(tmp_path):
     def run(*args: str, **env: str) -> subprocess.CompletedProcess:
         environ = {**os.environ, "MIEN_RUNS": str(runs), "MIEN_PYTHON": str(python), "PLAN_LOG": str(log),
                    "MIEN_DATA": "/data/fer2013.npz", "MIEN_PLAN_WAIT": "0", "MIEN_MODELS": str(tmp_path / "models"),
+                   "MIEN_ALLOCATOR": "glibc",  # never apt-get from a test (the allocator's own test stands one in)
                    **env}  # fmt: skip
         return subprocess.run([str(PLAN), *args], capture_output=True, text=True, env=environ, timeout=120)
 
@@ -325,8 +326,36 @@ def test_the_runs_preload_the_allocator_the_plan_finds_and_glibc_stays_when_aske
     assert set((tmp_path / "calls.log.preload").read_text().splitlines()) == {""}
     assert "memory allocator: glibc (MIEN_ALLOCATOR)" in done.stdout
 
-    missing = run("--list", MIEN_ALLOCATOR=str(tmp_path / "nowhere.so"))  # --list starts nothing and says nothing
+    # --list starts nothing and says nothing of the allocator
+    missing = run("--list", MIEN_ALLOCATOR=str(tmp_path / "nowhere.so"), LD_PRELOAD="")
     assert missing.returncode == 0 and "allocator" not in missing.stdout
     gone = run("ablation_stn_seed1", MIEN_ALLOCATOR=str(tmp_path / "nowhere.so"), LD_PRELOAD="")
     assert gone.returncode == 0, gone.stderr  # a library that is not there: glibc's, said so, and the plan goes on
     assert "nowhere.so not found" in gone.stdout
+
+
+def test_a_new_machine_without_tcmalloc_gets_it_from_debian_before_the_runs(plan, tmp_path):
+    """As root with apt-get (the plan's machine), a missing libtcmalloc-minimal4 is installed, then preloaded."""
+    run, calls, runs = plan
+    bin_, library = tmp_path / "bin", tmp_path / "lib" / "libtcmalloc_minimal.so.4"
+    bin_.mkdir()
+    library.parent.mkdir()
+    stand_ins = {
+        "id": "echo 0",
+        "apt-get": f'echo "$*" >> {tmp_path}/apt.log; [ "$1" = update ] || touch {library}',
+        "ldconfig": f'[ -e {library} ] && echo "\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {library}"; true',
+    }
+    for name, body in stand_ins.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    path = f"{bin_}:{os.environ['PATH']}"
+    done = run("sr_pretrain", MIEN_ALLOCATOR="", LD_PRELOAD="", PATH=path)
+    assert done.returncode == 0, done.stderr
+    apt = (tmp_path / "apt.log").read_text().splitlines()
+    assert apt[0] == "update -qq" and "libtcmalloc-minimal4" in apt[1].split()
+    assert f"memory allocator: {library}" in done.stdout
+    assert (tmp_path / "calls.log.preload").read_text().splitlines() == [str(library)]
+
+    again = run("sr_eval", MIEN_ALLOCATOR="", LD_PRELOAD="", PATH=path)  # installed now: found, not installed again
+    assert again.returncode == 0, again.stderr
+    assert len((tmp_path / "apt.log").read_text().splitlines()) == 2
