@@ -278,6 +278,10 @@ main() {
         if [ "$status" -eq 0 ]; then
             date -u '+%F %T' > "$RUNS/$s.done"
             log "done $s"
+        elif [ "$status" -gt 128 ]; then  # a signal ended it (mien train writes last.pt on SIGTERM first): someone
+            # stopped the machine's training, so the plan stops too instead of starting the next run
+            log "STOPPED $s by signal $((status - 128)): the plan stops here; rerun it to resume"
+            return "$status"
         else
             log "FAILED $s (exit $status): left unmarked, rerun the plan once it is fixed"
             failed+=("$s")

@@ -159,6 +159,77 @@ def test_a_run_stopped_in_the_middle_of_an_epoch_resumes_from_its_last_mid_epoch
     assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in rows[1])
 
 
+def _sigterm_at_step(monkeypatch, step: int) -> None:
+    """The process sends itself SIGTERM in the middle of training step number ``step`` (1 = the first of the run),
+    as a scheduler's preemption or a container's end would."""
+    import os
+    import signal
+
+    from mien.training.objectives import CrossEntropy
+
+    real, calls = CrossEntropy.train_step, []
+
+    def stepped(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CrossEntropy, "train_step", stepped)
+
+
+@pytest.mark.parametrize("minutes", [10.0, 0.0], ids=["mid-epoch writes on", "mid-epoch writes off"])
+def test_a_sigterm_ends_the_step_under_way_writes_last_pt_and_the_rerun_ends_where_an_uninterrupted_run_does(
+    tmp_path, tiny_npz, monkeypatch, minutes
+):
+    """A SIGTERM no longer throws away the steps since the last checkpoint: the step under way finishes, last.pt is
+    written at that step (even when mid-epoch checkpoints are off) and the run stops; the same command resumes it
+    and ends bit for bit where a run never stopped ends."""
+    import signal
+
+    from mien.training.train import Stopped
+
+    straight = tmp_path / "straight"
+    train(_strong_cfg(tiny_npz, straight, checkpoint_minutes=0.0))
+    steps_per_epoch = torch.load(straight / "last.pt", weights_only=False)["step"] // 4
+
+    stopped = tmp_path / "stopped"
+    _sigterm_at_step(monkeypatch, steps_per_epoch + 2)  # the second step of epoch 2
+    with pytest.raises(Stopped, match="stopped by SIGTERM after 2 batches of epoch 2") as info:
+        train(_strong_cfg(tiny_npz, stopped, checkpoint_minutes=minutes))
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    saved = torch.load(stopped / "last.pt", weights_only=False)
+    assert saved["step"] == steps_per_epoch + 2 and saved["epoch_position"]["done"] == 2
+    assert [h["epoch"] for h in saved["history"]] == [1]
+
+    monkeypatch.undo()
+    train(_strong_cfg(tiny_npz, stopped, checkpoint_minutes=minutes))
+    a, b = (torch.load(run / "last.pt", weights_only=False) for run in (straight, stopped))
+    for part in ("state_dict", "ema"):
+        for key, tensor in a[part].items():
+            torch.testing.assert_close(tensor, b[part][key], rtol=0, atol=0, msg=f"{part} {key}")
+    assert a["step"] == b["step"] and torch.equal(a["generator"], b["generator"])
+
+
+def test_mien_train_stopped_by_sigterm_says_how_to_resume_and_exits_as_the_signal_would(
+    tmp_path, tiny_npz, monkeypatch, capsys
+):
+    from mien.cli import main
+
+    _sigterm_at_step(monkeypatch, 3)
+    out = tmp_path / "run"
+    args = ["train", "--model", "mini_xception", "--data", str(tiny_npz), "--out", str(out), "--epochs", "2",
+            "--batch-size", "32", "--threads", "1"]  # fmt: skip
+    assert main(args) == 128 + 15
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after 3 batches of epoch 1" in err and "rerun the same command to resume" in err
+    assert torch.load(out / "last.pt", weights_only=False)["epoch_position"]["done"] == 3
+    monkeypatch.undo()
+    assert main(args) == 0  # the rerun resumes and finishes
+    assert "after 3 of its batches" in (out / "train.log").read_text()
+
+
 def test_without_checkpoint_minutes_last_pt_is_written_only_at_the_end_of_an_epoch(tmp_path, tiny_npz, monkeypatch):
     from mien.training.run_folder import RunFolder
 

@@ -17,7 +17,8 @@ PLAN = ROOT / "scripts" / "train_plan.sh"
 
 # Records `python -m mien.cli ARGS` as one line (and its LD_PRELOAD in a file beside); writes what sr-eval would (its
 # margin from SR_MARGIN) and the card an export into models/ would (in MIEN_MODELS, naming the run folder it came
-# from); fails the step named in FAIL_ON; runs `python -c` (the plan's own checks) with the real interpreter.
+# from); fails the step named in FAIL_ON (exit status FAIL_CODE, default 1); runs `python -c` (the plan's own checks)
+# with the real interpreter.
 STAND_IN = f"""#!{sys.executable}
 import json, os, sys
 from pathlib import Path
@@ -29,7 +30,7 @@ with open(os.environ["PLAN_LOG"], "a") as log:
 with open(os.environ["PLAN_LOG"] + ".preload", "a") as log:  # the library each mien command was started with
     log.write(os.environ.get("LD_PRELOAD", "") + "\\n")
 if os.environ.get("FAIL_ON") and os.environ["FAIL_ON"] in " ".join(args):
-    sys.exit(1)
+    sys.exit(int(os.environ.get("FAIL_CODE", "1")))
 if args[0] == "export" and args[args.index("--out") + 1].startswith("models/"):  # the card mien export writes
     card = Path(os.environ["MIEN_MODELS"]) / args[args.index("--out") + 1].removeprefix("models/")
     card = card.with_name(card.name.removesuffix(".onnx") + ".card.json")
@@ -359,3 +360,20 @@ def test_a_new_machine_without_tcmalloc_gets_it_from_debian_before_the_runs(plan
     again = run("sr_eval", MIEN_ALLOCATOR="", LD_PRELOAD="", PATH=path)  # installed now: found, not installed again
     assert again.returncode == 0, again.stderr
     assert len((tmp_path / "apt.log").read_text().splitlines()) == 2
+
+
+def test_a_step_ended_by_a_signal_stops_the_plan_instead_of_starting_the_next_run(plan):
+    """mien train exits 143 after a SIGTERM (last.pt written): the machine's training was stopped on purpose, so the
+    plan does not go on to train the next recipe; rerun, it resumes the stopped step first."""
+    run, calls, runs = plan
+    stopped = run("ablation_base_seed1", "ablation_stn_seed1", FAIL_ON="ablation_base_seed1", FAIL_CODE="143")
+    assert stopped.returncode == 143
+    assert "STOPPED ablation_base_seed1 by signal 15" in stopped.stdout
+    assert not any("ablation_stn_seed1" in c for c in calls()) and not (runs / "ablation_base_seed1.done").exists()
+    again = run("ablation_base_seed1", "ablation_stn_seed1")
+    assert again.returncode == 0, again.stderr
+    assert [c.split()[2] for c in calls() if c.startswith("train")] == [
+        "configs/experiments/ablation_base_seed1.toml",
+        "configs/experiments/ablation_base_seed1.toml",
+        "configs/experiments/ablation_stn_seed1.toml",
+    ]

@@ -136,13 +136,17 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, str]:
 
 def _run_train(args: argparse.Namespace) -> int:
     from mien.training.models import list_models
-    from mien.training.train import train
+    from mien.training.train import Stopped, train
 
     if args.list_models:
         print("\n".join(list_models()))
         return 0
     cfg, recipe = train_config_from_args(args)
-    best = train(cfg, recipe=recipe)
+    try:
+        best = train(cfg, recipe=recipe)
+    except Stopped as stopped:  # a SIGTERM: the step under way ended and last.pt was written
+        print(f"mien train: {stopped}; rerun the same command to resume", file=sys.stderr)
+        return 128 + stopped.signum  # what a shell reports for a process the signal ended
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         where = f"at epoch {best['epoch']}; checkpoint {cfg.out}/best.pt"
         print(f"best {cfg.val_split} accuracy {best['val_acc']:.4f} {where}")

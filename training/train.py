@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -73,9 +76,41 @@ def train(cfg: TrainConfig, recipe: str = "") -> dict:
     return best
 
 
+class Stopped(Exception):
+    """A run stopped by a signal (SIGTERM: a scheduler's preemption, a container or session ending): raised once the
+    step under way has ended and ``last.pt`` holds the run up to it, so that the same command resumes it."""
+
+    def __init__(self, signum: int, epoch: int, done: int) -> None:
+        self.signum, self.epoch, self.done = signum, epoch, done
+        where = f"after {done} batches of epoch {epoch}" if done else f"before epoch {epoch}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; last.pt holds the run up to there")
+
+
+#: The signals that stop a run gracefully (the step under way ends, last.pt is written): what schedulers, container
+#: engines and torchrun's agent send before they kill.
+STOP_SIGNALS = (signal.SIGTERM,)
+
+
+@contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While training, a SIGTERM is recorded instead of killing the process at once (the list it yields gets the
+    signal's number); the loop ends the step under way, writes last.pt and raises :class:`Stopped`. Outside the
+    main thread, where Python cannot set handlers, signals keep their default action."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
     out = Path(cfg.out)
-    with run_log(out, process.is_main):
+    with run_log(out, process.is_main), stop_requests() as stop:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         generator = seed_everything(cfg.seed)  # the same seed on every rank: same init, batches and augmentation
@@ -104,9 +139,11 @@ def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
         for epoch in epochs:
             if _stop_early(cfg, progress, epoch):
                 break
+            if stop:  # during the last epoch's validation, or before the first: last.pt is already up to date
+                raise Stopped(stop[0], epoch, 0)
             sr_trains = _sr_phase(cfg, model, epoch)
             position, progress.position = progress.position or EpochPosition(epoch), None
-            clock = MidEpochCheckpoint(run, progress, position, cfg.checkpoint_minutes, process.is_main)
+            clock = MidEpochCheckpoint(run, progress, position, cfg.checkpoint_minutes, process.is_main, stop)
             train_loss, train_acc, progress.step = train_one_epoch(
                 stepped, optimizer, objective, data.train_x, data.train_y, cfg, progress.step,
                 f"epoch {epoch}/{cfg.epochs}", data.train_targets, progress.val_accs, process, ema, position, clock,
@@ -144,10 +181,12 @@ def _sr_phase(cfg: TrainConfig, model: nn.Module, epoch: int) -> bool:
 class MidEpochCheckpoint:
     """Writes ``last.pt`` every ``minutes`` in the middle of an epoch (:meth:`RunFolder.write_position`; rank 0
     only, never when ``minutes`` is 0), called by :func:`train_one_epoch` after each step; and times the epoch,
-    adding the seconds it had taken before a resume in its middle."""
+    adding the seconds it had taken before a resume in its middle. Once ``stop`` holds a signal (:func:`stop_requests`)
+    it writes ``last.pt`` after the step, whatever ``minutes`` says, and raises :class:`Stopped`."""
 
-    def __init__(self, run: RunFolder, progress: Progress, position: EpochPosition, minutes: float, writes: bool):
-        self.run, self.progress, self.position = run, progress, position
+    def __init__(self, run: RunFolder, progress: Progress, position: EpochPosition, minutes: float, writes: bool,
+                 stop: list[int] | None = None):  # fmt: skip
+        self.run, self.progress, self.position, self.writes, self.stop = run, progress, position, writes, stop
         self.every = minutes * 60 if writes and minutes > 0 else None
         self.earlier = (position.seconds, position.cpu_seconds)
         self.started = self.written = time.perf_counter()
@@ -159,8 +198,14 @@ class MidEpochCheckpoint:
                 self.earlier[1] + time.process_time() - self.cpu_started)  # fmt: skip
 
     def __call__(self, step: int) -> None:
-        if self.every is None or time.perf_counter() - self.written < self.every:
-            return
+        if self.stop:
+            if self.writes:
+                self.write(step)
+            raise Stopped(self.stop[0], self.position.epoch, self.position.done)
+        if self.every is not None and time.perf_counter() - self.written >= self.every:
+            self.write(step)
+
+    def write(self, step: int) -> None:
         self.position.seconds, self.position.cpu_seconds = self.elapsed()
         self.run.write_position(self.progress, step, self.position)
         self.written = time.perf_counter()
