@@ -53,7 +53,10 @@ mien() { PYTHONPATH=$SRC LD_PRELOAD=$PRELOAD "$PY" -m mien.cli "$@"; }
 
 PRELOAD=${LD_PRELOAD:-}  # what the mien commands preload: tcmalloc where it is installed (allocator below)
 
-tcmalloc() { { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | awk '$1 == "libtcmalloc_minimal.so.4" { print $NF; exit }'; }
+tcmalloc() {  # awk reads the whole listing: one that stopped at the first match would leave ldconfig writing into a
+    # closed pipe, and its SIGPIPE fail the pipeline under pipefail
+    { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | awk '$1 == "libtcmalloc_minimal.so.4" && !found { print $NF; found = 1 }'
+}
 
 allocator() {  # the memory allocator of the runs: tcmalloc, since glibc's maps each activation above 32 MB afresh on
     # every step and unmaps it after (docs/training.md, "The memory allocator"; the SR arms' 96×96 maps spent a sixth of

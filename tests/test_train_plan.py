@@ -344,7 +344,10 @@ def test_a_new_machine_without_tcmalloc_gets_it_from_debian_before_the_runs(plan
     stand_ins = {
         "id": "echo 0",
         "apt-get": f'echo "$*" >> {tmp_path}/apt.log; [ "$1" = update ] || touch {library}',
-        "ldconfig": f'[ -e {library} ] && echo "\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {library}"; true',
+        # the match first, then a listing as long as a real one: the plan must read it all (under pipefail, a reader
+        # that stopped at the match would leave ldconfig to die of SIGPIPE and fail the plan)
+        "ldconfig": f'[ -e {library} ] && echo "\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => {library}"; '
+        'for i in $(seq 1 20000); do echo "\tlibother$i.so (libc6,x86-64) => /usr/lib/libother$i.so"; done',
     }
     for name, body in stand_ins.items():
         (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
