@@ -112,8 +112,9 @@ class TrainConfig:
     )  # fmt: skip
     limit: int = option(0, "use only the first N training images, for smoke tests; 0 = all")
     checkpoint_minutes: float = option(
-        10.0, "also write last.pt every this many minutes inside an epoch, so that a run stopped mid-epoch "
-        "resumes from its last such step, exactly as if it had not stopped; 0 = at the end of each epoch only"
+        2.0, "also write last.pt every this many minutes inside an epoch, so that a run stopped mid-epoch "
+        "resumes from its last such step, exactly as if it had not stopped; 0 = at the end of each epoch only "
+        "(a write takes well under a second, so a SIGKILL costs at most this many minutes of training)"
     )  # fmt: skip
     augment: AugmentConfig = option(help="augmentation (training/transforms.py)", factory=AugmentConfig)
     objective: ObjectiveConfig = option(help="objective options (see training/objectives.py)", factory=ObjectiveConfig)
