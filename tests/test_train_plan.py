@@ -77,9 +77,11 @@ def test_every_training_step_names_a_recipe_of_configs_experiments():
     assert names.index("teachers") < names.index("vgg_fer_ba") < names.index("mini_xception_fm")
     for name in set(names[3:]) - {"teachers"}:
         assert (ROOT / "configs" / "experiments" / f"{name}.toml").is_file(), name
-    # issue 17: the ablation's four arms first; issue 14's FER+ network before issue 17's seed models
+    # issue 17: the ablation's four arms first; then issue 14's runs, the born-again network (its first targets) before
+    # the FER+ network (its second priority), all before issue 17's seed models
     first_seed_model = min(i for i, n in enumerate(names) if n.startswith("converged_"))
-    assert names.index("ablation_stn_sr") < names.index("vgg_fer_ferplus") < first_seed_model
+    assert names.index("ablation_stn_sr") < names.index("vgg_fer_ba") < names.index("vgg_fer_ferplus")
+    assert max(names.index(n) for n in ("vgg_fer_ferplus", "mini_xception_fm")) < first_seed_model
 
 
 def test_the_plan_runs_each_step_once_in_order_and_a_rerun_skips_what_is_done(plan):
@@ -253,9 +255,34 @@ def test_the_teachers_are_rebuilt_once_then_both_distillations_learn_from_them(p
     data = "--data /data/fer2013.npz"
     assert recorded[0] == f"recover models/vgg_fer_seed1.onnx --out {runs}/vgg_fer_seed1/best.pt {data}"
     teachers = f"--teacher {runs}/vgg_fer/best.pt,{runs}/vgg_fer_seed1/best.pt"
-    for call, recipe in zip(recorded[1:], ("vgg_fer_ba", "mini_xception_fm"), strict=True):
+    trains = [c for c in recorded if c.startswith("train")]
+    for call, recipe in zip(trains, ("vgg_fer_ba", "mini_xception_fm"), strict=True):
         assert call == f"train --config configs/experiments/{recipe}.toml {data} --out {runs}/{recipe} {teachers}"
-    assert len(recorded) == 3
+    assert len(recorded) == 1 + 2 * 4  # the recovery, then per student: train, export, eval on val and PublicTest
+
+
+def test_a_distilled_student_is_exported_as_a_trial_id_not_over_a_served_model(plan, tmp_path):
+    """A student's run is not lost with a machine that comes back without its run folder: it is exported to
+    models/trials/ under its own id (flip averaging, like every served file) and scored on val, where a session
+    decides whether it replaces a bundled model; until then nothing served changes, and its card marks it done."""
+    run, calls, runs = plan
+    (runs / "teachers.done").parent.mkdir(parents=True)
+    (runs / "teachers.done").write_text("done")
+    assert run("vgg_fer_ba", "mini_xception_fm").returncode == 0
+    recorded = calls()
+    for student in ("vgg_fer_ba", "mini_xception_fm"):
+        (export,) = [c.split() for c in recorded if c.startswith(f"export {runs}/{student}/best.pt")]
+        assert export[export.index("--out") + 1] == f"models/trials/{student}.onnx"
+        assert export[export.index("--model-id") + 1] == student and "--flip-tta" in export
+        evals = [c for c in recorded if c.startswith(f"eval models/trials/{student}.onnx")]
+        assert [e.split()[e.split().index("--split") + 1] for e in evals] == ["val", "public_test"]
+    assert not any(c.startswith(("calibrate", "recipe")) for c in recorded)  # nothing served is touched
+    assert not any("--out models/vgg_fer" in c or "--out models/mini_xception" in c for c in recorded)
+    for student in ("vgg_fer_ba", "mini_xception_fm"):
+        (runs / f"{student}.done").unlink()
+    listed = run("--list").stdout.splitlines()
+    assert f"done  vgg_fer_ba  (its exported card is in {tmp_path / 'models'})" in listed
+    assert f"done  mini_xception_fm  (its exported card is in {tmp_path / 'models'})" in listed
 
 
 def test_the_seed_models_are_published_over_their_bundled_ids_dcnn_with_ten_crop_averaging(plan, tmp_path):
