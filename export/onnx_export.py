@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from mien.card import Card, Parity, card_path, write_card
+from mien.card import Card, Parity, card_path, history_totals, write_card
 from mien.export.evaluate import eval_split, score_faces
 from mien.paths import DEFAULT_DATA
 from mien.preprocess import to_model_input
@@ -346,28 +346,15 @@ def model_card(
 
 
 def run_totals(checkpoint: Path, config: dict) -> dict:
-    """What the whole run cost, from the ``history.jsonl`` of the run folder the checkpoint is in (the checkpoint's
-    own history ends at the epoch it kept): epochs, training seconds (the epochs' wall-clock time, validation
-    included; time lost to an interrupted epoch is not counted), the torch threads, and CPU-hours: the process's
-    CPU time when every epoch recorded it (``cpu_seconds``: all its threads, never time the run spent paused),
-    else seconds × threads / 3600, an upper bound (threads 0, torch's default, counts this machine's cores); one
-    process: a torchrun run spends that on each of its processes. ``cpu_hours_from`` says which. {} when the
-    checkpoint is not in a run folder."""
+    """What the whole run cost (:func:`mien.card.history_totals`), from the ``history.jsonl`` of the run folder the
+    checkpoint is in (the checkpoint's own history ends at the epoch it kept; time lost to an interrupted epoch is
+    not counted; threads 0, torch's default, counts this machine's cores; one process: a torchrun run spends that
+    on each of its processes). {} when the checkpoint is not in a run folder."""
     path = checkpoint.parent / "history.jsonl"
     if not path.is_file():
         return {}
-    epochs: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            epochs[entry["epoch"]] = entry  # an epoch written twice (a resume after a crash) counts once
-    seconds = sum(float(e.get("seconds", 0.0)) for e in epochs.values())
-    threads = int(config.get("threads") or 0) or (os.cpu_count() or 1)
-    measured = all("cpu_seconds" in e for e in epochs.values())
-    cpu = sum(float(e["cpu_seconds"]) for e in epochs.values()) if measured else seconds * threads
-    return {"epochs": len(epochs), "seconds": round(seconds, 1), "threads": threads,
-            "cpu_hours": round(cpu / 3600, 3),
-            "cpu_hours_from": "process CPU time" if measured else "seconds x threads"}  # fmt: skip
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return history_totals(entries, int(config.get("threads") or 0) or (os.cpu_count() or 1))
 
 
 def selection_split(ckpt: dict) -> str | None:

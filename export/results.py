@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mien.card import Card, CardError, card_for
+from mien.card import Card, CardError, card_for, history_totals
 from mien.ensemble import ENSEMBLE_SUFFIX, load_classifier
 from mien.export.ablation import (
     ABLATION_ROWS,
@@ -315,9 +315,25 @@ def card_figures(card: Card | None) -> dict:
         "entropy_curve": card.calibration.entropy_curve if card and card.calibration else None,
         "weights": card.weights if card else None,  # an ensemble's members' weights (None: equal, or not one)
         "weights_fitted_on": card.weights_fitted_on if card else None,
-        "cpu_hours": training.run.get("cpu_hours") if training and training.run else None,  # the whole run's
+        **dict(zip(("cpu_hours", "cpu_hours_whole_run"), trained_cpu_hours(training), strict=True)),
         "precision": trained_precision(training),
     }
+
+
+def trained_cpu_hours(training) -> tuple[float | None, bool]:
+    """The CPU-hours of the run a card's model came from, and whether they are the whole run's: its ``run`` totals
+    when the card has them (exported from its run folder); else what the epochs of the card's own history cost, up
+    to the one it kept (the run's later epochs were in a folder lost since), a lower bound; None when the card has
+    no epochs to count, or counts only wall-clock seconds and does not say with how many threads."""
+    if training is None:
+        return None, False
+    if training.run and training.run.get("cpu_hours") is not None:
+        return training.run["cpu_hours"], True
+    history = [e for e in training.history or [] if "epoch" in e and ("seconds" in e or "cpu_seconds" in e)]
+    threads = int((training.config or {}).get("threads") or 0)
+    if not history or (not threads and not all("cpu_seconds" in e for e in history)):
+        return None, False
+    return history_totals(history, threads)["cpu_hours"], False
 
 
 def trained_precision(training) -> str | None:
@@ -394,7 +410,8 @@ def _summary(rows: list[dict], cfg: ResultsConfig, command: str) -> list[str]:
         "cells, so `row_lstm`'s figure is its fully connected layer only. Epoch kept: the epoch of the "
         "checkpoint selected on the split; s/epoch: median training seconds per epoch; CPU-hours: what the whole "
         "run took, its process's CPU time (older runs: wall-clock seconds × torch threads), on the card of a model "
-        "exported from its run folder.",
+        "exported from its run folder; ≥: a card that holds only the epochs up to the kept one (its run's folder, "
+        "with the later epochs, was lost before the card recorded the whole run), so the figure counts those.",
         "",
         f"Occluded: accuracy when a mid-grey square covering {cfg.occlusion_area:.0%} of each face is pasted at a "
         f"random place (seed {cfg.seed}; the same patches for every model).",
@@ -408,7 +425,8 @@ def _summary(rows: list[dict], cfg: ResultsConfig, command: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r["accuracy"]):
-        hours = "" if r.get("cpu_hours") is None else f"{r['cpu_hours']:.1f}"
+        bound = "" if r.get("cpu_hours_whole_run") else "≥ "  # the card counts only the epochs up to the kept one
+        hours = "" if r.get("cpu_hours") is None else f"{bound}{r['cpu_hours']:.1f}"
         lines.append(
             f"| `{r['model_id']}` | {pct(r['accuracy'])} | {pct(r['macro_f1'])} | {pct(r['occluded_accuracy'])} "
             f"| {_count(r['parameters'], 1e6, 'M')} | {_count(r['macs'], 1e6, 'M')} | {r['ms_per_face_b1']:.2f} "

@@ -14,6 +14,7 @@ through an older one. :func:`write_card` writes what was set, so read-then-write
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +75,20 @@ class Training(_Block):
     # the whole run (not only up to the kept epoch): epochs, seconds, threads, cpu_hours; absent on
     # older cards and for a checkpoint exported outside its run folder
     run: dict[str, Any] = {}
+
+
+def history_totals(entries: Iterable[dict[str, Any]], threads: int) -> dict[str, Any]:
+    """What the epochs of a training history cost: their number (an epoch written twice, by a resume after a crash,
+    counts once), their training seconds (wall clock, validation included), the torch threads, and CPU-hours: the
+    process's CPU time when every epoch recorded it (``cpu_seconds``: all its threads, never time the run spent
+    paused), else seconds × threads / 3600, an upper bound for those epochs. ``cpu_hours_from`` says which."""
+    epochs = {int(e["epoch"]): e for e in entries}
+    seconds = sum(float(e.get("seconds", 0.0)) for e in epochs.values())
+    measured = all("cpu_seconds" in e for e in epochs.values())
+    cpu = sum(float(e["cpu_seconds"]) for e in epochs.values()) if measured else seconds * threads
+    return {"epochs": len(epochs), "seconds": round(seconds, 1), "threads": threads,
+            "cpu_hours": round(cpu / 3600, 3),
+            "cpu_hours_from": "process CPU time" if measured else "seconds x threads"}  # fmt: skip
 
 
 class Parity(_Block):

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from mien.card import Training
 from mien.export.ensemble import write_ensemble
 from mien.export.evaluate import evaluate_path
 from mien.export.figures import intermediate, node_tensor
 from mien.export.onnx_export import ExportConfig, export_checkpoint
-from mien.export.results import ResultsConfig, occlude, write_results
+from mien.export.results import ResultsConfig, _summary, occlude, trained_cpu_hours, write_results
 from mien.preprocess import to_model_input
 from mien.runtime import OnnxClassifier
 from mien.training.models import create_model, default_spec
@@ -70,6 +71,35 @@ def test_a_row_per_servable_model_with_the_evaluated_accuracy(results, tiny_npz,
     assert by_id["ensemble"]["members"] == ["mini_xception", "stn_resnet10_triplet"]
     saved = json.loads((root / "docs" / "figures" / "results" / "results.json").read_text())
     assert [r["model_id"] for r in saved] == [r["model_id"] for r in rows]
+
+
+def test_cpu_hours_are_the_whole_runs_or_a_marked_lower_bound_from_the_cards_own_epochs():
+    """A card exported from its run folder carries the whole run's CPU-hours; an older card, whose run folder was
+    lost, holds only the epochs up to the kept one: the table counts those (CPU time where every epoch recorded it,
+    else seconds x threads) and marks the figure as a lower bound; with nothing to count, nothing is claimed."""
+    history = [
+        {"epoch": 1, "seconds": 1800.0, "cpu_seconds": 3000.0},
+        {"epoch": 2, "seconds": 1800.0, "cpu_seconds": 3600.0},
+    ]
+    whole = Training(config={"threads": 2}, history=history, run={"epochs": 5, "cpu_hours": 4.5})
+    assert trained_cpu_hours(whole) == (4.5, True)
+    assert trained_cpu_hours(Training(config={"threads": 2}, history=history)) == (
+        pytest.approx(6600 / 3600, abs=1e-3),
+        False,
+    )
+    wall = [{"epoch": 1, "seconds": 1800.0}, {"epoch": 2, "seconds": 900.0}, {"epoch": 2, "seconds": 900.0}]
+    assert trained_cpu_hours(Training(config={"threads": 2}, history=wall)) == (pytest.approx(1.5), False)
+    assert trained_cpu_hours(Training(config={}, history=wall)) == (None, False)  # threads unknown: no guess
+    assert trained_cpu_hours(Training(config={"threads": 2})) == (None, False)
+    assert trained_cpu_hours(None) == (None, False)
+    row = {"model_id": "m", "accuracy": 0.5, "macro_f1": 0.4, "occluded_accuracy": 0.3, "parameters": 10, "macs": 10,
+           "ms_per_face_b1": 1.0, "ms_per_face_b32": 1.0, "epochs": 2, "seconds_per_epoch": 1800.0,
+           "num_images": 100}  # fmt: skip
+    cells = {}
+    for whole_run in (True, False):
+        table = _summary([{**row, "cpu_hours": 1.83, "cpu_hours_whole_run": whole_run}], ResultsConfig(), "")
+        cells[whole_run] = table[-1].split(" | ")[10]
+    assert cells == {True: "1.8", False: "≥ 1.8"}
 
 
 def test_a_variant_on_a_subset_of_the_classes_is_scored_on_its_faces_in_a_table_of_its_own(results, tiny_npz, tmp_path):
