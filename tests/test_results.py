@@ -15,7 +15,8 @@ from mien.export.ensemble import write_ensemble
 from mien.export.evaluate import evaluate_path
 from mien.export.figures import intermediate, node_tensor
 from mien.export.onnx_export import ExportConfig, export_checkpoint
-from mien.export.results import ResultsConfig, _summary, occlude, trained_cpu_hours, write_results
+from mien.export.results import ResultsConfig, occlude, trained_cpu_hours, write_results
+from mien.export.results_page import _summary
 from mien.preprocess import to_model_input
 from mien.runtime import OnnxClassifier
 from mien.training.models import create_model, default_spec
