@@ -15,15 +15,10 @@ from mien.training.checkpoint import load_model
 from mien.training.config import ObjectiveConfig
 from mien.training.data import load_dataset
 from mien.training.layers import EDSR
+from mien.training.losses import sgan_discriminator_loss
 from mien.training.models import create_model, default_spec, list_models
-from mien.training.objectives import (
-    OBJECTIVES,
-    CrossEntropy,
-    TripletObjective,
-    balanced_batches,
-    build_objective,
-    sgan_discriminator_loss,
-)
+from mien.training.objectives import OBJECTIVES, CrossEntropy, TripletObjective, build_objective
+from mien.training.sampling import balanced_batches
 from mien.training.sr_pretrain import SRPretrainConfig, downscale, pretrain_sr, sr_l1
 from mien.training.train import TrainConfig, train
 from mien.training.transforms import normalize

@@ -1,8 +1,9 @@
-"""Losses beyond cross-entropy."""
+"""Losses beyond cross-entropy: the triplet loss (stn_resnet10_triplet) and the semi-supervised GAN's (sgan)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
@@ -32,3 +33,25 @@ def batch_hard_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, marg
         return embeddings.sum() * 0.0
     losses = torch.relu(hardest_positive - hardest_negative + margin)
     return losses[valid].mean()
+
+
+def sgan_discriminator_loss(
+    real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor, label_smoothing: float, unsupervised_weight: float
+) -> torch.Tensor:
+    """Salimans et al. (2016): supervised CE on the K real classes + the real-vs-fake loss.
+
+    ``real``/``fake`` are the K+1 logits (last = fake). p(real | x) = Σ_k<K exp(l_k) / Σ_all exp(l), so
+    -log p(real) = lse(all) - lse(real classes) and -log p(fake) = lse(all) - l_fake, in log-sum-exp
+    form for stability. All training faces are labelled here, so the same batch serves as the
+    "unlabelled" real batch; with an unlabelled set it would take that one's place.
+    """
+    k = real.shape[1] - 1
+    supervised = F.cross_entropy(real[:, :k], y, label_smoothing=label_smoothing)
+    real_is_real = (torch.logsumexp(real, 1) - torch.logsumexp(real[:, :k], 1)).mean()
+    fake_is_fake = (torch.logsumexp(fake, 1) - fake[:, k]).mean()
+    return supervised + unsupervised_weight * (real_is_real + fake_is_fake)
+
+
+def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the batch means of the discriminator's features (Salimans et al., 2016)."""
+    return (real_features.detach().mean(0) - fake_features.mean(0)).pow(2).sum()

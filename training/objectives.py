@@ -38,8 +38,9 @@ from mien.training.distill import distillation_loss, load_teachers, teacher_targ
 from mien.training.hardware import in_layout
 from mien.training.layers import EDSR, SpatialTransformer
 from mien.training.layers.stn import affine_stats, has_spatial_transformer, identity_penalty, recorded_thetas
-from mien.training.losses import batch_hard_triplet_loss
+from mien.training.losses import batch_hard_triplet_loss, feature_matching_loss, sgan_discriminator_loss
 from mien.training.occlusion import random_occlusion
+from mien.training.sampling import balanced_batches, shuffled_batches
 from mien.training.tencrop import FACE_SIZE, random_ten_crop, ten_crop_logits
 from mien.training.transforms import build_transforms, mix_batch
 
@@ -84,50 +85,6 @@ def predict_logits(
             for i in range(0, len(images), batch_size)
         ]
     )
-
-
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A random permutation cut into full batches (the ragged last batch is dropped: BN on tiny batches)."""
-    order = torch.randperm(n, generator=generator)
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n // batch_size)]
-
-
-def balanced_batches(
-    labels: torch.Tensor, batch_size: int, per_class: int, generator: torch.Generator
-) -> list[torch.Tensor]:
-    """Class-balanced batches for triplet mining: P classes × K faces each.
-
-    P = min(classes present, batch_size // per_class) random classes per batch and K = batch_size // P
-    faces of each, so a batch holds ≥ ``per_class`` faces per class (every anchor has positives and
-    negatives) and about ``batch_size`` faces. Each class is drawn without replacement from its own
-    shuffled pool, reshuffled when used up, so rare classes (FER2013's disgust) repeat within an epoch
-    (but not within a batch, unless the class has fewer than K faces).
-    An epoch keeps the plain loop's number of steps, len(labels) // batch_size.
-    """
-    classes = labels.unique()
-    p = min(len(classes), batch_size // per_class)
-    if p < 2:
-        raise ValueError(
-            f"a balanced batch needs ≥ 2 classes of {per_class} faces: batch size {batch_size} holds "
-            f"{batch_size // per_class} class(es) and the data has {len(classes)}"
-        )
-    k = batch_size // p
-    pools = {int(c): (labels == c).nonzero().flatten() for c in classes}
-    queues = {c: pool[torch.randperm(len(pool), generator=generator)] for c, pool in pools.items()}
-    batches = []
-    for _ in range(len(labels) // batch_size):
-        chosen = classes[torch.randperm(len(classes), generator=generator)[:p]]
-        parts = []
-        for c in chosen.tolist():
-            while len(queues[c]) < k:  # top up with a fresh shuffle of the class
-                fresh = pools[c][torch.randperm(len(pools[c]), generator=generator)]
-                if len(pools[c]) >= k:  # leftovers go first; skipping them keeps every face once per batch
-                    fresh = fresh[~torch.isin(fresh, queues[c])]
-                queues[c] = torch.cat([queues[c], fresh])
-            parts.append(queues[c][:k])
-            queues[c] = queues[c][k:]
-        batches.append(torch.cat(parts))
-    return batches
 
 
 def param_groups(model: nn.Module, cfg) -> list[dict]:
@@ -350,28 +307,6 @@ class TenCropObjective(CrossEntropy):
         )
         metrics["val_acc_tencrop"] = (logits.argmax(1) == labels).float().mean().item()
         return metrics
-
-
-def sgan_discriminator_loss(
-    real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor, label_smoothing: float, unsupervised_weight: float
-) -> torch.Tensor:
-    """Salimans et al. (2016): supervised CE on the K real classes + the real-vs-fake loss.
-
-    ``real``/``fake`` are the K+1 logits (last = fake). p(real | x) = Σ_k<K exp(l_k) / Σ_all exp(l), so
-    -log p(real) = lse(all) - lse(real classes) and -log p(fake) = lse(all) - l_fake, in log-sum-exp
-    form for stability. All training faces are labelled here, so the same batch serves as the
-    "unlabelled" real batch; with an unlabelled set it would take that one's place.
-    """
-    k = real.shape[1] - 1
-    supervised = F.cross_entropy(real[:, :k], y, label_smoothing=label_smoothing)
-    real_is_real = (torch.logsumexp(real, 1) - torch.logsumexp(real[:, :k], 1)).mean()
-    fake_is_fake = (torch.logsumexp(fake, 1) - fake[:, k]).mean()
-    return supervised + unsupervised_weight * (real_is_real + fake_is_fake)
-
-
-def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
-    """Squared distance between the batch means of the discriminator's features (Salimans et al., 2016)."""
-    return (real_features.detach().mean(0) - fake_features.mean(0)).pow(2).sum()
 
 
 class SGANObjective(CrossEntropy):
