@@ -26,11 +26,12 @@ from mien.training.models import create_model, default_spec
 from mien.training.models.base_cnn import ABLATION_ARMS, ablation_arms, ablation_model_kwargs
 from mien.training.objectives import CrossEntropy, build_objective, param_groups
 from mien.training.recipe import config_from_dict, load_recipe
+from mien.training.run_data import load_splits
 from mien.training.schedule import get_lr
 from mien.training.sr_eval import evaluate_sr, format_sr_evaluation, psnr, ssim, to_grey_levels
 from mien.training.sr_pretrain import l1_step, pretrain_sr, resolve_sr_kwargs, resume_path, sr_faces, sr_l1
 from mien.training.support import check_supported
-from mien.training.train import build_model, load_splits, seed_everything, train
+from mien.training.train import build_model, seed_everything, train
 from mien.training.transforms import normalize
 from tests.conftest import train_interrupted, write_npz
 

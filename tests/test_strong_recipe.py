@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from mien.training.data import FaceDataset, carve_validation, load_dataset
 from mien.training.distill import distillation_loss, load_teachers, soften
-from mien.training.train import TrainConfig, load_labelled, train
+from mien.training.run_data import load_labelled
+from mien.training.train import TrainConfig, train
 from mien.training.transforms import AugmentConfig, mix_batch, random_affine, random_erasing
 from tests.conftest import SHARED_DATA, train_interrupted
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,6 @@ from mien.machine import allocator
 from mien.spec import PreprocessSpec
 from mien.training.config import TrainConfig
 from mien.training.curves import plot_curves
-from mien.training.data import CARVED_SPLIT, FaceDataset, load_dataset, load_with_validation, select_labels
-from mien.training.ferplus import LABEL_SOURCES, TARGETS, default_votes_path, ferplus_dataset
 from mien.training.hardware import (
     Process,
     all_reduce_sum,
@@ -48,6 +46,7 @@ from mien.training.hardware import (
 from mien.training.layers import as_served
 from mien.training.models import create_model, default_spec
 from mien.training.objectives import CrossEntropy, StepContext, build_objective, predict_logits
+from mien.training.run_data import load_splits
 from mien.training.run_folder import EpochPosition, Progress, RunFolder, run_log
 from mien.training.schedule import apply_lr, epochs_without_improvement, get_lr
 from mien.training.sr_pretrain import init_sr_front_end, resolve_sr_kwargs
@@ -217,56 +216,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def load_labelled(cfg: TrainConfig) -> tuple[FaceDataset, np.ndarray | None]:
-    """The data set with the run's labels, and the soft targets (one row per image) when training on them."""
-    if cfg.val_split == CARVED_SPLIT:
-        data = load_with_validation(cfg.data, cfg.val_fraction, cfg.val_seed, source=cfg.train_split)
-    else:
-        data = load_dataset(cfg.data)
-    if cfg.label_source not in LABEL_SOURCES:
-        raise ValueError(f"label source must be one of {LABEL_SOURCES}, got {cfg.label_source!r}")
-    if cfg.ferplus_target not in TARGETS:
-        raise ValueError(f"FER+ target must be one of {TARGETS}, got {cfg.ferplus_target!r}")
-    soft = None
-    if cfg.label_source != "fer2013":
-        data, soft = ferplus_dataset(data, cfg.ferplus_votes or default_votes_path(cfg.data), cfg.label_source)
-        if cfg.ferplus_target == "majority":
-            soft = None
-    if soft is not None and (cfg.labels is not None or cfg.label_map):
-        raise ValueError("--labels/--label-map pick hard labels; with --ferplus-target soft use --label-source instead")
-    if cfg.labels is not None or cfg.label_map:
-        data = select_labels(data, cfg.labels, cfg.label_map)
-    return data, soft
-
-
-@dataclass
-class Splits:
-    """The run's faces as tensors; ``train_targets``: one probability row per training face (FER+ soft
-    targets) or None."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    train_targets: torch.Tensor | None
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    label_names: tuple[str, ...]
-
-
-def load_splits(cfg: TrainConfig) -> Splits:
-    """The training and validation faces of ``cfg``, with ``cfg.limit`` applied to training."""
-    data, soft = load_labelled(cfg)
-    train_x, train_y = data.subset(cfg.train_split)
-    val_x, val_y = data.subset(cfg.val_split)
-    train_t = torch.from_numpy(soft[data.split == cfg.train_split][: cfg.limit or None]) if soft is not None else None
-    if cfg.limit:
-        train_x, train_y = train_x[: cfg.limit], train_y[: cfg.limit]
-    log.info(
-        "data %s: %d train (%s), %d validation (%s)", cfg.data, len(train_y), cfg.train_split, len(val_y), cfg.val_split
-    )
-    return Splits(torch.from_numpy(train_x), torch.from_numpy(train_y), train_t, torch.from_numpy(val_x),
-                  torch.from_numpy(val_y), data.label_names)  # fmt: skip
 
 
 def build_model(
