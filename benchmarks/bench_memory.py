@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_memory.py [--rounds 15] [--per-round 2000] [--concurrency 32]
         [--setting detector=yunet --setting threads=1 ...]
 
-Starts ``mien serve`` (``benchmarks/bench_service.py``'s server), sends ``--rounds`` × ``--per-round``
+Starts ``mien serve`` (``benchmarks/server_load.py``'s server), sends ``--rounds`` × ``--per-round``
 POST /predict requests of the package photos in turn at ``--concurrency``, and prints VmRSS after each
 round, with the least-squares slope in MB per 1000 requests (a leak climbs; allocator pools level off).
 """
@@ -15,7 +15,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
-from bench_service import ROOT, jpeg, load, photos, rss_mb, server
+from server_load import ROOT, jpeg, load, photos, rss_mb, server
 
 
 def main() -> None:
@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--setting", action="append", default=["threads=1"], help="a MIEN_ setting, key=value")
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/mien-bench-memory.log"))
     args = parser.parse_args()
+    if args.rounds < 2 or args.per_round < 1:
+        parser.error("--rounds must be at least 2 (a slope needs two points) and --per-round at least 1")
     env = dict(item.split("=", 1) for item in args.setting)
     bodies = [(name, jpeg(image)) for name, image in photos()]
     with server(args.models, args.server_log, **env) as (url, pid):

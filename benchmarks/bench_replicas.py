@@ -48,8 +48,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_service import free_port, jpeg, load, percentile  # noqa: E402
 from benchmarks.detect_photos import real_photo  # noqa: E402
+from benchmarks.server_load import free_port, jpeg, load, percentile  # noqa: E402
 from mien.machine import describe_cpu  # noqa: E402
 
 HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"

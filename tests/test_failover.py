@@ -29,8 +29,8 @@ import httpx
 import pytest
 
 from benchmarks.bench_replicas import SERVERS, Replica, find_haproxy, haproxy, model_folder
-from benchmarks.bench_service import jpeg
 from benchmarks.detect_photos import real_photo
+from benchmarks.server_load import jpeg
 from mien.client import MienClient, MienError
 
 TOTAL = 300  # POST /predict requests per failover test
