@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.detect_photos import real_photo  # noqa: E402
-from benchmarks.server_load import free_port, jpeg, load, percentile  # noqa: E402
+from benchmarks.server_load import free_port, jpeg, load, percentile, terminate, wait_ready  # noqa: E402
 from mien.machine import describe_cpu  # noqa: E402
 
 HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -91,16 +91,7 @@ class Replica:
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mien serve exited with {self.process.returncode}; see {self.log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mien serve was not ready within {timeout:.0f} s; see {self.log}")
-            time.sleep(0.2)
+        wait_ready(self.process, self.url, self.log, timeout)
 
     def predictions(self) -> int:
         """POST /predict requests this replica answered 200, from its own /metrics (mien_predict_requests)."""
@@ -220,12 +211,7 @@ def haproxy(replicas: list[str], workdir: Path, config: Path = HAPROXY_CONFIG) -
             time.sleep(0.05)
         yield proxy
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        terminate(process, 10.0)
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------

@@ -43,6 +43,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_ready(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 600.0) -> None:
+    """Return once ``url``/ready answers 200; raise if the server process exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"mien serve exited with {process.returncode}; see {log_path}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"mien serve was not ready within {timeout:.0f} s; see {log_path}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def server(model_dir: Path, log_path: Path, **env: str) -> Iterator[tuple[str, int]]:
     """``mien serve`` in a subprocess; yields (base URL, pid) once /ready answers 200."""
@@ -54,23 +68,20 @@ def server(model_dir: Path, log_path: Path, **env: str) -> Iterator[tuple[str, i
         process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready within 10 minutes; see {log_path}")
-            time.sleep(0.2)
+        wait_ready(process, url, log_path)
         yield url, process.pid
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        terminate(process, 30.0)
+
+
+def terminate(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, and SIGKILL when the process has not ended ``timeout`` seconds later."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
 
 
 def rss_mb(pid: int) -> float:
