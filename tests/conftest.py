@@ -169,3 +169,23 @@ def train_interrupted(cfg, epochs: int, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         train_module.train(cfg)
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+
+
+# --- `mien analyze` (test_analyze.py, test_analyze_outputs.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    """The bundled default model and detector, on the CPU, for ``mien analyze``."""
+    from mien.service.analysis import AnalyzeOptions, Analyzer
+    from tests.video_helpers import CPU, MODELS
+
+    return Analyzer.load(MODELS, AnalyzeOptions(), providers=CPU)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    """A 30-frame, 10 fps mp4 of one head moving right by 5 pixels a frame (tests/video_helpers.py)."""
+    from tests.video_helpers import moving_face
+
+    return moving_face(tmp_path_factory.mktemp("video") / "moving.mp4")
