@@ -1,30 +1,38 @@
 """The catalogue of bad and awkward inputs (docs/robustness.md): each gets its own status and error code, or a
 correct answer when the input is a valid image; none gets a 5xx, and the service answers afterwards.
 
-Every image is made here, from scikit-image's astronaut photo (one face) and coffee photo (none).
+Every input is made in code (tests/bad_media.py), from scikit-image's astronaut photo (one face) and coffee photo
+(none). An upload over the size limit: tests/test_upload_limit.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import io
 import re
-import struct
-import tempfile
-import wave
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
-from skimage import data
 
+from tests.bad_media import (
+    astronaut,
+    astronaut_pil,
+    encode,
+    garbage,
+    gif_animated,
+    gif_claiming,
+    jpeg_claiming,
+    jpeg_exif,
+    panorama,
+    pil_bytes,
+    png_16bit,
+    png_claiming,
+    png_rgba,
+    video,
+    wav,
+)
 from tests.conftest import CPU, make_client
 
 ROBUSTNESS_DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
@@ -33,129 +41,6 @@ FACE_X, FACE_Y = (170, 275), (55, 170)
 V2_INFER = "/v2/models/mini_xception/infer"
 BATCH = "/predict/batch"
 VIDEO = "/analyze/video"
-
-
-# --- images, made in code ------------------------------------------------------------------------
-
-
-def astronaut() -> np.ndarray:
-    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
-
-
-def encode(image: np.ndarray, ext: str, params: tuple[int, ...] = ()) -> bytes:
-    ok, buf = cv2.imencode(ext, image, list(params))
-    assert ok
-    return buf.tobytes()
-
-
-def pil_bytes(image: Image.Image, fmt: str, **save: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **save)
-    return buf.getvalue()
-
-
-def astronaut_pil() -> Image.Image:
-    return Image.fromarray(data.astronaut())
-
-
-def png_16bit() -> bytes:
-    return encode(astronaut().astype(np.uint16) * 257, ".png")
-
-
-def png_rgba() -> bytes:
-    alpha = np.full((512, 512, 1), 255, np.uint8)
-    alpha[:64, :64] = 0  # a transparent corner
-    return encode(np.concatenate([astronaut(), alpha], axis=2), ".png")
-
-
-def gif_animated(face_first: bool) -> bytes:
-    face, other = astronaut_pil(), Image.fromarray(data.coffee()).resize((512, 512))
-    frames = [face, other] if face_first else [other, face]
-    return pil_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
-
-
-def jpeg_exif(orientation: int) -> bytes:
-    """The astronaut stored turned so that EXIF ``orientation`` shows her upright again."""
-    stored = {6: cv2.ROTATE_90_COUNTERCLOCKWISE, 3: cv2.ROTATE_180, 8: cv2.ROTATE_90_CLOCKWISE}[orientation]
-    turned = cv2.cvtColor(cv2.rotate(astronaut(), stored), cv2.COLOR_BGR2RGB)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return pil_bytes(Image.fromarray(turned), "JPEG", exif=exif, quality=95)
-
-
-def panorama() -> bytes:
-    """10,000 × 512 pixels, the astronaut at x = 7000."""
-    canvas = np.full((512, 10_000, 3), 127, np.uint8)
-    canvas[:, 7000:7512] = astronaut()
-    return encode(canvas, ".jpg")
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A well-formed PNG header (valid CRC) declaring width × height, with a few bytes of pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(bytes(1024))
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    """A real JPEG whose frame header (SOF0) is rewritten to declare width × height."""
-    jpeg = bytearray(encode(astronaut(), ".jpg"))
-    sof = jpeg.index(b"\xff\xc0")
-    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(jpeg)
-
-
-def gif_claiming(width: int, height: int) -> bytes:
-    gif = bytearray(pil_bytes(astronaut_pil().resize((16, 16)), "GIF"))
-    gif[6:10] = struct.pack("<HH", width, height)
-    return bytes(gif)
-
-
-def garbage() -> bytes:
-    return np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-
-
-# --- videos, made in code (cv2.VideoWriter; there is no ffmpeg here to make an audio-only mp4) ----------------
-
-
-# kind: frames, frames per second, codec, container
-VIDEOS = {"face": (30, 10.0, "mp4v", ".mp4"), "blank": (30, 10.0, "mp4v", ".mp4"), "slow": (10, 0.01, "MJPG", ".avi"),
-          "zero": (0, 10.0, "MJPG", ".avi")}  # fmt: skip
-
-
-@functools.cache
-def video(kind: str) -> bytes:
-    """A short video as bytes: ``face`` (the astronaut's head moving over 320×240, 30 frames at 10 fps, mp4v),
-    ``blank`` (the same canvas with no face), ``slow`` (10 MJPG frames at 0.01 fps: an AVI of about 90 KB that
-    declares 1000 s), ``zero`` (a valid AVI with no frame)."""
-    count, fps, fourcc, suffix = VIDEOS[kind]
-    face = cv2.resize(astronaut()[20:220, 125:325], (100, 100), interpolation=cv2.INTER_AREA)
-    with tempfile.TemporaryDirectory() as folder:
-        path = str(Path(folder) / f"v{suffix}")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (320, 240))
-        assert writer.isOpened()
-        for i in range(count):
-            frame = np.full((240, 320, 3), 110, np.uint8)
-            if kind != "blank":
-                frame[60:160, 20 + 5 * i : 120 + 5 * i] = face
-            writer.write(frame)
-        writer.release()
-        return Path(path).read_bytes()
-
-
-def wav() -> bytes:
-    """One second of silence, 8 kHz mono: audio with no picture."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(8000)
-        out.writeframes(bytes(16000))
-    return buf.getvalue()
 
 
 def one_track(body: dict) -> None:
@@ -489,69 +374,3 @@ def test_docs_table_lists_every_case_with_its_status_and_code():
         assert status == case.status, case.id
         assert code == (case.code or "—"), case.id
         assert len(advice) > 5, case.id
-
-
-# --- refused without reading the body ------------------------------------------------------------
-
-
-def _post_raw(app, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, int]:
-    """Drive the ASGI app directly: (status, JSON body, how many body chunks the app asked for)."""
-    import json
-
-    reads = 0
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        nonlocal reads
-        reads += 1
-        if reads > len(chunks):
-            return {"type": "http.disconnect"}
-        return {"type": "http.request", "body": chunks[reads - 1], "more_body": reads < len(chunks)}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    boundary = [(b"content-type", b"multipart/form-data; boundary=B")]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict",
-        "raw_path": b"/predict",
-        "root_path": "",
-        "query_string": b"",
-        "headers": boundary + headers,
-        "client": ("test", 1),
-        "server": ("test", 80),
-    }
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], json.loads(body), reads
-
-
-def _limited_app(model_dir: Path):
-    from mien.service.config import Settings
-    from mien.service.main import create_app
-
-    return create_app(Settings(model_dir=model_dir, providers=CPU, max_upload_bytes=1000))
-
-
-# The start of a well-formed upload, so that only the size can be wrong with it.
-PART_HEAD = b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
-
-
-def test_declared_body_over_the_limit_is_refused_without_reading_a_byte(model_dir):
-    chunks = [PART_HEAD] + [bytes(64 * 1024)] * 40
-    status, body, reads = _post_raw(_limited_app(model_dir), chunks, [(b"content-length", b"2621440")])
-    assert (status, body["error"]["code"]) == (413, "too_large")
-    assert reads == 0
-
-
-def test_streamed_body_over_the_limit_is_cut_off_early(model_dir):
-    chunks = [PART_HEAD] + [bytes(64 * 1024)] * 40  # 2.5 MB, no Content-Length; the limit is 1000 + 64 KiB
-    status, body, reads = _post_raw(_limited_app(model_dir), chunks, [])
-    assert (status, body["error"]["code"]) == (413, "too_large")
-    assert reads <= 4  # the part's head, then at most 64 KiB + 1000 bytes and the chunk that passes it
