@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,26 @@ def test_split_overlap_drop_is_val_less_public_test_on_the_masked_faces():
     # on a subset: the val faces 0-499 are 100% right, the test faces 600-1199 are 40% right
     subset = {"val": np.arange(1000) < 500, "public_test": np.arange(1200) >= 600}
     assert module.accuracy_drop(correct, subset)["points"] == pytest.approx(60.0)
+
+
+def test_compare_curves_reads_runs_and_cards_and_puts_the_first_against_the_others(tmp_path):
+    module = _benchmark("compare_curves")
+    run = tmp_path / "run_a"
+    run.mkdir()
+    rows = [{"epoch": e, "val_acc": 0.5 + 0.01 * e} for e in range(1, 13)]
+    rows.insert(5, {"epoch": 3, "val_acc": 0.0})  # an epoch written twice by a resume: the last row counts
+    rows[6:6] = [{"epoch": 3, "val_acc": 0.535}]
+    (run / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    card = tmp_path / "b.card.json"
+    card.write_text(json.dumps({"training": {"history": [{"epoch": e, "val_acc": 0.5} for e in range(1, 21)]}}))
+    histories = {module.label(p): module.load_history(p) for p in (run, card)}
+    assert list(histories) == ["run_a", "b"] and [r["epoch"] for r in histories["run_a"]] == list(range(1, 13))
+    assert histories["run_a"][2]["val_acc"] == 0.535
+    table = module.compare(histories, "val_acc", 5)
+    assert [line.split("|")[1].strip() for line in table[2:-1]] == ["5", "10", "12"]  # every 5th and the last
+    assert table[-2] == "| 12 | 62.00 | 50.00 | +12.00 |"
+    assert table[-1] == "| best so far | 62.00 (epoch 12 of 12) | 50.00 (epoch 1 of 20) | |"
+    module.plot(histories, "val_acc", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no history.jsonl"):
+        module.load_history(tmp_path)
