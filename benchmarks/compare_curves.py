@@ -4,9 +4,10 @@
         models/vgg_fer_seed1.card.json [--every 10] [--plot curves.png] [--metric val_acc]
 
 Each argument is a run folder (its ``history.jsonl``, written by ``mien train`` every epoch) or a model card (the
-history its training left in it). Prints a markdown table of the metric at every ``--every``-th epoch and at the
-last epoch the first run has reached, the first run's difference from the mean of the others at that epoch, and
-each run's best so far; ``--plot`` draws the curves (PNG). Reads only what the runs wrote: no model is run.
+history its training left in it, which ends at the epoch the exported weights were kept from). Prints a markdown
+table of the metric at every ``--every``-th epoch and at the last epoch the first run has reached, the first run's
+difference from the mean of the others at that epoch, and each run's best so far; ``--plot`` draws the curves (PNG).
+Reads only what the runs wrote: no model is run.
 """
 
 from __future__ import annotations
