@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--all", action="store_true", help="keep candidates that trained on --split's faces")
+    parser.add_argument("--cache", default=None, help="a folder keeping unchanged models' probabilities between runs")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else sorted(p.stem for p in Path(args.model_dir).glob("*.onnx"))
     if not args.all:
@@ -40,8 +41,9 @@ def main() -> None:
     if not names:
         parser.error(f"no candidate has {args.split} held out from its training")
     probs, truth = member_probabilities(
-        args.model_dir, names, args.data, args.split, args.flip, on_model=lambda n, acc: print(f"{n:24s} {acc:.4f}")
-    )
+        args.model_dir, names, args.data, args.split, args.flip,
+        on_model=lambda n, acc: print(f"{n:24s} {acc:.4f}"), cache=args.cache,
+    )  # fmt: skip
     chosen: list[str] = []
     best = 0.0
     for name, score in greedy_members(probs, truth):

@@ -270,6 +270,9 @@ def _add_results(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--readme", default="README.md",
                    help="the README whose tables between '<!-- mien results: NAME -->' markers are rewritten "
                    "('' for none)")  # fmt: skip
+    p.add_argument("--cache", default=None,
+                   help="a folder keeping each model's probabilities on the faces it scored: a model file left "
+                   "unchanged is not scored again on the same faces (timings are always measured)")  # fmt: skip
     p.set_defaults(func=_run_results)
 
 
@@ -280,7 +283,7 @@ def _run_results(args: argparse.Namespace) -> int:
                         figures=args.figures, threads=args.threads, repeats=args.repeats,
                         reference=args.reference, default_model=args.default_model,
                         seed_dir=args.seed_dir, variant_dir=args.variant_dir,
-                        readme=args.readme or None)  # fmt: skip
+                        readme=args.readme or None, cache=args.cache)  # fmt: skip
     rows = write_results(cfg, "mien " + shlex.join(sys.argv[1:]))
     for row in sorted(rows, key=lambda r: -r["accuracy"]):
         print(f"{row['model_id']:24s} accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f}  "

@@ -18,6 +18,7 @@ import numpy as np
 from mien.card import card_for
 from mien.ensemble import select_columns
 from mien.export.evaluate import SplitFaces, eval_split
+from mien.export.prob_cache import cached
 from mien.runtime import OnnxClassifier
 
 Probabilities = dict[str, np.ndarray]  # model id -> (faces × scored classes)
@@ -46,14 +47,17 @@ def member_probabilities(
     split: str,
     flip: bool = False,
     on_model: Callable[[str, float], None] | None = None,
+    cache: str | Path | None = None,
 ) -> tuple[Probabilities, np.ndarray]:
     """Each model's probabilities for the faces of ``split`` (averaged with their mirrors' with ``flip``),
-    and the truth. ``on_model(name, accuracy)`` is called after each model."""
+    and the truth. ``on_model(name, accuracy)`` is called after each model; ``cache``: a folder keeping the
+    probabilities of unchanged files between calls (:mod:`mien.export.prob_cache`)."""
     probs: Probabilities = {}
     faces: dict[tuple[str, ...], SplitFaces] = {}  # one data load per label set, not per model
     truth = np.zeros(0, np.int64)
     for name in names:
-        clf = OnnxClassifier.from_path(Path(model_dir) / f"{name}.onnx", providers=("CPUExecutionProvider",))
+        path = Path(model_dir) / f"{name}.onnx"
+        clf = cached(OnnxClassifier.from_path(path, providers=("CPUExecutionProvider",)), path, cache)
         labels = tuple(clf.spec.labels)
         if labels not in faces:
             faces[labels] = eval_split(data, split, labels)

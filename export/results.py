@@ -36,6 +36,7 @@ from mien.export.ablation import (
 from mien.export.calibration import plot_coverage, plot_reliability
 from mien.export.evaluate import plot_confusion, score_classifier
 from mien.export.figures import has_op, plot_card_curves, plot_speed_accuracy, plot_stn, plot_tsne, stn_stats
+from mien.export.prob_cache import cached
 from mien.export.readme import blocks as readme_blocks
 from mien.export.readme import headline_reference, replace_blocks, update_readme
 from mien.export.results_page import SPEED_FIGURE, render
@@ -75,6 +76,9 @@ class ResultsConfig:
     variant_dir: str | None = None
     # the README whose generated tables (between `<!-- mien results: NAME -->` markers) are rewritten; None: none
     readme: str | None = None
+    # a folder keeping each model's probabilities on the faces it scored (mien.export.prob_cache): an unchanged file
+    # is not scored again on the same faces; timings are always measured. None: every model is scored
+    cache: str | None = None
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -116,7 +120,7 @@ def measure(cfg: ResultsConfig) -> list[dict]:
 
 def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
     """The row of one servable file: measured figures, the card's figures, and the figures drawn."""
-    classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.score_threads)
+    classifier = _scoring_classifier(path, cfg)
     card = _card(path)
     model_id = classifier.model_id
     report, faces, correct = _scored(classifier, cfg)
@@ -172,16 +176,27 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
         pick = np.random.default_rng(cfg.seed).permutation(len(images))[: cfg.tsne_faces]
         plot_tsne(path, classifier, images[pick], truth[pick], figures / f"{model_id}_tsne.png", cfg.seed)
         row["figures"]["tsne"] = f"{model_id}_tsne.png"
-    log.info("%s: accuracy %.4f, occluded %.4f, %.2f ms/face", model_id, row["accuracy"], occluded_acc,
-             row["ms_per_face_b1"])  # fmt: skip
+    log.info("%s: accuracy %.4f, occluded %.4f, %.2f ms/face%s", model_id, row["accuracy"], occluded_acc,
+             row["ms_per_face_b1"], _from_cache(classifier))  # fmt: skip
     return row
+
+
+def _scoring_classifier(path: Path, cfg: ResultsConfig):
+    """The classifier that scores the faces: on every core, its answers kept in ``cfg.cache`` when there is one."""
+    classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.score_threads)
+    return cached(classifier, path, cfg.cache)
+
+
+def _from_cache(classifier) -> str:
+    hits, misses = getattr(classifier, "hits", 0), getattr(classifier, "misses", 0)
+    return f" ({hits} of {hits + misses} scorings from the cache)" if hits else ""
 
 
 def _score_folder(cfg: ResultsConfig, folder: str | Path | None, default: str):
     """(path, classifier, card figures, report, faces, which faces it got right) for each ONNX file in ``folder``
     (``cfg.model_dir``/``default`` when not given; nothing when it is absent), scored on ``cfg.split``."""
     for path in sorted(Path(folder or Path(cfg.model_dir) / default).glob("*.onnx")):
-        classifier = load_classifier(path, providers=("CPUExecutionProvider",), threads=cfg.score_threads)
+        classifier = _scoring_classifier(path, cfg)
         yield path, classifier, card_figures(_card(path)), *_scored(classifier, cfg)
 
 
