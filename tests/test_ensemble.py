@@ -16,6 +16,7 @@ from mien.ensemble import EnsembleClassifier, EnsembleError, load_classifier, re
 from mien.export.ensemble import members_selected_on, write_ensemble
 from mien.export.ensemble_search import (
     accuracy,
+    cross_fitted,
     fit_weights,
     greedy_members,
     member_probabilities,
@@ -228,6 +229,26 @@ def test_ensemble_search_greedy_and_top_k():
     assert greedy_members(probs, truth) == [("b", 0.75), ("a", 1.0)]
     ranked, top = top_k(probs, truth)
     assert ranked == ["b", "a", "c"] and top == {2: 1.0, 3: 1.0}
+
+
+def test_cross_fitted_weights_score_every_face_with_a_fit_on_the_other_half():
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(3), 40)
+    good = np.full((120, 3), 0.1)
+    good[np.arange(120), truth] = 0.8
+    good[::5] = good[::5][:, [1, 2, 0]]  # wrong on one face in five
+    noise = rng.dirichlet(np.ones(3), 120)
+    # two copies of one member: whatever the weights, every face's mixture is that member's answer, so the
+    # cross-fitted figures equal the in-sample ones only if every face is scored in every repeat
+    same = cross_fitted({"a": good, "b": good.copy()}, ["a", "b"], truth, repeats=3)
+    assert same["fitted_accuracy"] == same["equal_accuracy"] == 0.8
+    assert same["cross_fitted_accuracy"] == pytest.approx(0.8)
+    assert same["cross_fitted_nll"] == pytest.approx(same["equal_nll"])
+    # a member that knows nothing gets (almost) no weight, in-sample and on the halves it was not fitted on
+    mixed = cross_fitted({"good": good, "noise": noise}, ["good", "noise"], truth)
+    assert mixed["fitted_weights"][0] > 0.9
+    assert mixed["cross_fitted_nll"] < mixed["equal_nll"]
+    assert mixed["cross_fitted_accuracy"] == pytest.approx(0.8, abs=0.02)
 
 
 class FixedMember:
