@@ -139,7 +139,9 @@ def fit_weights(probs: Probabilities, members: list[str], truth: np.ndarray) -> 
     return (w / w.sum()).tolist()
 
 
-def cross_fitted(probs: Probabilities, members: list[str], truth: np.ndarray, repeats: int = 5) -> dict[str, float]:
+def cross_fitted(
+    probs: Probabilities, members: list[str], truth: np.ndarray, repeats: int = 5
+) -> dict[str, float | list[float]]:
     """A member set scored with weights that never saw the faces they are scored on.
 
     ``repeats`` times the faces are cut into two stratified halves (seeds 0, 1, ...); weights fitted on each
