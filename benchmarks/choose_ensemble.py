@@ -44,10 +44,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="with --compare: the figures as JSON")
     args = parser.parse_args()
     sets = [s.split(",") for s in args.compare]
-    names = sorted({m for s in sets for m in s}) if sets else []
-    names = names or (
-        args.models.split(",") if args.models else sorted(p.stem for p in Path(args.model_dir).glob("*.onnx"))
-    )
+    if sets:
+        names = sorted({m for s in sets for m in s})
+    elif args.models:
+        names = args.models.split(",")
+    else:
+        names = sorted(p.stem for p in Path(args.model_dir).glob("*.onnx"))
     if not args.all:
         for name, why in not_held_out(args.model_dir, names, args.split).items():
             print(f"left out {name}: {why}")
