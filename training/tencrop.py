@@ -43,8 +43,9 @@ def random_ten_crop(images: torch.Tensor, size: int, generator: torch.Generator 
 
 
 @torch.no_grad()
-def ten_crop_logits(model: nn.Module, images: torch.Tensor, size: int) -> torch.Tensor:
-    """N × classes: the model's logits averaged over the ten views (``images`` already normalised)."""
-    views = ten_crop(images, size)
-    logits = model(views.flatten(0, 1))
-    return logits.view(NUM_VIEWS, views.shape[1], -1).mean(0)
+def ten_crop_logits(model: nn.Module, images: torch.Tensor, size: int, channels_last: bool = False) -> torch.Tensor:
+    """N × classes: the model's fp32 logits averaged over the ten views (``images`` already normalised);
+    ``channels_last`` feeds a channels-last model its own layout."""
+    views = ten_crop(images, size).flatten(0, 1)
+    logits = model(views.contiguous(memory_format=torch.channels_last) if channels_last else views).float()
+    return logits.view(NUM_VIEWS, len(images), -1).mean(0)
