@@ -36,6 +36,7 @@ from mien.ensemble import ENSEMBLE_SUFFIX, EnsembleClassifier, calibration_suffi
 from mien.export.calibration import calibration_report, fit_calibration, rescale
 from mien.export.evaluate import eval_split
 from mien.runtime import MODEL_VERSION_KEY, OnnxClassifier
+from mien.spec import METADATA_KEY, PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,18 @@ def _entropy_temperature(before: str, classes: int, opset: int, curve: bool) -> 
     return nodes, inits, n + "temperature"
 
 
+def _classes(model: onnx.ModelProto) -> int:
+    """The number of classes the model answers: its output's last dimension, or, where the graph leaves it
+    symbolic (a ten-crop file averages its views with a ReduceMean the exporter does not size), its spec's labels."""
+    classes = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+    if classes:
+        return classes
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    if METADATA_KEY not in metadata:
+        raise ValueError("the model's output has no fixed number of classes to normalise the entropy by, nor a spec")
+    return len(PreprocessSpec.from_metadata(metadata).labels)
+
+
 def with_temperature(
     model: onnx.ModelProto, temperature: float, entropy_slope: float = 0.0, entropy_curve: float = 0.0
 ) -> onnx.ModelProto:
@@ -166,9 +179,7 @@ def with_temperature(
     out.graph.initializer.append(_scalar(TEMPERATURE, temperature))
     divisor = TEMPERATURE
     if entropy_slope or entropy_curve:
-        classes = output.type.tensor_type.shape.dim[-1].dim_value
-        if not classes:
-            raise ValueError("the model's output has no fixed number of classes to normalise the entropy by")
+        classes = _classes(out)
         opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
         nodes, inits, divisor = _entropy_temperature(before, classes, opset, curve=bool(entropy_curve))
         out.graph.initializer.append(_scalar(SLOPE, entropy_slope))

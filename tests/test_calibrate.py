@@ -23,17 +23,19 @@ from mien.export.calibrate import (
 )
 from mien.export.calibration import METHODS, fit_calibration, rescale, top_label_log_loss
 from mien.runtime import OnnxClassifier
+from mien.spec import PreprocessSpec
 
 CPU = ("CPUExecutionProvider",)
 
 
-def identity_model() -> onnx.ModelProto:
-    """x (N×3) → logits: the smallest graph whose output is its input."""
+def identity_model(classes: int | str = 3) -> onnx.ModelProto:
+    """x (N×3) → logits: the smallest graph whose output is its input (``classes``: the output's last dimension as
+    the graph declares it, a number or a symbolic name)."""
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["logits"])],
         "identity",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", classes])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
@@ -103,6 +105,20 @@ def test_the_entropy_curve_in_the_graph_is_the_runtimes_and_goes_with_the_rest()
     assert "mien.entropy_curve" not in {p.key for p in slope_only.metadata_props}
     bare = without_calibration(graph)
     assert [n.op_type for n in bare.graph.node] == ["Identity"] and not bare.graph.initializer
+
+
+def test_a_graph_that_leaves_its_classes_symbolic_takes_them_from_its_spec():
+    # a ten-crop file (dcnn) averages its views with a ReduceMean the exporter leaves unsized: the entropy
+    # calibration normalises by log(classes), which then comes from the spec's labels
+    x = np.random.default_rng(2).normal(0, 3, (32, 3)).astype(np.float32)
+    sized = with_temperature(identity_model(), 0.7, 0.4, -0.9)
+    symbolic = identity_model("classes")
+    with pytest.raises(ValueError, match="no fixed number of classes"):
+        with_temperature(symbolic, 0.7, 0.4)
+    helper.set_model_props(symbolic, PreprocessSpec(labels=("a", "b", "c")).to_metadata())
+    np.testing.assert_allclose(run(with_temperature(symbolic, 0.7, 0.4, -0.9), x), run(sized, x), rtol=1e-6)
+    helper.set_model_props(symbolic, PreprocessSpec(labels=("a", "b", "c", "d")).to_metadata())
+    assert not np.allclose(run(with_temperature(symbolic, 0.7, 0.4, -0.9), x), run(sized, x), rtol=1e-3)
 
 
 def test_the_entropy_fit_recovers_a_known_slope_and_temperature_scaling_has_none():
