@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mien.training.hardware import in_layout
+
 NUM_VIEWS = 10
 #: The side of the FER2013 face the views are cut from, for a network whose input is the crop (dcnn: 42×42).
 FACE_SIZE = 48
@@ -47,5 +49,5 @@ def ten_crop_logits(model: nn.Module, images: torch.Tensor, size: int, channels_
     """N × classes: the model's fp32 logits averaged over the ten views (``images`` already normalised);
     ``channels_last`` feeds a channels-last model its own layout."""
     views = ten_crop(images, size).flatten(0, 1)
-    logits = model(views.contiguous(memory_format=torch.channels_last) if channels_last else views).float()
+    logits = model(in_layout(views, channels_last)).float()
     return logits.view(NUM_VIEWS, len(images), -1).mean(0)
