@@ -1,6 +1,6 @@
 """Which calibration method to trust, decided on the validation split alone (PublicTest never chooses).
 
-    .venv/bin/python benchmarks/calibration_cv.py [--models vgg_fer,mini_xception_kd] [--repeats 5]
+    .venv/bin/python benchmarks/calibration_cv.py [--models vgg_fer,mini_xception_kd] [--repeats 5] [--merge]
 
 For each bundled model whose card says the split was held out from its training (others are listed and left
 out), the uncalibrated probabilities of the split's faces are computed once (the file with its calibration
@@ -46,6 +46,18 @@ def cross_fitted(probs: np.ndarray, truth: np.ndarray, method: str, seed: int) -
     return out
 
 
+def kept(out: Path, split: str, repeats: int) -> dict:
+    """The entries already in ``out`` (for --merge); a file measured on another split or with other repeats
+    cannot be merged with this run's figures."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    if (earlier["split"], earlier["repeats"]) != (split, repeats):
+        raise SystemExit(f"{out} holds {earlier['repeats']} cuts of {earlier['split']}, not {repeats} of {split}: "
+                         "measure every model again without --merge")  # fmt: skip
+    return dict(earlier["models"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="models")
@@ -54,12 +66,15 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="docs/figures/calibration_cv.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other models' entries already in --out (measured on the same split with the "
+                             "same repeats), so a model added later is measured alone")  # fmt: skip
     args = parser.parse_args()
     names = args.models.split(",") if args.models else sorted(p.stem for p in Path(args.model_dir).glob("*.onnx"))
     for name, why in not_held_out(args.model_dir, names, args.split).items():
         print(f"left out {name}: {why}")
         names.remove(name)
-    results = {}
+    results = kept(Path(args.out), args.split, args.repeats) if args.merge else {}
     for name in names:
         raw = without_calibration(onnx.load(Path(args.model_dir) / f"{name}.onnx"))
         probs, truth = _probabilities(raw, args.data, args.split)

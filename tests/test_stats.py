@@ -178,3 +178,14 @@ def test_compare_curves_reads_runs_and_cards_and_puts_the_first_against_the_othe
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="no history.jsonl"):
         module.load_history(tmp_path)
+
+
+def test_calibration_cv_merges_only_a_file_of_the_same_split_and_repeats(tmp_path):
+    module = _benchmark("calibration_cv")
+    out = tmp_path / "calibration_cv.json"
+    assert module.kept(out, "val", 5) == {}  # nothing measured yet
+    out.write_text(json.dumps({"split": "val", "repeats": 5, "models": {"vgg_fer": {"faces": 2872}}}))
+    assert module.kept(out, "val", 5) == {"vgg_fer": {"faces": 2872}}
+    for split, repeats in (("public_test", 5), ("val", 3)):
+        with pytest.raises(SystemExit, match="without --merge"):
+            module.kept(out, split, repeats)
