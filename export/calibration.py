@@ -44,6 +44,8 @@ BINS = 15
 THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(13))
 EPS = 1e-12
 DRAWS = 2000  # calibrated draws behind the ECE floor and the reliability diagram's bands
+#: Issue 18's target: the most top-label ECE (15 bins) a served model may show on the test split.
+ECE_TARGET = 0.02
 
 
 #: ``softmax(log p / T)`` row by row; the ground's function, which the served ensemble applies too.
@@ -139,13 +141,15 @@ def calibration_report(probs: np.ndarray, truth: np.ndarray, bins: int = BINS) -
 
 
 def ece_consistency(probs: np.ndarray, ece: float | None = None, bins: int = BINS, draws: int = DRAWS,
-                    seed: int = 0) -> dict:  # fmt: skip
+                    seed: int = 0, target: float = ECE_TARGET) -> dict:  # fmt: skip
     """What a perfectly calibrated model with ``probs``' confidences would score on as many faces.
 
     Each draw makes every face's top label right with probability equal to its confidence. Returns
     ``ece_floor`` (the mean ECE of the draws), ``ece_floor_95`` (their 95th percentile), ``ece_p_calibrated``
-    (the share of draws with an ECE at least ``ece``; None without ``ece``) and ``bands``: per bin, the 2.5th
-    and 97.5th percentiles of a calibrated model's accuracy in it (None for an empty bin).
+    (the share of draws with an ECE at least ``ece``; None without ``ece``), ``ece_within_target`` (the share
+    of draws with an ECE at most ``target``: how often a perfectly calibrated model would meet the target on
+    these faces) and ``bands``: per bin, the 2.5th and 97.5th percentiles of a calibrated model's accuracy in it
+    (None for an empty bin).
     """
     confidence = probs.max(axis=1).astype(np.float64)
     index = _bin_index(confidence, bins)
@@ -168,6 +172,7 @@ def ece_consistency(probs: np.ndarray, ece: float | None = None, bins: int = BIN
         "ece_floor_95": float(np.quantile(floors, 0.95)),
         # a draw equal to the measured ECE counts as "at least" it, up to float rounding
         "ece_p_calibrated": None if ece is None else float((floors >= ece - 1e-12).mean()),
+        "ece_within_target": float((floors <= target + 1e-12).mean()),
         "bands": bands,
     }
 

@@ -157,6 +157,7 @@ def measure_model(path: Path, cfg: ResultsConfig, figures: Path) -> dict:
         "ece_floor": calibration["ece_floor"],
         "ece_floor_95": calibration["ece_floor_95"],
         "ece_p_calibrated": calibration["ece_p_calibrated"],
+        "ece_within_target": calibration["ece_within_target"],
         "coverage": calibration["coverage"],
         **from_card,
         "figures": {"confusion": f"{model_id}_confusion.png", "reliability": f"{model_id}_reliability.png"},
@@ -255,7 +256,7 @@ def _own_labels(classifier, card: Card | None, cfg: ResultsConfig) -> tuple[dict
     if label_source == "fer2013":
         return None, None
     report, _ = score_classifier(classifier, cfg.data, cfg.split, label_source)
-    keys = ("ece", "nll", "brier", "ece_floor", "ece_floor_95", "ece_p_calibrated")
+    keys = ("ece", "nll", "brier", "ece_floor", "ece_floor_95", "ece_p_calibrated", "ece_within_target")
     return {"label_source": label_source, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
             "num_images": report["num_images"],
             **{key: report["calibration"][key] for key in keys}}, report["calibration"]  # fmt: skip

@@ -53,7 +53,7 @@ def test_nll_and_brier_by_hand():
     assert brier_score(PROBS, TRUTH) == pytest.approx(brier)
     report = calibration_report(PROBS, TRUTH)
     assert set(report) == {"ece", "nll", "brier", "mean_confidence", "overconfidence", "ece_floor", "ece_floor_95",
-                           "ece_p_calibrated", "bins", "coverage"}  # fmt: skip
+                           "ece_p_calibrated", "ece_within_target", "bins", "coverage"}  # fmt: skip
     assert len(report["bins"]) == 15
 
 
@@ -122,6 +122,18 @@ def test_the_ece_floor_by_hand():
     sure = ece_consistency(np.array([[1.0, 0.0], [0.0, 1.0]]), ece=0.1, draws=200)
     assert sure["ece_floor"] == 0.0 and sure["ece_p_calibrated"] == 0.0
     assert sure["bands"][-1] == (1.0, 1.0) and sure["bands"][0] == (None, None)
+    # The share of calibrated draws within the target (2%): the lone 0.5 face always scores 0.5, confidence 1
+    # always 0.
+    assert one["ece_within_target"] == 0.0 and sure["ece_within_target"] == 1.0
+
+
+def test_the_share_within_the_target_is_the_share_of_draws_at_or_under_it():
+    # Two faces at confidence 0.6 share a bin: a draw gets 0, 1 or 2 right, ECE |k/2 − 0.6| = 0.6, 0.1 or 0.4
+    # with chances 0.16, 0.48 and 0.36.
+    probs = np.array([[0.6, 0.4], [0.4, 0.6]])
+    assert ece_consistency(probs, target=0.1, draws=20000)["ece_within_target"] == pytest.approx(0.48, abs=0.02)
+    assert ece_consistency(probs, target=0.4, draws=20000)["ece_within_target"] == pytest.approx(0.84, abs=0.02)
+    assert ece_consistency(probs, target=0.05, draws=200)["ece_within_target"] == 0.0
 
 
 def test_a_calibrated_model_is_within_its_floor_and_a_miscalibrated_one_is_not():

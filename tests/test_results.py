@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -160,12 +161,18 @@ def test_calibration_table_matches_mien_eval_and_shows_the_default_and_the_ensem
     assert "## Calibration on public_test" in text
     for row in rows:
         report = evaluate_path(str(root / "models" / row["file"]), str(tiny_npz), "public_test", str(tmp_path))
-        for key in ("ece", "nll", "brier", "ece_floor", "ece_floor_95", "ece_p_calibrated"):
+        for key in ("ece", "nll", "brier", "ece_floor", "ece_floor_95", "ece_p_calibrated", "ece_within_target"):
             assert row[key] == pytest.approx(report["calibration"][key]), (row["model_id"], key)
         floor = f"{100 * row['ece_floor']:.2f} ({100 * row['ece_floor_95']:.2f})"
+        within = f"{100 * row['ece_within_target']:.0f}%"
         assert (f"| `{row['model_id']}` | {100 * row['ece']:.2f} | {floor} | {row['ece_p_calibrated']:.3f} "
-                f"| {row['nll']:.3f} | {row['brier']:.3f} |") in text  # fmt: skip
+                f"| {within} | {row['nll']:.3f} | {row['brier']:.3f} |") in text  # fmt: skip
         assert row["temperature"] is None  # none of them was calibrated
+    # how many meet the target, against the chance that as many perfectly calibrated models would all meet it
+    met = sum(100 * r["ece"] <= 2.0 for r in rows)
+    odds = math.prod(r["ece_within_target"] for r in rows)
+    assert f"{met} of {len(rows)} models meet the target." in text
+    assert f"would meet it on these faces with a chance of {100 * odds:.2g}%" in text
     section = text.split("## Calibration on public_test")[1].split("\n## ")[0]
     shown = [line for line in section.splitlines() if line.startswith("![")]
     assert shown == [
