@@ -178,7 +178,7 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
             slope, c = r["entropy_slope"], r.get("entropy_curve") or 0.0
             curve = f" {_sign(c) or '+'} {abs(c):.3f} h²" if c else ""
             temperature += f" · e^({_sign(slope)}{abs(slope):.3f} h{curve})"
-        met = "yes" if 100 * m["ece"] <= ECE_TARGET else "no"
+        met = "yes" if _meets_ece_target(m) else "no"
         floor = f"{pct(m['ece_floor'])} ({pct(m['ece_floor_95'])})"
         name = f"`{r['model_id']}`" + (f" ({r['own_labels']['label_source']} labels)" if r.get("own_labels") else "")
         lines.append(f"| {name} | {pct(m['ece'])} | {floor} | {m['ece_p_calibrated']:.3f} "
@@ -194,12 +194,17 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
     return lines
 
 
+def _meets_ece_target(measured: dict) -> bool:
+    """Whether a model's measured ECE (a fraction) is within the target (in %)."""
+    return 100 * measured["ece"] <= ECE_TARGET
+
+
 def _target_odds(measured: list[dict]) -> list[str]:
     """How many models meet the ECE target, against how likely it is that all of them would if each were perfectly
     calibrated (each model's calibrated draws independent of the others': the product of their shares)."""
     if not measured:
         return []
-    met = sum(100 * m["ece"] <= ECE_TARGET for m in measured)
+    met = sum(map(_meets_ece_target, measured))
     odds = math.prod(m["ece_within_target"] for m in measured)
     line = (f"{met} of {len(measured)} models meet the target. Were every one of them perfectly calibrated, all "
             f"{len(measured)} would meet it on these faces with a chance of {100 * odds:.2g}% (the product of the "
