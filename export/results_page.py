@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from mien.export.ablation import (
     ABLATION_ROWS,
+    ALPHA,
     ablation_seeds_table,
     ablation_table,
     pct,
@@ -21,6 +22,7 @@ from mien.export.ablation import (
 )
 from mien.export.calibration import DRAWS
 from mien.export.calibration import ECE_TARGET as ECE_TARGET_FRACTION
+from mien.export.stats import holm
 from mien.machine import describe_cpu
 
 if TYPE_CHECKING:
@@ -184,7 +186,7 @@ def _calibration(rows: list[dict], cfg: ResultsConfig, figures_rel: str) -> list
         lines.append(f"| {name} | {pct(m['ece'])} | {floor} | {m['ece_p_calibrated']:.3f} "
                      f"| {100 * m['ece_within_target']:.0f}% | {m['nll']:.3f} "
                      f"| {m['brier']:.3f} | {temperature} | {r['temperature_fitted_on'] or ''} | {met} |")  # fmt: skip
-    lines += _target_odds([_calibrated(r) for r in rows])
+    lines += _target_odds(rows)
     shown = [r for r in rows if r["model_id"] == cfg.default_model] + [r for r in rows if r["members"]]
     if shown:
         lines += [""] + [f"![{r['model_id']} reliability]({figures_rel}/{r['figures']['reliability']})" for r in shown]
@@ -199,11 +201,13 @@ def _meets_ece_target(measured: dict) -> bool:
     return 100 * measured["ece"] <= ECE_TARGET
 
 
-def _target_odds(measured: list[dict]) -> list[str]:
+def _target_odds(rows: list[dict]) -> list[str]:
     """How many models meet the ECE target, against how likely it is that all of them would if each were perfectly
-    calibrated (each model's calibrated draws independent of the others': the product of their shares)."""
-    if not measured:
+    calibrated (each model's calibrated draws independent of the others': the product of their shares); and which
+    models p says are miscalibrated, one at a time and all tested together (Holm's correction)."""
+    if not rows:
         return []
+    measured = [_calibrated(r) for r in rows]
     met = sum(map(_meets_ece_target, measured))
     odds = math.prod(m["ece_within_target"] for m in measured)
     line = (f"{met} of {len(measured)} models meet the target. Were every one of them perfectly calibrated, all "
@@ -212,7 +216,18 @@ def _target_odds(measured: list[dict]) -> list[str]:
     if odds < 0.5:
         line += (": on this number of faces the target is more often missed than met by perfect probabilities, so p, "
                  "not the target alone, says which models are measurably miscalibrated")  # fmt: skip
+    p_values = [m["ece_p_calibrated"] for m in measured]
+    alone = [r["model_id"] for r, p in zip(rows, p_values, strict=True) if p < ALPHA]
+    together = [r["model_id"] for r, kept in zip(rows, holm(p_values, ALPHA), strict=True) if kept]
+    models = f"{len(rows)} model" + "s" * (len(rows) != 1)
+    line += (f". p < {ALPHA} for {_count_named(alone)}; tested together (Holm's correction for {models}: the "
+             f"smallest p must be below {ALPHA / len(rows):.4f}), {_count_named(together)}")  # fmt: skip
     return ["", line + "."]
+
+
+def _count_named(model_ids: list[str]) -> str:
+    """``2 (`a`, `b`)``, or ``none``."""
+    return f"{len(model_ids)} ({', '.join(f'`{m}`' for m in model_ids)})" if model_ids else "none"
 
 
 def _calibrated(row: dict) -> dict:

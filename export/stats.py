@@ -6,6 +6,7 @@
 * :func:`independent_bootstrap_diff`: the interval of the accuracy difference of one model (or two) on two
   different sets of faces (each set resampled on its own), e.g. a validation split against the test set.
 * :func:`mcnemar`: McNemar's test of two models on the same faces, from the faces where they disagree.
+* :func:`holm`: which of several p-values stay significant when all are tested at once (Holm's step-down).
 * :func:`verdict`: "helps", "hurts" or "no measurable effect", from a difference and its p-value.
 
 Resampling faces with replacement makes the count of right answers binomial (one model) or the counts of
@@ -101,6 +102,19 @@ def mcnemar(a_correct, b_correct, exact: bool | None = None) -> dict:
     statistic = max(0, abs(b01 - b10) - 1) ** 2 / n
     return {"b01": b01, "b10": b10, "statistic": float(statistic), "p_value": float(chi2.sf(statistic, 1)),
             "exact": False}  # fmt: skip
+
+
+def holm(p_values, alpha: float = 0.05) -> list[bool]:
+    """Which of several hypotheses Holm's step-down procedure rejects with a family-wise error of at most
+    ``alpha``: the k-th smallest p (k from 0) is rejected while it, and every smaller one, is below
+    alpha / (n - k)."""
+    p = [float(v) for v in p_values]
+    reject = [False] * len(p)
+    for rank, i in enumerate(sorted(range(len(p)), key=p.__getitem__)):
+        if p[i] >= alpha / (len(p) - rank):
+            break
+        reject[i] = True
+    return reject
 
 
 def verdict(difference: float, p_value: float | None, alpha: float = 0.05) -> str:

@@ -17,7 +17,7 @@ from mien.export.evaluate import evaluate_path
 from mien.export.figures import intermediate, node_tensor
 from mien.export.onnx_export import ExportConfig, export_checkpoint
 from mien.export.results import ResultsConfig, occlude, trained_cpu_hours, write_results
-from mien.export.results_page import _summary
+from mien.export.results_page import _summary, _target_odds
 from mien.preprocess import to_model_input
 from mien.runtime import OnnxClassifier
 from mien.training.models import create_model, default_spec
@@ -173,6 +173,7 @@ def test_calibration_table_matches_mien_eval_and_shows_the_default_and_the_ensem
     odds = math.prod(r["ece_within_target"] for r in rows)
     assert f"{met} of {len(rows)} models meet the target." in text
     assert f"would meet it on these faces with a chance of {100 * odds:.2g}%" in text
+    assert f"tested together (Holm's correction for {len(rows)} models: the smallest p must be below" in text
     section = text.split("## Calibration on public_test")[1].split("\n## ")[0]
     shown = [line for line in section.splitlines() if line.startswith("![")]
     assert shown == [
@@ -214,3 +215,24 @@ def test_occlusion_covers_a_quarter_of_each_face_with_grey():
     assert ((occluded == 128).sum(axis=(1, 2)) == 24 * 24).all()  # 25% of 48×48 is a 24×24 square
     assert ((occluded != faces) == (occluded == 128)).all()  # nothing else changed
     np.testing.assert_array_equal(occlude(faces, 0.25, seed=0), occluded)  # the same patches every time
+
+
+def test_target_odds_name_the_miscalibrated_models_alone_and_under_holms_correction():
+    def row(model_id, ece, p, own_labels=None):
+        return {"model_id": model_id, "ece": ece, "ece_within_target": 0.5, "ece_p_calibrated": p,
+                "own_labels": own_labels}  # fmt: skip
+
+    plus = {"ece": 0.018, "ece_within_target": 0.5, "ece_p_calibrated": 0.001}  # its figures on its own labels
+    rows = [row("a", 0.030, 0.004), row("b", 0.025, 0.02), row("c", 0.015, 0.6), row("plus", 0.9, 0.9, plus)]
+    _, line = _target_odds(rows)
+    # the FER+ model is judged on its own labels: it meets the target, and its p (0.001) counts
+    assert line.startswith("2 of 4 models meet the target.") and "with a chance of 6.2%" in line
+    # alone: three under 0.05; together (sorted): 0.001 < 0.05/4, 0.004 < 0.05/3, 0.02 < 0.05/2, then 0.6 ≥ 0.05 stops
+    assert "p < 0.05 for 3 (`a`, `b`, `plus`);" in line
+    assert line.endswith("the smallest p must be below 0.0125), 3 (`a`, `b`, `plus`).")
+    rows[1]["ece_p_calibrated"] = 0.03  # now 0.03 ≥ 0.05 / 2 stops the steps before it
+    assert _target_odds(rows)[1].endswith("below 0.0125), 2 (`a`, `plus`).")
+    one = _target_odds([row("c", 0.015, 0.6)])[1]
+    assert one.endswith("p < 0.05 for none; tested together (Holm's correction for 1 model: the smallest p must be "
+                        "below 0.0500), none.")  # fmt: skip
+    assert _target_odds([]) == []

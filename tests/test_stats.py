@@ -1,4 +1,4 @@
-"""export/stats.py against cases worked out by hand: McNemar's test, the bootstrap intervals, the verdict."""
+"""export/stats.py against cases worked out by hand: McNemar's test, the bootstrap intervals, Holm, the verdict."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from mien.export.stats import (
     EXACT_BELOW,
     bootstrap_ci,
+    holm,
     independent_bootstrap_diff,
     mcnemar,
     paired_bootstrap_diff,
@@ -189,3 +190,14 @@ def test_calibration_cv_merges_only_a_file_of_the_same_split_and_repeats(tmp_pat
     for split, repeats in (("public_test", 5), ("val", 3)):
         with pytest.raises(SystemExit, match="without --merge"):
             module.kept(out, split, repeats)
+
+
+def test_holm_steps_down_from_the_smallest_p_and_stops_at_the_first_that_fails():
+    # four tests at 0.05: thresholds 0.0125, 0.0167, 0.025, 0.05 for the sorted p-values
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]  # 0.005 < .0125, 0.01 < .0167, 0.03 ≥ .025
+    assert holm([0.01, 0.015, 0.02, 0.04]) == [True, True, True, True]  # each under its own threshold
+    # significant alone (p < 0.05) is not enough among sixteen: the smallest must be under 0.05 / 16
+    assert holm([0.006] + [0.5] * 15) == [False] * 16
+    assert holm([0.003] + [0.5] * 15) == [True] + [False] * 15
+    # a p equal to its threshold is not below it; no tests, no rejections
+    assert holm([0.025, 0.9]) == [False, False] and holm([]) == []
