@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/calibration_cv.py [--models vgg_fer,mini_xception_kd] [--repeats 5] [--merge]
 
 For each bundled model whose card says the split was held out from its training (others are listed and left
-out), the uncalibrated probabilities of the split's faces are computed once (the file with its calibration
-taken out); then, ``--repeats`` times, the faces are cut into two stratified halves, each method is fitted on
-one half and scored on the other (and the other way round), so every face is scored by a fit that never saw
-it. Printed per model and method: ECE, NLL and the ECE a calibrated model would show on the same number of
-faces (the floor, :func:`mien.export.calibration.ece_consistency`) with the p-value of "calibrated", averaged
-over the repeats ("none": the network's own probabilities, for reference); the figures
+out), ensembles (``*.ensemble.json``) included, the uncalibrated probabilities of the split's faces are computed
+once (the file with its calibration taken out; for an ensemble its own, applied after averaging, while its
+members' stays, as `mien calibrate` fits it); then, ``--repeats`` times, the faces are cut into two stratified
+halves, each method is fitted on one half and scored on the other (and the other way round), so every face is
+scored by a fit that never saw it. Printed per model and method: ECE, NLL and the ECE a calibrated model would
+show on the same number of faces (the floor, :func:`mien.export.calibration.ece_consistency`) with the p-value
+of "calibrated", averaged over the repeats ("none": the network's own probabilities, for reference); the figures
 also go to ``--out`` as JSON (docs/figures/calibration_cv.json).
 """
 
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mien.export.calibrate import _probabilities, without_calibration
+from mien.ensemble import ENSEMBLE_SUFFIX
+from mien.export.calibrate import _probabilities, ensemble_probabilities, uncalibrated_ensemble, without_calibration
 from mien.export.calibration import (
     METHODS,
     ece_consistency,
@@ -46,6 +48,20 @@ def cross_fitted(probs: np.ndarray, truth: np.ndarray, method: str, seed: int) -
     return out
 
 
+def model_ids(model_dir: Path) -> list[str]:
+    """The ids of the bundled classifiers and ensembles in ``model_dir``."""
+    files = [*model_dir.glob("*.onnx"), *model_dir.glob(f"*{ENSEMBLE_SUFFIX}")]
+    return sorted(p.name.removesuffix(ENSEMBLE_SUFFIX).removesuffix(".onnx") for p in files)
+
+
+def uncalibrated(model_dir: Path, name: str, data: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model ``name``'s probabilities for the faces of ``split`` with its own calibration taken out, and the truth."""
+    ensemble = model_dir / f"{name}{ENSEMBLE_SUFFIX}"
+    if ensemble.exists():
+        return ensemble_probabilities(uncalibrated_ensemble(ensemble)[0], data, split)
+    return _probabilities(without_calibration(onnx.load(model_dir / f"{name}.onnx")), data, split)
+
+
 def kept(out: Path, split: str, repeats: int) -> dict:
     """The entries already in ``out`` (for --merge); a file measured on another split or with other repeats
     cannot be merged with this run's figures."""
@@ -61,7 +77,8 @@ def kept(out: Path, split: str, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="models")
-    parser.add_argument("--models", default="", help="default: every models/*.onnx held out from --split")
+    parser.add_argument("--models", default="", help="default: every models/*.onnx and *.ensemble.json held out "
+                        "from --split")  # fmt: skip
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--split", default="val")
     parser.add_argument("--repeats", type=int, default=5)
@@ -70,14 +87,13 @@ def main() -> None:
                         help="keep the other models' entries already in --out (measured on the same split with the "
                              "same repeats), so a model added later is measured alone")  # fmt: skip
     args = parser.parse_args()
-    names = args.models.split(",") if args.models else sorted(p.stem for p in Path(args.model_dir).glob("*.onnx"))
+    names = args.models.split(",") if args.models else model_ids(Path(args.model_dir))
     for name, why in not_held_out(args.model_dir, names, args.split).items():
         print(f"left out {name}: {why}")
         names.remove(name)
     results = kept(Path(args.out), args.split, args.repeats) if args.merge else {}
     for name in names:
-        raw = without_calibration(onnx.load(Path(args.model_dir) / f"{name}.onnx"))
-        probs, truth = _probabilities(raw, args.data, args.split)
+        probs, truth = uncalibrated(Path(args.model_dir), name, args.data, args.split)
         rows = {}
         for method in ("none", *METHODS):
             scored = [cross_fitted(probs, truth, method, seed) for seed in range(args.repeats)]

@@ -289,6 +289,21 @@ def calibrate(path: str | Path, data: str | Path, fit_split: str = "val", test_s
     return block
 
 
+def uncalibrated_ensemble(path: str | Path) -> tuple[EnsembleClassifier, float]:
+    """The ensemble of ``path`` with its own calibration taken out (its members' stays, inside their files), and
+    the temperature it had (1 when none)."""
+    ensemble = EnsembleClassifier.from_path(path, providers=("CPUExecutionProvider",))
+    previous = ensemble.temperature or 1.0
+    ensemble.temperature, ensemble.entropy_slope, ensemble.entropy_curve = None, 0.0, 0.0
+    return ensemble, previous
+
+
+def ensemble_probabilities(ensemble: EnsembleClassifier, data: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's probabilities for the faces of ``split`` and their true columns."""
+    faces = eval_split(data, split, tuple(ensemble.spec.labels))
+    return ensemble.predict_crops(list(faces.images)), np.asarray(faces.columns)[faces.truth]
+
+
 def calibrate_ensemble(path: str | Path, data: str | Path, fit_split: str = "val", test_split: str = "public_test",
                        out: str | Path | None = None, force: bool = False,
                        method: str = "top-label") -> dict:  # fmt: skip
@@ -297,15 +312,9 @@ def calibrate_ensemble(path: str | Path, data: str | Path, fit_split: str = "val
     :class:`mien.ensemble.EnsembleClassifier` applies. The members' own calibration (inside their files) stays."""
     path, out = Path(path), Path(out or path)
     card = _held_out(path, fit_split, force)
-    ensemble = EnsembleClassifier.from_path(path, providers=("CPUExecutionProvider",))
-    previous = ensemble.temperature or 1.0
-    ensemble.temperature, ensemble.entropy_slope, ensemble.entropy_curve = None, 0.0, 0.0  # never stacks
-
-    def probabilities(split: str) -> tuple[np.ndarray, np.ndarray]:
-        faces = eval_split(data, split, tuple(ensemble.spec.labels))
-        return ensemble.predict_crops(list(faces.images)), np.asarray(faces.columns)[faces.truth]
-
-    block = _fit(path, probabilities(fit_split), probabilities(test_split), fit_split, test_split, previous, method)
+    ensemble, previous = uncalibrated_ensemble(path)  # never stacks
+    fit, test = (ensemble_probabilities(ensemble, data, split) for split in (fit_split, test_split))
+    block = _fit(path, fit, test, fit_split, test_split, previous, method)
     config = json.loads(path.read_text(encoding="utf-8"))
     config["temperature"] = block["temperature"]
     for key in ("entropy_slope", "entropy_curve"):

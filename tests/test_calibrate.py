@@ -270,6 +270,35 @@ def test_an_ensemble_is_calibrated_after_averaging_through_its_file(model_copy, 
             read_ensemble_config(path)
 
 
+def test_calibration_cv_scores_an_ensemble_without_its_own_calibration(model_copy, tiny_npz):
+    from mien.ensemble import EnsembleClassifier
+    from mien.export.calibrate import ensemble_probabilities
+    from mien.export.ensemble import write_ensemble
+    from tests.test_ensemble import relabel
+    from tests.test_stats import _benchmark
+
+    folder = model_copy.parent
+    relabel(model_copy, folder / "twin.onnx", "twin")
+    write_ensemble(["mini_xception", "twin"], folder, model_id="pair", data=str(tiny_npz))
+    path = folder / "pair.ensemble.json"
+    raw, truth = ensemble_probabilities(EnsembleClassifier.from_path(path, CPU), tiny_npz, "val")
+    card_file = folder / "pair.card.json"
+    card = json.loads(card_file.read_text())
+    card["metrics"]["selected_on"] = "val"  # as when every member was selected on val (twin has no card)
+    card_file.write_text(json.dumps(card))
+    calibrate(path, tiny_npz)
+    served, _ = ensemble_probabilities(EnsembleClassifier.from_path(path, CPU), tiny_npz, "val")
+    assert not np.allclose(served, raw, atol=1e-4)  # the file now applies its temperature
+
+    module = _benchmark("calibration_cv")
+    assert module.model_ids(folder) == ["mini_xception", "pair", "twin"]
+    probs, cv_truth = module.uncalibrated(folder, "pair", str(tiny_npz), "val")
+    np.testing.assert_allclose(probs, raw, atol=1e-6)  # the ensemble's own calibration taken out, members' kept
+    np.testing.assert_array_equal(cv_truth, truth)
+    single, _ = module.uncalibrated(folder, "mini_xception", str(tiny_npz), "val")
+    assert single.shape == raw.shape
+
+
 def test_the_cli_offers_every_calibration_method():
     from mien.export.cli import CALIBRATION_METHODS
 
