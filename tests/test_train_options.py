@@ -185,3 +185,35 @@ def test_the_allocator_is_read_from_the_libraries_the_process_has_mapped(tmp_pat
         assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in note and "The memory allocator" in note
     else:
         assert note == f"memory allocator {expected}"
+
+
+_SUBNORMALS = """
+import torch
+from mien.training.hardware import flush_denormals
+flushed = flush_denormals() if {flush} else False
+torch.set_num_threads(2)
+x = torch.full((1 << 22,), 1e-39)  # subnormal in fp32; large enough that torch splits the multiply across threads
+print(flushed, int(((x * 1.0) != 0).sum()))
+"""
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormals_reaches_torchs_threads(flush):
+    # in a fresh process, as in `mien train`: the threads torch starts after the call inherit the flush-to-zero
+    # mode, so no thread leaves a subnormal product; without the call every product stays subnormal
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SUBNORMALS.format(flush=flush)], capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    if flush:
+        assert out == ["True", "0"]
+    else:
+        assert out == ["False", str(1 << 22)]
+
+
+def test_train_flushes_denormals_before_training(tmp_path, tiny_npz, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_module, "flush_denormals", lambda: calls.append(1) or True)
+    train(_cfg(tiny_npz, tmp_path / "run", epochs=1, limit=64))
+    assert len(calls) == 1
