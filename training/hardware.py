@@ -123,7 +123,7 @@ def flush_denormals() -> bool:
     inherits the floating-point mode of the thread that creates it, and torch's pool of CPU threads is created once.
     Subnormals cost x86 CPUs tens of times a normal operation; a run whose weights, optimiser moments or activations
     drift into them slows down without changing its results measurably (the converged sgan went from 1.0 to 3.2 s a
-    step by epoch 42, with 3,467 subnormal discriminator weights: docs/training.md, "Subnormal floats")."""
+    step by epoch 42, with thousands of subnormal discriminator weights: docs/training.md, "Subnormal floats")."""
     return torch.set_flush_denormal(True)
 
 
