@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -117,14 +119,21 @@ def precision_name(amp: str) -> str:
     return "fp32" if amp == "none" else amp
 
 
-def flush_denormals() -> bool:
-    """Treat subnormal floats (below 1.2e-38 in fp32) as zero on the CPU, in this thread and in the threads torch
-    starts after it; returns whether the CPU supports it. Call it before the first parallel operation: a new thread
-    inherits the floating-point mode of the thread that creates it, and torch's pool of CPU threads is created once.
-    Subnormals cost x86 CPUs tens of times a normal operation; a run whose weights, optimiser moments or activations
-    drift into them slows down without changing its results measurably (the converged sgan went from 1.0 to 3.2 s a
-    step by epoch 42, with thousands of subnormal discriminator weights: docs/training.md, "Subnormal floats")."""
-    return torch.set_flush_denormal(True)
+@contextmanager
+def flushing_denormals() -> Iterator[bool]:
+    """Within the block, treat subnormal floats (below 1.2e-38 in fp32) as zero on the CPU, in this thread and in
+    the threads torch starts inside it; yields whether the CPU supports it. Enter it before the first parallel
+    operation: a new thread inherits the floating-point mode of the thread that creates it, and torch's pool of CPU
+    threads is created once. Subnormals cost x86 CPUs tens of times a normal operation; a run whose weights,
+    optimiser moments or activations drift into them slows down without changing its results measurably (the
+    converged sgan went from 1.0 to 3.2 s a step by epoch 42, with thousands of subnormal discriminator weights:
+    docs/training.md, "Subnormal floats"). On leaving, this thread computes subnormals again, so a process that
+    trains in-process (a notebook, the tests) gets its default floating-point mode back."""
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield supported
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def allocator_note() -> str:

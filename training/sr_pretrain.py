@@ -48,7 +48,7 @@ from tqdm import tqdm
 from mien.card import SR_FRONT_END_KIND
 from mien.training.config import SRPretrainConfig
 from mien.training.data import CARVED_SPLIT, USAGE_TO_SPLIT, load_dataset, load_with_validation
-from mien.training.hardware import flush_denormals, precision_name, resolve_amp
+from mien.training.hardware import flushing_denormals, precision_name, resolve_amp
 from mien.training.layers import EDSR, EDSR_SMALL
 from mien.training.models import default_spec
 from mien.training.run_folder import command_line, save
@@ -116,7 +116,11 @@ def sr_faces(cfg: SRPretrainConfig) -> tuple[np.ndarray, np.ndarray]:
 def pretrain_sr(cfg: SRPretrainConfig) -> dict:
     """Train an EDSR on 24 → 48 pairs of ``cfg.train_split`` faces with L1; write ``cfg.out`` (the last epoch's
     weights) and the history beside it (``<out>.json``, after every epoch); return the last epoch's metrics."""
-    flush_denormals()  # before the first parallel op, so that torch's threads inherit it
+    with flushing_denormals():  # before the first parallel op, so that torch's threads inherit it
+        return _pretrain_sr(cfg)
+
+
+def _pretrain_sr(cfg: SRPretrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -38,7 +38,7 @@ from mien.training.hardware import (
     all_reduce_sum,
     allocator_note,
     close_distributed,
-    flush_denormals,
+    flushing_denormals,
     init_distributed,
     precision_name,
     resolve_amp,
@@ -110,8 +110,8 @@ def stop_requests() -> Iterator[list[int]]:
 
 def _train(cfg: TrainConfig, recipe: str, process: Process) -> dict:
     out = Path(cfg.out)
-    with run_log(out, process.is_main), stop_requests() as stop:
-        flush_denormals()  # before the first parallel op, so that torch's threads inherit it
+    # flushing subnormals first, before the first parallel op, so that torch's threads inherit it
+    with flushing_denormals(), run_log(out, process.is_main), stop_requests() as stop:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         generator = seed_everything(cfg.seed)  # the same seed on every rank: same init, batches and augmentation
