@@ -17,8 +17,8 @@ PLAN = ROOT / "scripts" / "train_plan.sh"
 
 # Records `python -m mien.cli ARGS` as one line (and its LD_PRELOAD in a file beside); writes what sr-eval would (its
 # margin from SR_MARGIN) and the card an export into models/ would (in MIEN_MODELS, naming the run folder it came
-# from); fails the step named in FAIL_ON (exit status FAIL_CODE, default 1); runs `python -c` (the plan's own checks)
-# with the real interpreter.
+# from) and the calibration mien calibrate adds to it; fails the step named in FAIL_ON (exit status FAIL_CODE,
+# default 1); runs `python -c` (the plan's own checks) with the real interpreter.
 STAND_IN = f"""#!{sys.executable}
 import json, os, sys
 from pathlib import Path
@@ -37,6 +37,12 @@ if args[0] == "export" and args[args.index("--out") + 1].startswith("models/"): 
     card.parent.mkdir(parents=True, exist_ok=True)
     command = "mien train --config x.toml --out " + str(Path(args[1]).parent)
     card.write_text(json.dumps({{"model_id": card.name.split(".")[0], "training": {{"command": command}}}}))
+if args[0] == "calibrate":  # what mien calibrate adds to the card beside the file it calibrates
+    card = Path(os.environ["MIEN_MODELS"]) / args[1].removeprefix("models/")
+    card = card.with_name(card.name.removesuffix(".onnx") + ".card.json")
+    written = json.loads(card.read_text())
+    written["calibration"] = {{"method": "top-label"}}
+    card.write_text(json.dumps(written))
 if args[0] == "sr-eval" and "--out" in args:
     margin = float(os.environ.get("SR_MARGIN", "1.0"))
     out = Path(args[args.index("--out") + 1])
@@ -118,9 +124,11 @@ def _front_end_exported(tmp_path: Path) -> None:
 
 
 def _card(path: Path, out: str) -> None:
+    """A committed card, as the plan publishes it: exported from the run folder ``out``, then calibrated."""
     path.parent.mkdir(parents=True, exist_ok=True)
     command = f"mien train --config configs/experiments/x.toml --data /data/fer2013.npz --out {out}"
-    path.write_text(json.dumps({"model_id": path.name.split(".")[0], "training": {"command": command}}))
+    path.write_text(json.dumps({"model_id": path.name.split(".")[0], "training": {"command": command},
+                                "calibration": {"method": "top-label"}}))  # fmt: skip
 
 
 def test_a_step_whose_exported_card_is_in_the_repository_is_done_after_its_run_folder_is_lost(plan, tmp_path):
@@ -407,3 +415,22 @@ def test_a_step_ended_by_a_signal_stops_the_plan_instead_of_starting_the_next_ru
         "configs/experiments/ablation_base_seed1.toml",
         "configs/experiments/ablation_stn_seed1.toml",
     ]
+
+
+def test_a_publication_cut_short_before_its_calibration_publishes_again(plan, tmp_path):
+    """A session that ends (or a calibrate that fails) between a seed model's export and its calibration leaves the
+    new card without a calibration: the step is not done, and the rerun exports and calibrates it again rather than
+    leaving the served model uncalibrated. A variant that is scored, not served, is done without one."""
+    run, calls, runs = plan
+    assert run("converged_sgan", FAIL_ON="calibrate models/sgan.onnx").returncode != 0
+    card = tmp_path / "models" / "sgan.card.json"
+    assert "calibration" not in json.loads(card.read_text())
+    assert "todo  converged_sgan" in run("--list").stdout.splitlines()
+    before = len(calls())
+    assert run("converged_sgan").returncode == 0
+    again = [c.split()[0] for c in calls()[before:]]
+    assert again == ["train", "export", "eval", "calibrate", "recipe"]
+    assert "calibration" in json.loads(card.read_text())
+    assert "done  converged_sgan" in run("--list").stdout.splitlines()
+    assert run("converged_dcnn5").returncode == 0
+    assert "done  converged_dcnn5" in run("--list").stdout.splitlines()
