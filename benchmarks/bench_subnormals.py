@@ -5,9 +5,10 @@
 
 Counts the subnormal values (non-zero, below 1.2e-38 in fp32) in the checkpoint's weights and optimiser state,
 then times a forward and backward pass of its network on a random batch, in fresh processes: with freshly
-initialised weights and with the checkpoint's, each without and with ``flush_denormals()`` (called first, as
-``mien train`` does, so that torch's threads inherit it). Prints the median seconds per step of each. Pause any
-training on the machine first: the figures are a benchmark's, for docs and notes, not a test's.
+initialised weights and with the checkpoint's, each without and within ``flushing_denormals()`` (entered first, as
+``mien train`` does, so that torch's threads inherit it). Prints the median seconds per step of each, and as a
+control the machine's fp32 matrix-product rate (a slow CPU slows every row alike). Pause any training on the
+machine first: the figures are a benchmark's, for docs and notes, not a test's.
 """
 
 from __future__ import annotations
@@ -36,16 +37,22 @@ def subnormals(tree) -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """One process: the median seconds of a forward and backward pass, as JSON on stdout."""
+    from contextlib import nullcontext
+
+    from mien.training.hardware import flushing_denormals
+
+    with flushing_denormals() if args.flush else nullcontext():  # first, before torch's thread pool exists
+        print(json.dumps({"seconds": step_seconds(args)}))
+
+
+def step_seconds(args: argparse.Namespace) -> float:
     import statistics
     import time
 
     import torch
 
-    from mien.training.hardware import flush_denormals
     from mien.training.models import create_model
 
-    if args.flush:
-        flush_denormals()  # first, before torch's thread pool exists
     torch.set_num_threads(args.threads)
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     spec = checkpoint["spec"]
@@ -61,7 +68,22 @@ def worker(args: argparse.Namespace) -> None:
         model(x).float().logsumexp(1).sum().backward()
         if i >= 2:  # the first two warm up
             times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": statistics.median(times)}))
+    return statistics.median(times)
+
+
+def matmul_gflops(threads: int, side: int = 2048, repeats: int = 10) -> float:
+    """The fp32 matrix-product rate of this CPU at ``threads`` threads: the control."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * side**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -83,6 +105,7 @@ def main() -> None:
     state = {k: v for k, v in checkpoint.items() if k in ("optimizer", "objective_state", "ema")}
     print(f"{args.checkpoint}: {subnormals(checkpoint['state_dict'])} subnormal weights, "
           f"{subnormals(state)} subnormal values in the optimiser and objective state")  # fmt: skip
+    print(f"control: fp32 matrix product at {matmul_gflops(args.threads):.0f} GFLOPS ({args.threads} threads)")
     print(f"| weights | flush | s per forward and backward (batch {args.batch_size}, {args.threads} threads) |")
     print("|---|---|---|")
     for trained in (False, True):
