@@ -168,14 +168,6 @@ SR_FRONT_END=models/frontends/edsr_x2.onnx  # the exported EDSR the SR arms' rec
 PUBLISHING=" ablation_base_seed1 ablation_stn_seed1 ablation_sr ablation_stn_sr vgg_fer_ferplus vgg_fer_ba mini_xception_fm "
 # (and converged_*)
 
-calibrates() {  # calibrates <step>: the step publishes over a served id (publish, above), which ends calibrated
-    case $1 in
-    converged_dcnn5) return 1 ;;
-    ablation_sr | ablation_stn_sr | vgg_fer_ferplus | converged_*) return 0 ;;
-    *) return 1 ;;
-    esac
-}
-
 finished() {  # finished <step>: its .done mark, or its product in the repository (SR pre-training: the exported
     # front end's card, or both SR arms'). A step that exports into the checkout is done only while its card is
     # there: its .done mark without the card (a work tree laid anew before the export was committed) exports again,
@@ -184,9 +176,10 @@ finished() {  # finished <step>: its .done mark, or its product in the repositor
         local card
         card=$(exported "$1")
         [ -n "$card" ] || return 1
-        # a publication cut short between its export and its calibration (a session that ended, a failed
-        # calibrate) has a card without the calibration: not done, so the rerun exports and calibrates again
-        ! calibrates "$1" || grep -q '"calibration"' "$card"
+        # a card over a served id (models/<id>, where publish writes; score_seed writes to a folder below) ends
+        # calibrated: one cut short between its export and its calibration (a session that ended, a failed
+        # calibrate) is not done, so the rerun exports and calibrates again
+        [ ! "$(dirname "$card")" -ef "$MODELS" ] || grep -q '"calibration"' "$card"
         return
     fi
     [ -e "$RUNS/$1.done" ] && return 0
